@@ -1,0 +1,53 @@
+"""oculi: mechanistic interpretability for Hugging Face decoder language models.
+
+::
+
+    import oculi
+    adapter = oculi.load()                       # Gemma 3 270M, embedded and cached
+    full = adapter.capture_full("The Eiffel Tower is located in the city of")
+    full.logits.top_k_indices[:, -1, 0]          # each layer's top prediction
+"""
+
+from oculi.capture import (
+    AttentionCapture,
+    CaptureConfig,
+    FullCapture,
+    LogitCapture,
+    LogitConfig,
+    MLPCapture,
+    MLPConfig,
+    ResidualCapture,
+    ResidualConfig,
+)
+from oculi.errors import (
+    InputError,
+    LayerIndexError,
+    OculiError,
+    UnknownSiteError,
+    UnsupportedArchitectureError,
+)
+from oculi.models import Adapter, Anatomy, attach, register_anatomy, supported_model_types
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapter",
+    "Anatomy",
+    "AttentionCapture",
+    "CaptureConfig",
+    "FullCapture",
+    "InputError",
+    "LayerIndexError",
+    "LogitCapture",
+    "LogitConfig",
+    "MLPCapture",
+    "MLPConfig",
+    "OculiError",
+    "ResidualCapture",
+    "ResidualConfig",
+    "UnknownSiteError",
+    "UnsupportedArchitectureError",
+    "attach",
+    "register_anatomy",
+    "supported_model_types",
+]

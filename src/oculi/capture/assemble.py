@@ -1,0 +1,185 @@
+"""From capture configs to site requests, and from recorded tensors back to structures.
+
+One :class:`CapturePlan` serves every ``capture_*`` call: the configs say which sites and
+layers to record; after the single forward pass, :meth:`CapturePlan.assemble` slices the
+recorded buffers into the structures of :mod:`oculi.capture.structures`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from oculi.capture.configs import CaptureConfig, LogitConfig, MLPConfig, ResidualConfig
+from oculi.capture.inputs import Batch
+from oculi.capture.lens import LogitCapture
+from oculi.capture.structures import AttentionCapture, FullCapture, MLPCapture, ResidualCapture
+
+if TYPE_CHECKING:
+    from oculi.models.adapter import Adapter
+
+Recorded = dict[str, tuple[tuple[int, ...], torch.Tensor]]
+
+_ATTN_FIELDS = {
+    "queries": ("capture_queries", "q"),
+    "keys": ("capture_keys", "k"),
+    "values": ("capture_values", "v"),
+    "patterns": ("capture_patterns", "pattern"),
+    "head_outputs": ("capture_head_outputs", "z"),
+    "head_contributions": ("capture_head_contributions", "head_out"),
+}
+_RESID_FIELDS = {
+    "pre_attn": ("capture_pre_attn", "resid_pre"),
+    "post_attn": ("capture_post_attn", "resid_mid"),
+    "pre_mlp": ("capture_pre_mlp", "mlp_in"),
+    "post_mlp": ("capture_post_mlp", "resid_post"),
+    "attn_out": ("capture_attn_out", "attn_out"),
+    "mlp_out": ("capture_mlp_out", "mlp_out"),
+}
+_MLP_FIELDS = {
+    "gate": ("capture_gate", "mlp_gate"),
+    "up": ("capture_up", "mlp_up"),
+    "post_activation": ("capture_post_activation", "mlp_post"),
+    "output": ("capture_output", "mlp_out"),
+}
+
+
+@dataclass
+class CapturePlan:
+    """Site requests for one forward pass, and how to build structures from the result."""
+
+    attention: CaptureConfig | None
+    residual: ResidualConfig | None
+    mlp: MLPConfig | None
+    logits: LogitConfig | None
+    layers: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # kind -> (layers, dtype, device)
+    requests: dict[str, tuple[tuple[int, ...], Any, Any]] = field(default_factory=dict)
+
+    def want(self, kind: str, layers: tuple[int, ...], dtype: Any, device: Any) -> None:
+        old = self.requests.get(kind)
+        if old is None:
+            self.requests[kind] = (layers, dtype, device)
+        else:
+            merged = old[0] + tuple(layer for layer in layers if layer not in old[0])
+            self.requests[kind] = (merged, old[1] or dtype, old[2] or device)
+
+    def assemble(self, adapter: Adapter, batch: Batch, recorded: Recorded) -> FullCapture:
+        meta = _metadata(adapter, batch)
+        full = FullCapture(metadata=dict(meta))
+        if self.attention is not None:
+            cfg = self.attention
+            fields = _fields(recorded, self.layers["attention"], _ATTN_FIELDS, cfg, batch, self._qk(cfg))
+            full.attention = AttentionCapture(
+                layers=self.layers["attention"],
+                n_heads=adapter.n_heads,
+                n_kv_heads=adapter.n_kv_heads,
+                head_dim=adapter.d_head,
+                qk_stage=cfg.qk_stage,
+                metadata=dict(meta),
+                **fields,
+            )
+        if self.residual is not None:
+            fields = _fields(recorded, self.layers["residual"], _RESID_FIELDS, self.residual, batch)
+            full.residual = ResidualCapture(layers=self.layers["residual"], metadata=dict(meta), **fields)
+        if self.mlp is not None:
+            fields = _fields(recorded, self.layers["mlp"], _MLP_FIELDS, self.mlp, batch)
+            full.mlp = MLPCapture(layers=self.layers["mlp"], metadata=dict(meta), **fields)
+        if self.logits is not None:
+            full.logits = _logit_capture(adapter, batch, recorded, self.layers["logits"], self.logits, meta)
+        return full
+
+    @staticmethod
+    def _qk(cfg: CaptureConfig) -> dict[str, str]:
+        if cfg.qk_stage == "pre_rope":
+            return {"queries": "q_pre", "keys": "k_pre"}
+        return {}
+
+
+def build_full_capture(
+    adapter: Adapter,
+    attention: CaptureConfig | None,
+    residual: ResidualConfig | None,
+    mlp: MLPConfig | None,
+    logits: LogitConfig | None,
+) -> CapturePlan:
+    """The plan for a capture with these parts (``None`` skips a part)."""
+    plan = CapturePlan(attention, residual, mlp, logits)
+    for part, cfg, table in (
+        ("attention", attention, _ATTN_FIELDS),
+        ("residual", residual, _RESID_FIELDS),
+        ("mlp", mlp, _MLP_FIELDS),
+    ):
+        if cfg is None:
+            continue
+        layers = adapter.resolve_layers(cfg.layers)
+        plan.layers[part] = layers
+        overrides = CapturePlan._qk(cfg) if part == "attention" else {}
+        for name, (flag, kind) in table.items():
+            if getattr(cfg, flag):
+                plan.want(overrides.get(name, kind), layers, cfg.storage_dtype, cfg.storage_device)
+    if logits is not None:
+        layers = adapter.resolve_layers(logits.layers)
+        plan.layers["logits"] = layers
+        final = adapter.n_layers - 1
+        wanted = layers if final in layers else (*layers, final)
+        plan.want("resid_post", wanted, None, None)
+    return plan
+
+
+def _take(recorded: Recorded, kind: str, layers: tuple[int, ...], batch: Batch) -> torch.Tensor | None:
+    if kind not in recorded:
+        return None
+    have, tensor = recorded[kind]
+    if have != layers:
+        tensor = tensor[:, [have.index(layer) for layer in layers]]
+    return tensor[0] if batch.single else tensor
+
+
+def _fields(recorded, layers, table, cfg, batch, overrides=None) -> dict[str, torch.Tensor | None]:
+    overrides = overrides or {}
+    return {
+        name: _take(recorded, overrides.get(name, kind), layers, batch) if getattr(cfg, flag) else None
+        for name, (flag, kind) in table.items()
+    }
+
+
+def _metadata(adapter: Adapter, batch: Batch) -> dict[str, Any]:
+    return {
+        "model": getattr(adapter.model.config, "_name_or_path", "") or type(adapter.model).__name__,
+        "family": adapter.anatomy.family,
+        "n_layers_model": adapter.n_layers,
+        "gated": adapter.anatomy.gated,
+        "single": batch.single,
+        "input_ids": batch.input_ids.tolist(),
+        "attention_mask": batch.attention_mask.tolist(),
+    }
+
+
+def _logit_capture(adapter, batch, recorded, layers, cfg: LogitConfig, meta) -> LogitCapture:
+    anat = adapter.anatomy
+    from oculi.models.anatomy import get_path
+
+    norm = get_path(adapter.model, anat.final_norm)
+    have, resid = recorded["resid_post"]
+    with torch.no_grad():
+        normed = norm(resid.to(adapter.device, adapter.dtype))
+    final = normed[:, have.index(adapter.n_layers - 1)]
+    normed = normed[:, [have.index(layer) for layer in layers]]
+    if cfg.storage_dtype is not None or cfg.storage_device is not None:
+        normed = normed.to(device=cfg.storage_device, dtype=cfg.storage_dtype)
+        final = final.to(device=cfg.storage_device, dtype=cfg.storage_dtype)
+    w_u, bias, cap = adapter.unembedding()
+    return LogitCapture(
+        layers=layers,
+        normalized=normed[0] if batch.single else normed,
+        unembed=w_u,
+        unembed_bias=bias,
+        softcap=cap,
+        top_k=cfg.top_k,
+        chunk_size=cfg.chunk_size,
+        final_normalized=final[0] if batch.single else final,
+        metadata=dict(meta),
+    )

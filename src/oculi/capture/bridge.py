@@ -1,0 +1,215 @@
+"""The attention bridge: oculi's own function in transformers' ``AttentionInterface``.
+
+Every Hugging Face attention module computes its post-RoPE queries, keys and values and then
+calls ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation](module, q, k, v, mask, ...)``.
+While a bridge is active, oculi sets that implementation to ``"oculi"``, so each layer's call
+lands in :func:`_bridge_attention` with::
+
+    query [B, H, T, D]   key/value [B, H_kv, S, D]   (post-RoPE, S includes any KV cache)
+
+Per layer, *taps* may read or replace ``q``, ``k``, ``v``, the ``pattern`` and the output ``z``
+``[B, T, H, D]``. Layers without taps, and layers whose taps don't need the pattern, defer to
+the model's original implementation (sdpa, eager, ...). Layers that read the pattern run the
+family's own ``eager_attention_forward`` (the code behind ``output_attentions``), so captured
+patterns are the model's, soft-capping, sliding windows and scaling included. Layers that
+*replace* the pattern or scale scores use :func:`eager_attention`, a plain reimplementation.
+
+The mask: a name registered in ``AttentionInterface`` must also be registered in
+``AttentionMaskInterface``, or transformers builds no mask and attention silently turns
+bidirectional. oculi registers the eager (additive float) mask builder, which every
+implementation accepts and which already folds in padding and sliding windows.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+IMPL_NAME = "oculi"
+
+# tap(layer, tensor) -> replacement tensor or None (read only)
+Tap = Callable[[torch.Tensor], torch.Tensor | None]
+
+
+@dataclass
+class LayerTaps:
+    """What happens inside one layer's attention call."""
+
+    q: list[Tap] = field(default_factory=list)
+    k: list[Tap] = field(default_factory=list)
+    v: list[Tap] = field(default_factory=list)
+    scores: list[Tap] = field(default_factory=list)  # pre-softmax [B, H, T, S], edits only
+    pattern: list[Tap] = field(default_factory=list)  # [B, H, T, S]
+    pattern_edits: bool = False
+    z: list[Tap] = field(default_factory=list)  # [B, T, H, D]
+
+    @property
+    def needs_pattern(self) -> bool:
+        return bool(self.pattern or self.scores)
+
+
+@dataclass
+class _BridgeState:
+    layer_of: dict[int, int]  # id(attention module) -> layer index
+    taps: dict[int, LayerTaps]
+    fallback: str  # the model's own implementation name
+
+
+_ACTIVE: list[_BridgeState] = []
+_REGISTERED = False
+
+
+def _register_once() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(IMPL_NAME, _bridge_attention)
+    AttentionMaskInterface.register(IMPL_NAME, eager_mask)
+    _REGISTERED = True
+
+
+def _state_for(module: nn.Module) -> tuple[_BridgeState, int] | None:
+    for state in reversed(_ACTIVE):
+        layer = state.layer_of.get(id(module))
+        if layer is not None:
+            return state, layer
+    return None
+
+
+def _apply(taps: list[Tap], tensor: torch.Tensor) -> torch.Tensor:
+    for tap in taps:
+        out = tap(tensor)
+        if out is not None:
+            tensor = out
+    return tensor
+
+
+def _original(module: nn.Module, name: str) -> Callable[..., Any]:
+    if name == "eager":
+        return family_eager(module)
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def family_eager(module: nn.Module) -> Callable[..., Any]:
+    """The ``eager_attention_forward`` of the module's own modeling file."""
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    return fn if fn is not None else eager_attention
+
+
+def _bridge_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    found = _state_for(module)
+    if found is None:  # a module of another model, or called outside any bridge
+        return _original(module, "sdpa")(module, query, key, value, attention_mask, **kwargs)
+    state, layer = found
+    taps = state.taps.get(layer)
+    if taps is None:
+        return _original(module, state.fallback)(module, query, key, value, attention_mask, **kwargs)
+
+    query = _apply(taps.q, query)
+    key = _apply(taps.k, key)
+    value = _apply(taps.v, value)
+    if taps.pattern_edits or taps.scores:
+        out, weights = eager_attention(
+            module, query, key, value, attention_mask, taps=taps, **kwargs
+        )
+    elif taps.pattern:
+        out, weights = family_eager(module)(module, query, key, value, attention_mask, **kwargs)
+        _apply(taps.pattern, weights)
+    else:
+        out, weights = _original(module, state.fallback)(
+            module, query, key, value, attention_mask, **kwargs
+        )
+    out = _apply(taps.z, out)
+    return out, weights
+
+
+def repeat_kv(states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """``[B, H_kv, S, D]`` -> ``[B, H_kv * n_rep, S, D]`` (each KV head serves ``n_rep`` heads)."""
+    if n_rep == 1:
+        return states
+    b, h_kv, s, d = states.shape
+    return states[:, :, None].expand(b, h_kv, n_rep, s, d).reshape(b, h_kv * n_rep, s, d)
+
+
+def eager_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    taps: LayerTaps | None = None,
+    **_: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain attention with taps on the scores and the pattern.
+
+    ``scores = q k^T * scaling``, soft-capped as ``cap * tanh(scores / cap)`` when the layer
+    has a cap, plus the additive mask, softmax in float32. Returns ``z [B, T, H, D]`` and the
+    pattern ``[B, H, T, S]``.
+    """
+    n_rep = query.shape[1] // key.shape[1]
+    key = repeat_kv(key, n_rep)
+    value = repeat_kv(value, n_rep)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is None:
+        softcap = getattr(module, "attn_logit_softcapping", None)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if taps is not None:
+        scores = _apply(taps.scores, scores)
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+    pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if taps is not None:
+        pattern = _apply(taps.pattern, pattern)
+    pattern = nn.functional.dropout(pattern, p=dropout, training=module.training)
+    out = torch.matmul(pattern, value).transpose(1, 2).contiguous()
+    return out, pattern
+
+
+@contextmanager
+def attention_bridge(
+    configs: list[Any], layer_of: dict[int, int], taps: dict[int, LayerTaps]
+) -> Iterator[None]:
+    """Route the model's attention through oculi while the block runs; always restore it.
+
+    Args:
+        configs: the config objects whose ``_attn_implementation`` the attention modules read.
+        layer_of: ``id(attention module) -> layer index``.
+        taps: per-layer taps; layers without an entry run the original implementation.
+    """
+    _register_once()
+    originals = [c._attn_implementation for c in configs]
+    fallback = originals[0] if originals[0] in ("eager", "sdpa") else "sdpa"
+    state = _BridgeState(layer_of=layer_of, taps=taps, fallback=fallback or "sdpa")
+    _ACTIVE.append(state)
+    try:
+        for c in configs:
+            c._attn_implementation = IMPL_NAME
+        yield
+    finally:
+        for c, name in zip(configs, originals):
+            c._attn_implementation = name
+        _ACTIVE.remove(state)

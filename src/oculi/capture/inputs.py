@@ -1,0 +1,182 @@
+"""Turning what users pass (strings, token ids, ``BatchEncoding``) into one checked batch.
+
+Every capture, patching and generation call goes through :func:`prepare_batch`. It tokenises
+strings (padding a list), checks token ids against the vocabulary and the model's context,
+and derives ``position_ids`` from the attention mask so that left padding never shifts the
+positions (and hence the rotary phases) of real tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from oculi.errors import InputError
+
+Inputs = str | Sequence[str] | torch.Tensor | Sequence[Sequence[int]] | Mapping[str, Any]
+
+
+@dataclass
+class Batch:
+    """Token ids with their mask and positions, all ``[B, T]`` on the model's device.
+
+    Attributes:
+        input_ids: token ids.
+        attention_mask: 1 for real tokens, 0 for padding.
+        position_ids: position of each token among the real tokens of its row.
+        single: one sequence (``B == 1``), so outputs drop the batch dimension.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    single: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.input_ids.shape)  # type: ignore[return-value]
+
+    @property
+    def padded(self) -> bool:
+        return bool((self.attention_mask == 0).any())
+
+    def model_kwargs(self) -> dict[str, torch.Tensor]:
+        """Keyword arguments for the Hugging Face forward."""
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "position_ids": self.position_ids,
+        }
+
+
+def prepare_batch(
+    inputs: Inputs,
+    *,
+    tokenizer: Any,
+    device: torch.device,
+    vocab_size: int,
+    max_positions: int | None,
+    attention_mask: torch.Tensor | None = None,
+) -> Batch:
+    """Check and normalise ``inputs`` into a :class:`Batch`.
+
+    Raises:
+        InputError: an empty prompt, a token id outside the vocabulary, a prompt longer than
+            the model's context, a padded batch without a mask, or masks of the wrong shape.
+    """
+    mask_given = attention_mask is not None
+    if isinstance(inputs, str) or (
+        isinstance(inputs, Sequence) and len(inputs) > 0 and all(isinstance(s, str) for s in inputs)
+    ):
+        ids, mask = _tokenize(inputs, tokenizer)
+        mask_given = True
+    elif isinstance(inputs, Mapping):
+        if "input_ids" not in inputs:
+            raise InputError(f"a mapping input needs 'input_ids'; got keys {sorted(inputs)}")
+        ids = torch.as_tensor(inputs["input_ids"])
+        mask = inputs.get("attention_mask")
+        mask = torch.as_tensor(mask) if mask is not None else None
+        if attention_mask is not None:
+            mask = attention_mask
+        mask_given = mask is not None
+    else:
+        if isinstance(inputs, Sequence) and len(inputs) == 0:
+            raise InputError("no input given: an empty list of prompts")
+        ids = torch.as_tensor(inputs)
+        mask = attention_mask
+
+    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise InputError(f"token ids must be integers, got dtype {ids.dtype}")
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+        if mask is not None and mask.dim() == 1:
+            mask = mask.unsqueeze(0)
+    elif ids.dim() != 2:
+        raise InputError(f"token ids must be [T] or [B, T], got shape {list(ids.shape)}")
+    ids = ids.long()
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if not mask_given and ids.shape[0] > 1 and pad_id is not None and pad_id not in (
+        getattr(tokenizer, "bos_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+    ):
+        edges = torch.cat([ids[:, :1], ids[:, -1:]], dim=1)
+        if bool((edges == pad_id).any()):
+            raise InputError(
+                f"padded batch without attention_mask: rows start or end with the pad token "
+                f"{pad_id}; pass attention_mask= (or strings, which oculi pads itself)"
+            )
+
+    if mask is None:
+        mask = torch.ones_like(ids)
+    elif tuple(mask.shape) != tuple(ids.shape):
+        raise InputError(
+            f"attention_mask has shape {list(mask.shape)}, expected {list(ids.shape)} like input_ids"
+        )
+    mask = mask.long()
+
+    lengths = mask.sum(dim=1)
+    for row, n in enumerate(lengths.tolist()):
+        if n == 0:
+            raise InputError(f"prompt {row} is empty after tokenization")
+    if ids.shape[1] == 0:
+        raise InputError("prompt 0 is empty after tokenization")
+    real = ids[mask.bool()]
+    if real.numel() and (int(real.max()) >= vocab_size or int(real.min()) < 0):
+        bad = int(real.max()) if int(real.max()) >= vocab_size else int(real.min())
+        raise InputError(
+            f"token id {bad} is outside the vocabulary (valid ids 0..{vocab_size - 1})"
+        )
+    if max_positions is not None and int(lengths.max()) > max_positions:
+        raise InputError(
+            f"{int(lengths.max())} tokens > context {max_positions} "
+            "(the model's max_position_embeddings)"
+        )
+    _check_contiguous(mask)
+
+    # Positions count real tokens only, so a left-padded row sees the same positions as the
+    # same prompt alone. Padding gets position 0 (it is masked out anyway).
+    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return Batch(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=position_ids.to(device),
+        single=ids.shape[0] == 1,
+    )
+
+
+def _tokenize(prompts: str | Sequence[str], tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if tokenizer is None:
+        raise InputError("strings need a tokenizer; attach one (oculi.attach(model, tokenizer))")
+    texts = [prompts] if isinstance(prompts, str) else list(prompts)
+    for i, text in enumerate(texts):
+        if not text:
+            raise InputError(f"prompt {i} is empty after tokenization")
+    if len(texts) > 1 and tokenizer.pad_token_id is None:
+        # Decoder tokenizers often lack a pad token; any id works since the mask hides it.
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        encoded = [tokenizer(t)["input_ids"] for t in texts]
+        width = max(len(e) for e in encoded)
+        left = getattr(tokenizer, "padding_side", "right") == "left"
+        ids = torch.full((len(texts), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(texts), width), dtype=torch.long)
+        for row, e in enumerate(encoded):
+            span = slice(width - len(e), width) if left else slice(0, len(e))
+            ids[row, span] = torch.tensor(e)
+            mask[row, span] = 1
+        return ids, mask
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def _check_contiguous(mask: torch.Tensor) -> None:
+    """Real tokens must form one block per row (left or right padding, not holes)."""
+    diffs = (mask[:, 1:] != mask[:, :-1]).sum(dim=1)
+    for row, n in enumerate(diffs.tolist()):
+        if n > 2 or (n == 2 and bool(mask[row, 0])):
+            raise InputError(
+                f"attention_mask row {row} has padding between real tokens; only left or "
+                "right padding is supported"
+            )

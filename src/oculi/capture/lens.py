@@ -1,0 +1,236 @@
+"""Layer-wise logits (the logit lens), computed lazily and in chunks.
+
+The logit lens reads each layer's residual as if it were the last: apply the model's final
+norm, then the unembedding (and the final soft-cap, if the family has one). Doing that for
+every layer and position at once costs ``L·T·V`` floats — 2.4 GB for Gemma 3 270M's
+262,144-token vocabulary over 128 tokens — so :class:`LogitCapture` keeps only the normalised
+residual ``[L, T, d_model]`` and computes what is asked, a block of rows at a time:
+
+* ``top_k_indices``/``top_k_values``/``top_k_probs`` ``[L, T, K]`` and ``logsumexp`` ``[L, T]``
+  come from one chunked pass, computed on first access and kept;
+* ``token_logits``/``token_probs`` of chosen tokens need only those tokens' unembedding rows;
+* ``ranks``, ``kl_to_final`` and ``entropy`` stream over the vocabulary in chunks;
+* ``logits(layer, positions)`` materialises full logits for a slice you choose.
+
+The unembedding tensor is shared with the model (no copy) and is not saved with the capture;
+a loaded capture keeps its top-k and can compute the rest after :meth:`attach_unembedding`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from oculi.errors import InputError, LayerIndexError
+
+_CHUNK_BYTES = 64 * 2**20
+
+
+@dataclass
+class LogitCapture:
+    """Lazy layer-wise logits.
+
+    Attributes:
+        layers: model layers held, in order.
+        normalized: the final-normed residual after each layer, ``[L, T, d]`` (``[B, L, T, d]``
+            for batches).
+        unembed: the unembedding matrix ``[V, d]`` (shared with the model), or ``None``.
+        unembed_bias: its bias ``[V]``, if any.
+        softcap: the final logit soft-cap, if the family has one.
+        top_k: ``K`` for the top-k fields.
+        final_normalized: the last layer's normalised residual ``[T, d]``, the reference of
+            :meth:`kl_to_final` (kept even when the last layer is not in ``layers``).
+    """
+
+    layers: tuple[int, ...]
+    normalized: torch.Tensor
+    unembed: torch.Tensor | None = None
+    unembed_bias: torch.Tensor | None = None
+    softcap: float | None = None
+    top_k: int = 10
+    chunk_size: int | None = None
+    final_normalized: torch.Tensor | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    _topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    # -- shape helpers -------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def batched(self) -> bool:
+        return self.normalized.dim() == 4
+
+    @property
+    def d_vocab(self) -> int:
+        return int(self._w().shape[0])
+
+    def layer_index(self, layer: int) -> int:
+        """Position of model layer ``layer`` in this capture."""
+        try:
+            return self.layers.index(layer)
+        except ValueError:
+            raise LayerIndexError(
+                f"layer {layer} was not captured; this capture holds layers {list(self.layers)}"
+            ) from None
+
+    def attach_unembedding(self, adapter: Any) -> LogitCapture:
+        """Reconnect a loaded capture to its model's unembedding so lazy methods work again."""
+        self.unembed, self.unembed_bias, self.softcap = adapter.unembedding()
+        return self
+
+    def _w(self) -> torch.Tensor:
+        if self.unembed is None:
+            raise InputError(
+                "this LogitCapture has no unembedding (it was loaded from disk); call "
+                ".attach_unembedding(adapter) to compute more than the saved top-k"
+            )
+        return self.unembed
+
+    def _rows(self, normalized: torch.Tensor) -> int:
+        if self.chunk_size is not None:
+            return self.chunk_size
+        return max(1, _CHUNK_BYTES // (4 * self.d_vocab))
+
+    def _project(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits in float32 for rows ``h [N, d]``, exactly as the model computes them."""
+        w = self._w()
+        out = torch.nn.functional.linear(h.to(w.device, w.dtype), w, self.unembed_bias)
+        out = out.float()
+        if self.softcap is not None:
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
+
+    def _flat(self) -> torch.Tensor:
+        return self.normalized.reshape(-1, self.normalized.shape[-1])
+
+    def _unflat(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(*self.normalized.shape[:-1], *x.shape[1:])
+
+    # -- top-k -------------------------------------------------------------------------
+    def _compute_topk(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._topk is None:
+            flat = self._flat()
+            vals, idx, lse = [], [], []
+            step = self._rows(flat)
+            with torch.no_grad():
+                for start in range(0, flat.shape[0], step):
+                    logits = self._project(flat[start : start + step])
+                    v, i = torch.topk(logits, self.top_k, dim=-1)
+                    vals.append(v)
+                    idx.append(i)
+                    lse.append(torch.logsumexp(logits, dim=-1))
+            values, indices, logz = torch.cat(vals), torch.cat(idx), torch.cat(lse)
+            self._topk = (self._unflat(values), self._unflat(indices), self._unflat(logz[:, None])[..., 0])
+        return self._topk
+
+    @property
+    def top_k_values(self) -> torch.Tensor:
+        """Top-k logits per layer and position, ``[L, T, K]``."""
+        return self._compute_topk()[0]
+
+    @property
+    def top_k_indices(self) -> torch.Tensor:
+        """Top-k token ids per layer and position, ``[L, T, K]``."""
+        return self._compute_topk()[1]
+
+    @property
+    def logsumexp(self) -> torch.Tensor:
+        """``log Σ_v exp(logit_v)`` per layer and position, ``[L, T]``."""
+        return self._compute_topk()[2]
+
+    @property
+    def top_k_probs(self) -> torch.Tensor:
+        """Probabilities of the top-k tokens, ``[L, T, K]``."""
+        values, _, lse = self._compute_topk()
+        return torch.exp(values - lse[..., None])
+
+    # -- chosen tokens -----------------------------------------------------------------
+    def token_logits(self, token_ids: int | Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Logits of the given tokens at every layer and position, ``[L, T, n]``.
+
+        Reads only those tokens' unembedding rows: no ``V``-sized work.
+        """
+        ids = torch.as_tensor(token_ids).reshape(-1)
+        w = self._w()
+        if int(ids.max()) >= w.shape[0] or int(ids.min()) < 0:
+            raise InputError(f"token id out of range for a vocabulary of {w.shape[0]}")
+        rows = w[ids.to(w.device)]
+        bias = self.unembed_bias[ids.to(w.device)] if self.unembed_bias is not None else None
+        h = self.normalized.to(w.device, w.dtype)
+        out = torch.nn.functional.linear(h, rows, bias).float()
+        if self.softcap is not None:
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
+
+    def token_probs(self, token_id: int) -> torch.Tensor:
+        """Probability of ``token_id`` at every layer and position, ``[L, T]``."""
+        return torch.exp(self.token_logits(token_id)[..., 0] - self.logsumexp.to(self._w().device))
+
+    def token_log_probs(self, token_id: int) -> torch.Tensor:
+        """Log-probability of ``token_id`` at every layer and position, ``[L, T]``."""
+        return self.token_logits(token_id)[..., 0] - self.logsumexp.to(self._w().device)
+
+    def ranks(self, token_id: int) -> torch.Tensor:
+        """Rank of ``token_id`` (0 = top-1) at every layer and position, ``[L, T]``."""
+        target = self.token_logits(token_id)[..., 0].reshape(-1)
+        flat = self._flat()
+        step = self._rows(flat)
+        counts = []
+        with torch.no_grad():
+            for start in range(0, flat.shape[0], step):
+                logits = self._project(flat[start : start + step])
+                counts.append((logits > target[start : start + step, None]).sum(-1))
+        return self._unflat(torch.cat(counts)[:, None])[..., 0]
+
+    # -- whole distributions -----------------------------------------------------------
+    def entropy(self) -> torch.Tensor:
+        """Entropy (nats) of each layer's next-token distribution, ``[L, T]``."""
+        flat = self._flat()
+        step = self._rows(flat)
+        out = []
+        with torch.no_grad():
+            for start in range(0, flat.shape[0], step):
+                logp = torch.log_softmax(self._project(flat[start : start + step]), dim=-1)
+                out.append(-(logp.exp() * logp).sum(-1))
+        return self._unflat(torch.cat(out)[:, None])[..., 0]
+
+    def kl_to_final(self) -> torch.Tensor:
+        """``KL(p_final ‖ p_layer)`` per layer and position, ``[L, T]`` (0 at the last layer)."""
+        if self.final_normalized is None:
+            raise InputError("this capture has no final-layer residual to compare with")
+        ref = self.final_normalized
+        # broadcast the final layer's rows against every layer's rows
+        ref = ref.unsqueeze(-3).expand_as(self.normalized)
+        flat, ref_flat = self._flat(), ref.reshape(-1, ref.shape[-1])
+        step = self._rows(flat)
+        out = []
+        with torch.no_grad():
+            for start in range(0, flat.shape[0], step):
+                sl = slice(start, start + step)
+                logq = torch.log_softmax(self._project(flat[sl]), dim=-1)
+                logp = torch.log_softmax(self._project(ref_flat[sl]), dim=-1)
+                out.append((logp.exp() * (logp - logq)).sum(-1))
+        return self._unflat(torch.cat(out)[:, None])[..., 0]
+
+    def logits(self, layer: int | None = None, positions: Sequence[int] | slice | None = None) -> torch.Tensor:
+        """Full logits for a slice: one layer (model index) and some positions.
+
+        Returns ``[T', V]`` for one layer, ``[L, T', V]`` for all (``B`` leading for batches).
+        Mind the size: ``L·T'·V`` floats.
+        """
+        h = self.normalized
+        if layer is not None:
+            i = self.layer_index(layer)
+            h = h[:, i] if self.batched else h[i]
+        if positions is not None:
+            h = h[..., positions, :]
+        flat = h.reshape(-1, h.shape[-1])
+        step = self._rows(flat)
+        with torch.no_grad():
+            parts = [self._project(flat[s : s + step]) for s in range(0, flat.shape[0], step)]
+        return torch.cat(parts).reshape(*h.shape[:-1], -1)

@@ -1,0 +1,64 @@
+"""oculi's errors: each says what was wrong, what was expected, and what to do.
+
+They subclass the built-in exception a user would naturally catch (``IndexError`` for a layer
+out of range, ``KeyError`` for an unknown site, ``ValueError`` for bad values), so
+``except ValueError`` keeps working, while ``except OculiError`` catches all of oculi's own.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class OculiError(Exception):
+    """Base class of every error oculi raises on purpose."""
+
+
+class UnsupportedArchitectureError(OculiError, NotImplementedError):
+    """The model's architecture, or a feature of its config, is not modelled by any anatomy."""
+
+
+class LayerIndexError(OculiError, IndexError):
+    """A layer index outside ``-n_layers .. n_layers - 1``."""
+
+
+class UnknownSiteError(OculiError, KeyError):
+    """A site or hook name that does not exist. ``str()`` shows the message, not its repr."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class InputError(OculiError, ValueError):
+    """Inputs (prompts, token ids, masks, tensors) that cannot be used as given."""
+
+
+class CaptureFileError(OculiError, ValueError):
+    """A capture file that is missing, corrupt, truncated, or of a format not loaded silently."""
+
+
+class MissingExtraError(OculiError, ImportError):
+    """An optional dependency is not installed."""
+
+
+def did_you_mean(name: str, valid: Iterable[str], n: int = 3) -> str:
+    """``"; did you mean 'x'?"`` for the closest valid names, or ``""`` if none is close."""
+    matches = difflib.get_close_matches(name, list(valid), n=n, cutoff=0.6)
+    if not matches:
+        return ""
+    if len(matches) == 1:
+        return f"; did you mean {matches[0]!r}?"
+    return "; did you mean " + " or ".join(repr(m) for m in matches) + "?"
+
+
+def require_extra(module: str, extra: str):
+    """Import ``module`` or raise ``MissingExtraError`` naming the extra that provides it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExtraError(
+            f"{module} is not installed; install it with `pip install 'oculi[{extra}]'`"
+        ) from exc

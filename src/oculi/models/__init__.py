@@ -1,0 +1,13 @@
+"""Models: architecture anatomies, the registry, adapters and loading."""
+
+from oculi.models.adapter import Adapter, attach
+from oculi.models.anatomy import Anatomy, anatomy_for, register_anatomy, supported_model_types
+
+__all__ = [
+    "Adapter",
+    "Anatomy",
+    "anatomy_for",
+    "attach",
+    "register_anatomy",
+    "supported_model_types",
+]

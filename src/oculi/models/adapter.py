@@ -1,0 +1,326 @@
+"""The adapter: one object that reads a Hugging Face decoder through its anatomy.
+
+::
+
+    adapter = oculi.attach(model, tokenizer)        # or oculi.load("gemma-3-270m")
+    capture = adapter.capture("The capital of France is")
+    capture.patterns.shape                          # [L, H, T, T]
+
+An adapter never modifies the model: every capture registers its hooks inside a context that
+removes them in ``finally``, and the attention implementation it switches to is restored
+there too. Sizes (``n_layers``, ``n_heads``, ``n_kv_heads``, ``d_model``, ``d_head``, ``d_mlp``,
+``d_vocab``) are read from the modules themselves, so they are right even where configs
+disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from oculi.capture.configs import CaptureConfig, LogitConfig, MLPConfig, ResidualConfig
+from oculi.capture.engine import record
+from oculi.capture.inputs import Batch, Inputs, prepare_batch
+from oculi.capture.lens import LogitCapture
+from oculi.capture.sites import check_kind
+from oculi.capture.structures import AttentionCapture, FullCapture, MLPCapture, ResidualCapture
+from oculi.errors import InputError, LayerIndexError, UnsupportedArchitectureError
+from oculi.models.anatomy import Anatomy, anatomy_for, get_path
+
+Storage = tuple[torch.dtype | None, "str | torch.device | None"]
+
+
+class Adapter:
+    """Reads one Hugging Face causal LM through its family's :class:`Anatomy`.
+
+    Args:
+        model: a ``*ForCausalLM`` module (put in eval mode by the caller; oculi does not
+            change it).
+        tokenizer: its tokenizer, needed for string inputs.
+        anatomy: override the registered anatomy.
+
+    Raises:
+        UnsupportedArchitectureError: no anatomy for the model, or one for another family
+            than this adapter class handles.
+        ValueError: a tokenizer whose vocabulary is larger than the model's embedding.
+    """
+
+    anatomy: Anatomy
+    #: families a family-specific subclass accepts (None: any registered family)
+    families: ClassVar[tuple[str, ...] | None] = None
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None, *, anatomy: Anatomy | None = None):
+        found = anatomy or anatomy_for(model)
+        expected = type(self).__dict__.get("anatomy")
+        allowed = self.families or ((expected.family,) if isinstance(expected, Anatomy) else None)
+        if allowed is not None and found.family not in allowed:
+            raise UnsupportedArchitectureError(
+                f"{type(self).__name__} handles {', '.join(allowed)} models, but this is a "
+                f"{found.family!r} model ({type(model).__name__}); use oculi.attach(model, "
+                "tokenizer), which picks the right family"
+            )
+        self.anatomy = found
+        self.model = model
+        self.tokenizer = tokenizer
+        self.layer_modules: list[nn.Module] = list(get_path(model, found.layers))
+        self.decoder: nn.Module = get_path(model, found.decoder)
+        self._read_sizes()
+        self._check_tokenizer()
+        attn = [self.part(i, found.attn) for i in range(self.n_layers)]
+        self.attention_layer_ids = {id(m): i for i, m in enumerate(attn)}
+        configs = {id(model.config): model.config, id(self.decoder.config): self.decoder.config}
+        for m in attn:
+            if getattr(m, "config", None) is not None:
+                configs[id(m.config)] = m.config
+        self.attention_configs = list(configs.values())
+
+    # -- anatomy access ------------------------------------------------------------------
+    def part(self, layer: int, path: str) -> nn.Module:
+        """The module at ``path`` inside decoder layer ``layer``."""
+        return get_path(self.layer_modules[layer], path)
+
+    def _read_sizes(self) -> None:
+        cfg, anat = self.model.config, self.anatomy
+        self.n_layers = len(self.layer_modules)
+        self.n_heads = int(cfg.num_attention_heads)
+        self.n_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
+        self.d_model = int(cfg.hidden_size)
+        self.d_head = int(getattr(cfg, "head_dim", None) or self.d_model // self.n_heads)
+        down = self.part(0, f"{anat.mlp}.{anat.down_proj}").weight
+        self.d_mlp = int(down.shape[0] if anat.conv1d else down.shape[1])
+        w_u = get_path(self.model, anat.unembed).weight
+        self.d_vocab = int(w_u.shape[0])
+        self.max_positions = getattr(cfg, "max_position_embeddings", None)
+
+    def _check_tokenizer(self) -> None:
+        tok = self.tokenizer
+        if tok is None:
+            self.vocab_limit = self.d_vocab
+            return
+        n = len(tok)
+        if n > self.d_vocab:
+            raise ValueError(
+                f"tokenizer has {n} tokens but the model's embedding has {self.d_vocab} rows: "
+                "they do not belong together (load the tokenizer from the same checkpoint)"
+            )
+        # token ids at or past len(tokenizer) hit padded embedding rows that were never trained
+        self.vocab_limit = n
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def unembedding(self) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
+        """``(W_U [V, d], bias or None, final soft-cap or None)``, shared with the model."""
+        head = get_path(self.model, self.anatomy.unembed)
+        attr = self.anatomy.final_softcap_attr
+        cap = getattr(self.model.config, attr, None) if attr else None
+        return head.weight.detach(), (head.bias.detach() if head.bias is not None else None), cap
+
+    # -- validation ----------------------------------------------------------------------
+    def resolve_layer(self, layer: int) -> int:
+        """Normalise a layer index (negatives count from the end) or raise ``LayerIndexError``."""
+        if isinstance(layer, bool) or not isinstance(layer, (int, torch.SymInt)):
+            if isinstance(layer, torch.Tensor) and layer.numel() == 1:
+                layer = int(layer)
+            else:
+                raise LayerIndexError(f"layer must be an int, got {layer!r}")
+        n = self.n_layers
+        if not -n <= layer < n:
+            raise LayerIndexError(
+                f"layer {layer} out of range for a model with {n} layers ({0}..{n - 1})"
+            )
+        return layer % n
+
+    def resolve_layers(self, layers: Sequence[int] | None) -> tuple[int, ...]:
+        """All layers for ``None``, else each index normalised (order kept)."""
+        if layers is None:
+            return tuple(range(self.n_layers))
+        out = tuple(self.resolve_layer(layer) for layer in layers)
+        if len(set(out)) != len(out):
+            raise ValueError(f"layers {list(layers)} name the same layer twice")
+        return out
+
+    def resolve_head(self, head: int, site: str = "z") -> int:
+        """Check a head index for ``site`` (key/value sites have ``n_kv_heads`` heads)."""
+        kind = check_kind(site)
+        n = self.n_kv_heads if kind.kv else self.n_heads
+        what = "n_kv_heads" if kind.kv else "n_heads"
+        if isinstance(head, bool) or not isinstance(head, int) or not -n <= head < n:
+            raise ValueError(
+                f"head {head} out of range for site {site!r}: the model has n_heads="
+                f"{self.n_heads}, n_kv_heads={self.n_kv_heads}, so {site!r} takes heads "
+                f"0..{n - 1} ({what})"
+            )
+        return head % n
+
+    def prepare(self, inputs: Inputs, attention_mask: torch.Tensor | None = None) -> Batch:
+        """Tokenise and check ``inputs`` (strings, ids, or a ``BatchEncoding``)."""
+        return prepare_batch(
+            inputs,
+            tokenizer=self.tokenizer,
+            device=self.device,
+            vocab_size=self.vocab_limit,
+            max_positions=self.max_positions,
+            attention_mask=attention_mask,
+        )
+
+    def to_single_token(self, answer: str | int) -> int:
+        """The id of a one-token answer; several tokens is an error naming them.
+
+        Strings are tokenised without special tokens. Most tokenizers fold a leading space
+        into the token, so ``" Paris"`` and ``"Paris"`` differ.
+        """
+        if isinstance(answer, int):
+            if not 0 <= answer < self.vocab_limit:
+                raise InputError(f"token id {answer} is outside the vocabulary (0..{self.vocab_limit - 1})")
+            return answer
+        if self.tokenizer is None:
+            raise InputError("a string answer needs a tokenizer; pass a token id instead")
+        ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            pieces = self.tokenizer.convert_ids_to_tokens(ids)
+            hint = ""
+            if not answer.startswith(" "):
+                alt = self.tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+                if len(alt) == 1:
+                    hint = f"; ' {answer}' (with a leading space) is one token"
+            raise InputError(
+                f"{answer!r} is {len(ids)} tokens {pieces}, but one token is needed{hint}"
+            )
+        return int(ids[0])
+
+    def to_str_tokens(self, inputs: Inputs) -> list[str] | list[list[str]]:
+        """The tokens of ``inputs`` as strings (a list per row for batches)."""
+        batch = self.prepare(inputs)
+        rows = [
+            self.tokenizer.convert_ids_to_tokens(ids[mask.bool()].tolist())
+            for ids, mask in zip(batch.input_ids, batch.attention_mask)
+        ]
+        return rows[0] if batch.single else rows
+
+    # -- running -------------------------------------------------------------------------
+    def forward(self, inputs: Inputs, *, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's logits ``[T, V]`` (``[B, T, V]`` for batches), padding handled."""
+        batch = self.prepare(inputs, attention_mask)
+        with torch.no_grad():
+            logits = self.model(**batch.model_kwargs(), use_cache=False).logits
+        return logits[0] if batch.single else logits
+
+    def generate(self, prompt: Inputs, max_new_tokens: int = 20, **kwargs: Any) -> str | list[str]:
+        """Greedy (or ``**kwargs``-configured) generation; returns the decoded continuation(s)."""
+        batch = self.prepare(prompt)
+        kwargs.setdefault("do_sample", False)
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=getattr(self.tokenizer, "pad_token_id", None)
+                or getattr(self.tokenizer, "eos_token_id", None),
+                **kwargs,
+            )
+        new = out[:, batch.input_ids.shape[1] :]
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return texts[0] if batch.single else texts
+
+    # -- captures ------------------------------------------------------------------------
+    def capture(
+        self,
+        inputs: Inputs,
+        config: CaptureConfig | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+    ) -> AttentionCapture:
+        """Attention internals (q/k/v, patterns, per-head outputs) in one forward pass."""
+        return self.capture_full(
+            inputs, attention=config or CaptureConfig(), residual=None, mlp=None, logits=None,
+            attention_mask=attention_mask,
+        ).attention  # type: ignore[return-value]
+
+    def capture_residual(
+        self,
+        inputs: Inputs,
+        config: ResidualConfig | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+    ) -> ResidualCapture:
+        """The residual stream at the four points of each layer."""
+        return self.capture_full(
+            inputs, attention=None, residual=config or ResidualConfig(), mlp=None, logits=None,
+            attention_mask=attention_mask,
+        ).residual  # type: ignore[return-value]
+
+    def capture_mlp(
+        self,
+        inputs: Inputs,
+        config: MLPConfig | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+    ) -> MLPCapture:
+        """MLP internals: gate, up, post-activation and output."""
+        return self.capture_full(
+            inputs, attention=None, residual=None, mlp=config or MLPConfig(), logits=None,
+            attention_mask=attention_mask,
+        ).mlp  # type: ignore[return-value]
+
+    def capture_logits(
+        self,
+        inputs: Inputs,
+        config: LogitConfig | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+    ) -> LogitCapture:
+        """Lazy layer-wise logits (logit lens) from the normalised residual."""
+        return self.capture_full(
+            inputs, attention=None, residual=None, mlp=None, logits=config or LogitConfig(),
+            attention_mask=attention_mask,
+        ).logits
+
+    def capture_full(
+        self,
+        inputs: Inputs,
+        attention: CaptureConfig | None = CaptureConfig(),  # noqa: B008 - frozen dataclass
+        residual: ResidualConfig | None = ResidualConfig(),  # noqa: B008
+        mlp: MLPConfig | None = MLPConfig(),  # noqa: B008
+        logits: LogitConfig | None = LogitConfig(),  # noqa: B008
+        *,
+        attention_mask: torch.Tensor | None = None,
+    ) -> FullCapture:
+        """Everything asked for, from one forward pass. Pass ``None`` to skip a part."""
+        from oculi.capture.assemble import build_full_capture
+
+        batch = self.prepare(inputs, attention_mask)
+        requests, storage = {}, {}
+        plan = build_full_capture(self, attention, residual, mlp, logits)
+        for kind, (layers, dtype, device) in plan.requests.items():
+            requests[kind] = layers
+            storage[kind] = (dtype, device)
+        recorded = record(self, batch, requests, storage=storage)
+        return plan.assemble(self, batch, recorded)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({type(self.model).__name__}, family={self.anatomy.family!r}, "
+            f"n_layers={self.n_layers}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
+            f"d_model={self.d_model}, d_head={self.d_head}, d_mlp={self.d_mlp}, "
+            f"d_vocab={self.d_vocab})"
+        )
+
+
+def attach(model: nn.Module, tokenizer: Any = None) -> Adapter:
+    """Wrap an already-loaded causal LM; the family is read from ``model.config``.
+
+    Example::
+
+        model = AutoModelForCausalLM.from_pretrained(path)
+        adapter = oculi.attach(model, AutoTokenizer.from_pretrained(path))
+    """
+    return Adapter(model, tokenizer)
