@@ -49,9 +49,17 @@ class LayerTaps:
     pattern_edits: bool = False
     z: list[Tap] = field(default_factory=list)  # [B, T, H, D]
 
-    @property
-    def needs_pattern(self) -> bool:
-        return bool(self.pattern or self.scores)
+    def merged_with(self, other: LayerTaps) -> LayerTaps:
+        """These taps followed by ``other``'s."""
+        return LayerTaps(
+            q=self.q + other.q,
+            k=self.k + other.k,
+            v=self.v + other.v,
+            scores=self.scores + other.scores,
+            pattern=self.pattern + other.pattern,
+            pattern_edits=self.pattern_edits or other.pattern_edits,
+            z=self.z + other.z,
+        )
 
 
 @dataclass
@@ -77,12 +85,24 @@ def _register_once() -> None:
     _REGISTERED = True
 
 
-def _state_for(module: nn.Module) -> tuple[_BridgeState, int] | None:
-    for state in reversed(_ACTIVE):
+def _taps_for(module: nn.Module) -> tuple[str, LayerTaps | None] | None:
+    """The fallback implementation and the merged taps of every active bridge for ``module``.
+
+    Bridges nest (a capture inside an intervention context): taps of outer bridges run first,
+    so a capture records what the intervened model computes.
+    """
+    merged: LayerTaps | None = None
+    fallback = None
+    for state in _ACTIVE:
         layer = state.layer_of.get(id(module))
-        if layer is not None:
-            return state, layer
-    return None
+        if layer is None:
+            continue
+        fallback = fallback or state.fallback
+        taps = state.taps.get(layer)
+        if taps is None:
+            continue
+        merged = taps if merged is None else merged.merged_with(taps)
+    return None if fallback is None else (fallback, merged)
 
 
 def _apply(taps: list[Tap], tensor: torch.Tensor) -> torch.Tensor:
@@ -115,13 +135,12 @@ def _bridge_attention(
     attention_mask: torch.Tensor | None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    found = _state_for(module)
+    found = _taps_for(module)
     if found is None:  # a module of another model, or called outside any bridge
         return _original(module, "sdpa")(module, query, key, value, attention_mask, **kwargs)
-    state, layer = found
-    taps = state.taps.get(layer)
+    fallback, taps = found
     if taps is None:
-        return _original(module, state.fallback)(module, query, key, value, attention_mask, **kwargs)
+        return _original(module, fallback)(module, query, key, value, attention_mask, **kwargs)
 
     query = _apply(taps.q, query)
     key = _apply(taps.k, key)
@@ -134,7 +153,7 @@ def _bridge_attention(
         out, weights = family_eager(module)(module, query, key, value, attention_mask, **kwargs)
         _apply(taps.pattern, weights)
     else:
-        out, weights = _original(module, state.fallback)(
+        out, weights = _original(module, fallback)(
             module, query, key, value, attention_mask, **kwargs
         )
     out = _apply(taps.z, out)
@@ -202,8 +221,9 @@ def attention_bridge(
     """
     _register_once()
     originals = [c._attn_implementation for c in configs]
+    # Inside another bridge the config already says "oculi"; the outer bridge's fallback wins.
     fallback = originals[0] if originals[0] in ("eager", "sdpa") else "sdpa"
-    state = _BridgeState(layer_of=layer_of, taps=taps, fallback=fallback or "sdpa")
+    state = _BridgeState(layer_of=layer_of, taps=taps, fallback=fallback)
     _ACTIVE.append(state)
     try:
         for c in configs:
