@@ -1,0 +1,116 @@
+"""Capture overhead on Gemma 3 270M, as ratios to the plain Hugging Face forward.
+
+Run: ``.venv/bin/python bench/bench_capture.py [--repeats 5] [--model gemma-3-270m]``
+
+For each input (15 tokens, 128 tokens, a batch of 8 x 128) it times, in one process:
+the model's own forward with its default attention (sdpa) and with eager attention (the
+reference for pattern captures, which need the probabilities), then oculi's captures. The
+logit-lens rows compare an all-layer top-10 lens over 128 tokens with one bare
+``[L*T, d] x [d, V]`` matmul of the same size. Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import header, measure  # noqa: E402
+
+import oculi  # noqa: E402
+from oculi import CaptureConfig, LogitConfig, MLPConfig, ResidualConfig  # noqa: E402
+
+TEXT = (
+    "The Eiffel Tower is located in the city of Paris, which is the capital of France. "
+    "Many tourists visit it every year, climbing its stairs or taking the lift to the top, "
+    "where the view over the river and the old streets is wide and clear on a sunny day. "
+)
+
+
+def token_batch(adapter, n_tokens: int, batch: int) -> torch.Tensor:
+    ids = adapter.tokenizer(TEXT * 8, return_tensors="pt")["input_ids"][0, :n_tokens]
+    assert ids.shape[0] == n_tokens, "prompt text too short"
+    return ids.unsqueeze(0).repeat(batch, 1).to(adapter.device)
+
+
+def bench_input(adapter, ids: torch.Tensor, repeats: int) -> None:
+    model = adapter.model
+    b, t = ids.shape
+    mask = torch.ones_like(ids)
+    print(header(f"{b} x {t} tokens"))
+
+    def hf_forward():
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+    base = measure("HF forward (sdpa, default)", hf_forward, repeats=repeats, device=adapter.device)
+    print(base.row(base))
+    original = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        eager = measure("HF forward (eager)", hf_forward, repeats=repeats, device=adapter.device)
+    finally:
+        model.set_attn_implementation(original)
+    print(eager.row(base))
+    rows = [
+        ("capture_full (attn+resid+mlp, lazy logits)", lambda: adapter.capture_full(ids, attention_mask=mask)),
+        ("capture_residual (4 points)", lambda: adapter.capture_residual(ids, ResidualConfig(), attention_mask=mask)),
+        ("capture (q/k/v + patterns)", lambda: adapter.capture(ids, CaptureConfig(), attention_mask=mask)),
+        ("capture (q/k/v, no patterns)", lambda: adapter.capture(ids, CaptureConfig(capture_patterns=False), attention_mask=mask)),
+        ("capture_mlp", lambda: adapter.capture_mlp(ids, MLPConfig(), attention_mask=mask)),
+        ("capture_residual(layers=[3])", lambda: adapter.capture_residual(ids, ResidualConfig(layers=[3]), attention_mask=mask)),
+    ]
+    for name, fn in rows:
+        m = measure(name, fn, repeats=repeats, device=adapter.device)
+        print(m.row(base), f" vs eager {m.seconds / eager.seconds:.2f}x")
+
+
+def bench_lens(adapter, ids: torch.Tensor, repeats: int) -> None:
+    t = ids.shape[1]
+    w_u, _, _ = adapter.unembedding()
+    rows = torch.randn(adapter.n_layers * t, adapter.d_model, dtype=w_u.dtype, device=w_u.device)
+    print(header(f"logit lens, all {adapter.n_layers} layers x {t} tokens, top-10"))
+    bare = measure(
+        f"bare matmul [{rows.shape[0]}, {adapter.d_model}] x [{adapter.d_model}, {adapter.d_vocab}]",
+        lambda: rows @ w_u.T,
+        repeats=repeats,
+        device=adapter.device,
+    )
+    print(bare.row(bare))
+    lens_input = adapter.capture_logits(ids, LogitConfig(top_k=10))
+
+    def lens_topk():
+        lens_input._topk = None  # recompute: time the lens, not the cache
+        return lens_input.top_k_indices
+
+    topk = measure("lens top-10 (chunked, on a capture)", lens_topk, repeats=repeats, device=adapter.device)
+    print(topk.row(bare))
+    full = measure(
+        "capture_logits + top-10 (forward included)",
+        lambda: adapter.capture_logits(ids, LogitConfig(top_k=10)).top_k_indices,
+        repeats=repeats,
+        device=adapter.device,
+    )
+    print(full.row(bare))
+    naive_mb = adapter.n_layers * t * adapter.d_vocab * 4 / 2**20
+    print(f"\n(materialising all layer logits would take {naive_mb:.0f} MB)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gemma-3-270m")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args()
+    adapter = oculi.load(args.model, device=args.device)
+    print(f"model: {adapter}\ndevice: {adapter.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    for t, b in ((15, 1), (128, 1), (128, 8)):
+        bench_input(adapter, token_batch(adapter, t, b), args.repeats)
+    bench_lens(adapter, token_batch(adapter, 128, 1), args.repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Timing and peak-memory helpers shared by the benchmark scripts.
+
+Every benchmark reports ratios against a plain Hugging Face forward measured in the same
+process, so machine speed cancels out. Peak memory is the high-water mark above the level
+before the call: on CUDA from the allocator's counters, on CPU from a thread sampling the
+process's resident set every millisecond (large tensors are mmap-backed and returned to the
+OS when freed, so RSS tracks them).
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+
+@dataclass
+class Measurement:
+    name: str
+    seconds: float  # median wall time
+    peak_mb: float  # peak memory above the starting level
+
+    def row(self, baseline: Measurement | None = None) -> str:
+        ratio = f"{self.seconds / baseline.seconds:6.2f}x" if baseline else "   -   "
+        return f"| {self.name:<44} | {self.seconds * 1e3:9.1f} | {ratio} | {self.peak_mb:8.1f} |"
+
+
+class _RssSampler:
+    def __init__(self) -> None:
+        self.proc = psutil.Process()
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.001)
+
+    def __enter__(self) -> _RssSampler:
+        self.start = self.proc.memory_info().rss
+        self.peak = self.start
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+
+def measure(
+    name: str,
+    fn: Callable[[], object],
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    device: torch.device | None = None,
+) -> Measurement:
+    """Median time of ``fn()`` over ``repeats`` runs and its peak extra memory (MB)."""
+    cuda = device is not None and device.type == "cuda"
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        del out
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - start) / 2**20
+        del out
+    else:
+        with _RssSampler() as sampler:
+            out = fn()
+            del out
+        peak = (sampler.peak - sampler.start) / 2**20
+    return Measurement(name, statistics.median(times), peak)
+
+
+def header(title: str) -> str:
+    return (
+        f"\n### {title}\n\n| {'what':<44} | time (ms) | ratio  | peak MB  |\n"
+        f"|{'-' * 46}|-----------|--------|----------|"
+    )
