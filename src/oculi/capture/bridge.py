@@ -200,6 +200,12 @@ def eager_attention(
         scores = _apply(taps.scores, scores)
     if attention_mask is not None:
         scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+    elif getattr(module, "is_causal", True) and scores.shape[-2] > 1:
+        # sdpa's mask builder may return None and rely on is_causal; queries are the last T
+        # of the S key positions.
+        t, s = scores.shape[-2:]
+        causal = torch.ones(t, s, dtype=torch.bool, device=scores.device).tril(s - t)
+        scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
     pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     if taps is not None:
         pattern = _apply(taps.pattern, pattern)

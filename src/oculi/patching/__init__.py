@@ -1,0 +1,26 @@
+"""Causal methods: activation patching, path patching, causal tracing, attribution patching.
+
+See :mod:`oculi.patching.activation` for what activation patching measures and how sweeps stay
+fast.
+"""
+
+from oculi.patching.activation import PatchingResult, activation_patching
+from oculi.patching.metrics import (
+    Metric,
+    kl_divergence,
+    log_prob,
+    logit,
+    logit_diff,
+    probability,
+)
+
+__all__ = [
+    "Metric",
+    "PatchingResult",
+    "activation_patching",
+    "kl_divergence",
+    "log_prob",
+    "logit",
+    "logit_diff",
+    "probability",
+]

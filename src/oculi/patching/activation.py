@@ -1,0 +1,289 @@
+"""Activation patching: which activations carry the difference between two prompts?
+
+Run a *clean* prompt (the model does the task: "...John gave a drink to" → " Mary") and a
+*corrupt* one that differs minimally (the second name swapped). For each site — a layer, a
+position, maybe a head — copy the clean activation into the corrupt run and measure how much
+of the clean behaviour comes back. ``values[l, p]`` is the metric of the corrupt run with the
+clean activation patched in at layer ``l`` (and position ``p``, or head ``h``);
+:meth:`PatchingResult.normalized` maps it to recovery, ``(patched − corrupt) / (clean −
+corrupt)``: 0 where the patch does nothing, 1 where it restores the clean run.
+
+How it stays fast: both prompts run once. Every patched copy starts from the corrupt run's
+input to the patched layer (earlier layers cannot change), the copies of one layer run as one
+batch through the remaining layers only, and the unembedding is applied at the metric's
+position to the vocabulary rows the metric reads (two rows for a logit difference).
+
+::
+
+    from oculi import patching
+    res = patching.activation_patching(adapter, clean, corrupt, site="resid_pre",
+                                       metric=patching.logit_diff(" Mary", " John"))
+    res.values          # [n_layers, T]
+    res.normalized()    # recovery
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from oculi.capture.engine import record
+from oculi.capture.inputs import Batch
+from oculi.capture.sites import check_kind
+from oculi.errors import InputError
+from oculi.patching.metrics import Metric
+from oculi.patching.resume import ResumableRun, unembed
+from oculi.patching.writers import PatchSpec, patchers_for
+
+if TYPE_CHECKING:
+    from oculi.models.adapter import Adapter
+
+PATCHABLE = (
+    "resid_pre", "attn_in", "q", "k", "v", "pattern", "z", "attn_out", "resid_mid", "mlp_in",
+    "mlp_gate", "mlp_up", "mlp_post", "mlp_out", "resid_post",
+)  # fmt: skip
+
+
+@dataclass
+class PatchingResult:
+    """The outcome of a patching sweep.
+
+    Attributes:
+        values: metric with each patch, ``[n_layers, T]``, ``[n_layers, n_heads]`` or
+            ``[n_layers]``.
+        clean_metric, corrupt_metric: the metric on the unpatched clean and corrupt runs.
+        layers: model layers of the first axis.
+        axis: what the second axis indexes: ``"position"``, ``"head"`` or ``None``.
+        site, metric: what was patched and measured.
+        tokens: the corrupt prompt's tokens (for labelling heatmaps), if a tokenizer is known.
+    """
+
+    values: torch.Tensor
+    clean_metric: float
+    corrupt_metric: float
+    layers: tuple[int, ...]
+    axis: str | None
+    site: str
+    metric: str
+    tokens: list[str] = field(default_factory=list)
+
+    def normalized(self) -> torch.Tensor:
+        """Recovery ``(patched − corrupt) / (clean − corrupt)`` (0: no effect, 1: fully clean)."""
+        denom = self.clean_metric - self.corrupt_metric
+        if denom == 0:
+            raise ValueError(
+                "clean and corrupt runs give the same metric, so recovery is undefined; "
+                "check that the prompts differ in what the metric measures"
+            )
+        return (self.values - self.corrupt_metric) / denom
+
+
+def _single(adapter: Adapter, prompt: Any, what: str) -> Batch:
+    batch = adapter.prepare(prompt)
+    if batch.input_ids.shape[0] != 1:
+        raise InputError(
+            f"{what} must be one prompt (a string or [1, T] ids), got a batch of {batch.input_ids.shape[0]}"
+        )
+    return batch
+
+
+def check_aligned(adapter: Adapter, clean: Batch, corrupt: Batch) -> None:
+    """Position-aligned patching needs prompts of equal token length."""
+    tc, tk = clean.input_ids.shape[1], corrupt.input_ids.shape[1]
+    if tc != tk:
+        bos = getattr(adapter.tokenizer, "bos_token_id", None)
+        first = (int(clean.input_ids[0, 0]), int(corrupt.input_ids[0, 0]))
+        hint = (
+            " (BOS added to one?)"
+            if bos is not None and (first[0] == bos) != (first[1] == bos)
+            else ""
+        )
+        raise InputError(
+            f"clean has {tc} tokens, corrupt has {tk}{hint}; position-aligned patching needs "
+            "prompts of the same token length"
+        )
+
+
+def metric_of(adapter: Adapter, run: ResumableRun, metric: Metric) -> float:
+    """The metric on an unpatched recorded run."""
+    pos = run.position(metric.position)
+    normed = run.run_from(adapter.n_layers, run.resid[-1:], positions=[pos])[:, 0]
+    return float(metric(unembed(adapter, normed, metric.columns()))[0])
+
+
+def activation_patching(
+    adapter: Adapter,
+    clean: Any,
+    corrupt: Any,
+    *,
+    site: str = "resid_pre",
+    metric: Metric,
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    per_head: bool = False,
+    per_position: bool = True,
+    batch_size: int | None = 64,
+    progress: bool = True,
+) -> PatchingResult:
+    """Patch clean activations of ``site`` into the corrupt run, one site at a time.
+
+    Args:
+        adapter: the model's adapter.
+        clean, corrupt: one prompt each (string or ``[1, T]`` ids), of equal token length.
+        site: a site kind (see :mod:`oculi.capture.sites`): ``resid_pre``, ``attn_out``,
+            ``mlp_out``, ``z``, ``q``, ``k``, ``v``, ``pattern``, ``resid_post``, ...
+        metric: e.g. ``patching.logit_diff(" Mary", " John")``.
+        layers: layers to sweep (default all).
+        positions: positions to sweep (default all) when ``per_position``.
+        per_head: sweep heads instead of positions (per-head sites: ``z``, ``q``, ``k``, ``v``,
+            ``pattern``); each patch covers every position of one head.
+        per_position: sweep positions; ``False`` (and not ``per_head``) patches the whole
+            site at once, giving ``[n_layers]``.
+        batch_size: patched copies per forward (lower it to cap memory).
+        progress: show a progress bar.
+
+    Returns:
+        :class:`PatchingResult`; ``values`` is ``[n_layers, T]`` (positions), ``[n_layers,
+        n_heads]`` (heads) or ``[n_layers]``.
+    """
+    kind = check_kind(site)
+    if site not in PATCHABLE:
+        raise InputError(
+            f"site {site!r} cannot be patched; patchable sites: {', '.join(PATCHABLE)}"
+        )
+    if per_head and not kind.per_head:
+        raise InputError(f"per_head=True needs a per-head site (z, q, k, v, pattern), got {site!r}")
+    if site == "resid_mid" and adapter.anatomy.is_parallel(adapter.model.config):
+        raise InputError(
+            "resid_mid is not a state of parallel-attention models (attention and MLP read the "
+            "same input); patch attn_out or resid_pre instead"
+        )
+    cb, kb = _single(adapter, clean, "clean"), _single(adapter, corrupt, "corrupt")
+    check_aligned(adapter, cb, kb)
+    metric = metric.bind(adapter)
+    layer_list = adapter.resolve_layers(layers)
+    t = kb.input_ids.shape[1]
+
+    clean_run, corrupt_run = ResumableRun(adapter, cb), ResumableRun(adapter, kb)
+    if metric.kind == "kl":
+        pos = clean_run.position(metric.position)
+        normed = clean_run.run_from(adapter.n_layers, clean_run.resid[-1:], positions=[pos])[:, 0]
+        metric = _with_reference(metric, unembed(adapter, normed, None)[0])
+    clean_value = metric_of(adapter, clean_run, metric)
+    corrupt_value = metric_of(adapter, corrupt_run, metric)
+    clean_acts = _clean_activations(adapter, cb, clean_run, site, layer_list)
+
+    if per_head:
+        n_heads = adapter.n_kv_heads if kind.kv else adapter.n_heads
+        items = list(range(n_heads))
+        axis: str | None = "head"
+    elif per_position:
+        items = (
+            [_abs_position(p, t) for p in positions] if positions is not None else list(range(t))
+        )
+        axis = "position"
+    else:
+        items = [None]
+        axis = None
+
+    read_pos = corrupt_run.position(metric.position)
+    out = torch.empty(len(layer_list), len(items))
+    jobs = [
+        (li, layer, chunk)
+        for li, layer in enumerate(layer_list)
+        for chunk in _chunks(list(enumerate(items)), batch_size or len(items))
+    ]
+    bar = _progress(len(jobs), progress, f"patching {site}")
+    for li, layer, chunk in jobs:
+        specs = [
+            PatchSpec(
+                row=r,
+                position=item if axis == "position" else None,
+                head=item if axis == "head" else None,
+            )
+            for r, (_, item) in enumerate(chunk)
+        ]
+        normed = _run_patched(adapter, corrupt_run, site, layer, clean_acts[layer], specs, read_pos)
+        values = metric(unembed(adapter, normed, metric.columns()))
+        for (col, _), v in zip(chunk, values.tolist()):
+            out[li, col] = v
+        bar.update(1)
+    bar.close()
+    values = out if axis is not None else out[:, 0]
+    tokens = adapter.to_str_tokens(kb.input_ids) if adapter.tokenizer is not None else []
+    return PatchingResult(
+        values, clean_value, corrupt_value, layer_list, axis, site, metric.name, tokens
+    )
+
+
+def _with_reference(metric: Metric, logits: torch.Tensor) -> Metric:
+    from dataclasses import replace
+
+    return replace(metric, reference=torch.log_softmax(logits.float(), dim=-1))
+
+
+def _abs_position(p: int, t: int) -> int:
+    if not -t <= p < t:
+        raise IndexError(f"position {p} out of range for a prompt of {t} tokens (0..{t - 1})")
+    return p % t
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _clean_activations(
+    adapter: Adapter, batch: Batch, run: ResumableRun, site: str, layers
+) -> dict[int, torch.Tensor]:
+    """The clean run's activation of ``site`` at each layer, without the batch dim."""
+    if site == "resid_pre":
+        return {layer: run.resid[layer] for layer in layers}
+    if site == "resid_post":
+        return {layer: run.resid[layer + 1] for layer in layers}
+    recorded = record(adapter, batch, {site: tuple(layers)})
+    have, tensor = recorded[site]
+    return {layer: tensor[0, have.index(layer)] for layer in layers}
+
+
+def _run_patched(
+    adapter,
+    run: ResumableRun,
+    site: str,
+    layer: int,
+    clean: torch.Tensor,
+    specs: list[PatchSpec],
+    read_pos: int,
+) -> torch.Tensor:
+    """Final-normed residual at ``read_pos`` of ``len(specs)`` patched copies, ``[P, d]``."""
+    n = len(specs)
+    start = run.resid[layer].unsqueeze(0).expand(n, -1, -1)
+    if site == "resid_pre":
+        hidden = start.clone()
+        for s in specs:
+            sel = slice(None) if s.position is None else s.position
+            hidden[s.row, sel] = clean[sel]
+        return run.run_from(layer, hidden, positions=[read_pos])[:, 0]
+    if site == "resid_post" and layer + 1 < adapter.n_layers:
+        hidden = run.resid[layer + 1].unsqueeze(0).expand(n, -1, -1).clone()
+        for s in specs:
+            sel = slice(None) if s.position is None else s.position
+            hidden[s.row, sel] = clean[sel]
+        return run.run_from(layer + 1, hidden, positions=[read_pos])[:, 0]
+    patchers = patchers_for(adapter, site, layer, clean, specs, run.resid[layer])
+    return run.run_from(layer, start, patchers=patchers, positions=[read_pos])[:, 0]
+
+
+class _NoBar:
+    def update(self, _n: int) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False)

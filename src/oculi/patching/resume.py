@@ -1,0 +1,164 @@
+"""Resumable forward passes: run a model from layer ``l`` on, reusing everything before it.
+
+A patch at layer ``l`` cannot change layers ``0..l-1``. A naive sweep recomputes them for every
+patched copy anyway, and then computes logits at every position although the metric reads one.
+:class:`ResumableRun` runs the base prompt once, keeping each decoder layer's input and the
+exact arguments the model passed to it (attention masks, rotary embeddings, position ids: the
+model's own, so nothing of the modeling code is reimplemented). Afterwards
+:meth:`ResumableRun.run_from` feeds a batch of new hidden states through layers ``l..L-1`` only,
+with optional per-layer hooks for patches inside a layer, and returns the final normalised
+residual at the positions asked for. The unembedding is then applied to those positions, and
+to the vocabulary rows the metric reads, only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from oculi.capture.bridge import attention_bridge
+from oculi.capture.hooks import HookSet, StopForward, first_tensor, hidden_arg
+from oculi.capture.inputs import Batch
+from oculi.models.anatomy import get_path
+
+if TYPE_CHECKING:
+    from oculi.models.adapter import Adapter
+
+# layer -> callable(hooks: HookSet, stack: ExitStack) that registers patches inside that layer
+LayerPatchers = dict[int, Callable[[HookSet, ExitStack], None]]
+
+
+def _expand(value: Any, n: int) -> Any:
+    """Broadcast batch-1 tensors in a layer call's arguments to batch ``n`` (no copy)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 0 and value.shape[0] == 1 and n != 1:
+            return value.expand(n, *value.shape[1:])
+        return value
+    if isinstance(value, tuple):
+        return tuple(_expand(v, n) for v in value)
+    if isinstance(value, list):
+        return [_expand(v, n) for v in value]
+    if isinstance(value, dict):
+        return {k: _expand(v, n) for k, v in value.items()}
+    return value
+
+
+class ResumableRun:
+    """One recorded forward of a single prompt, resumable from any layer.
+
+    Args:
+        adapter: the model's adapter.
+        batch: a single-row batch (``B == 1``).
+        embed_hook: optional ``fn(embeddings [1, T, d]) -> embeddings`` applied to the
+            embedding output (causal tracing's noise).
+
+    Attributes:
+        resid: ``[L + 1, T, d]``: each layer's input, then the last layer's output.
+        calls: each layer's ``(args, kwargs)`` with the hidden states removed.
+    """
+
+    def __init__(self, adapter: Adapter, batch: Batch, embed_hook: Callable | None = None):
+        if batch.input_ids.shape[0] != 1:
+            raise ValueError("ResumableRun takes one prompt (a batch of 1)")
+        self.adapter = adapter
+        self.batch = batch
+        n = adapter.n_layers
+        self.calls: list[tuple[tuple, dict]] = [((), {})] * n
+        resid: list[torch.Tensor | None] = [None] * (n + 1)
+
+        def pre(i: int):
+            def hook(_m, args, kwargs):
+                resid[i] = hidden_arg(args, kwargs).detach()
+                rest = args[1:] if args else ()
+                kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                self.calls[i] = (rest, kw)
+
+            return hook
+
+        def last(_m, _a, output):
+            resid[n] = first_tensor(output).detach()
+            raise StopForward
+
+        with torch.no_grad(), HookSet() as hooks:
+            for i, layer in enumerate(adapter.layer_modules):
+                hooks.forward_pre_kwargs(layer, pre(i))
+            hooks.forward(adapter.layer_modules[-1], last)
+            if embed_hook is not None:
+                embed = get_path(adapter.model, adapter.anatomy.embed)
+                hooks.forward(embed, lambda _m, _a, out: embed_hook(out))
+            # Under the bridge the model builds explicit (eager) masks, which every attention
+            # implementation accepts when the layers are re-run, patched or not.
+            try:
+                with attention_bridge(adapter.attention_configs, adapter.attention_layer_ids, {}):
+                    adapter.decoder(**batch.model_kwargs(), use_cache=False)
+            except StopForward:
+                pass
+        self.resid = torch.cat([r for r in resid if r is not None])  # [L+1, T, d]
+        last_real = int(batch.attention_mask[0].nonzero().max())
+        self.last_position = last_real
+
+    def position(self, relative: int) -> int:
+        """Absolute index of a position given relative to the real tokens (-1: last)."""
+        real = self.batch.attention_mask[0].nonzero()[:, 0].tolist()
+        return real[relative]
+
+    def run_from(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        *,
+        patchers: LayerPatchers | None = None,
+        positions: Sequence[int] | None = None,
+        stop_after: int | None = None,
+    ) -> torch.Tensor:
+        """Run layers ``layer..L-1`` on ``hidden [P, T, d]``; return the final-normed residual.
+
+        Args:
+            layer: the first layer to run; ``hidden`` is its input.
+            hidden: ``[P, T, d]`` (P patched copies of the prompt).
+            patchers: per layer, a function registering hooks for patches inside it.
+            positions: positions to return (default: all).
+            stop_after: run only up to and including this layer and return its raw output.
+
+        Returns:
+            ``[P, len(positions), d]`` after the final norm (or the raw residual with
+            ``stop_after``).
+        """
+        adapter = self.adapter
+        patchers = patchers or {}
+        n = hidden.shape[0]
+        end = adapter.n_layers if stop_after is None else stop_after + 1
+        h = hidden
+        with torch.no_grad():
+            for i in range(layer, end):
+                args, kwargs = self.calls[i]
+                call_args, call_kwargs = _expand(args, n), _expand(kwargs, n)
+                module = adapter.layer_modules[i]
+                if i in patchers:
+                    with ExitStack() as stack, HookSet() as hooks:
+                        patchers[i](hooks, stack)
+                        h = first_tensor(module(h, *call_args, **call_kwargs))
+                else:
+                    h = first_tensor(module(h, *call_args, **call_kwargs))
+            if stop_after is not None:
+                return h
+            if positions is not None:
+                h = h[:, list(positions)]
+            norm = get_path(adapter.model, adapter.anatomy.final_norm)
+            return norm(h)
+
+
+def unembed(adapter: Adapter, normed: torch.Tensor, columns: Sequence[int] | None) -> torch.Tensor:
+    """Logits ``[..., V]`` or ``[..., len(columns)]`` from final-normed residuals."""
+    w, bias, cap = adapter.unembedding()
+    if columns is not None:
+        idx = torch.as_tensor(list(columns), device=w.device)
+        w = w[idx]
+        bias = bias[idx] if bias is not None else None
+    out = torch.nn.functional.linear(normed.to(w.dtype), w, bias).float()
+    if cap is not None:
+        out = torch.tanh(out / cap) * cap
+    return out
