@@ -13,14 +13,18 @@ from oculi.patching.metrics import (
     logit_diff,
     probability,
 )
+from oculi.patching.tracing import TracingResult, causal_tracing, subject_positions
 
 __all__ = [
     "Metric",
     "PatchingResult",
+    "TracingResult",
     "activation_patching",
+    "causal_tracing",
     "kl_divergence",
     "log_prob",
     "logit",
     "logit_diff",
     "probability",
+    "subject_positions",
 ]
