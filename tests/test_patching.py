@@ -348,3 +348,134 @@ def test_causal_tracing_noise_is_seeded_and_restoring_everything_recovers():
     assert mlp.window == 10 and mlp.values.shape == (adapter.n_layers, 9)
     with pytest.raises(InputError, match=r"subject 'louvre' does not occur"):
         patching.causal_tracing(adapter, prompt, "louvre", "paris", progress=False)
+
+
+def test_path_patching_last_layer_senders_equal_noising_their_head():
+    adapter, clean, corrupt = _pair("llama_gqa")
+    metric = patching.logit_diff(CORRECT, WRONG)
+    path = patching.path_patching(adapter, clean, corrupt, metric=metric, progress=False)
+    noising = patching.activation_patching(
+        adapter, corrupt, clean, site="z", per_head=True, metric=metric, progress=False
+    )
+    assert path.values.shape == (adapter.n_layers, adapter.n_heads)
+    torch.testing.assert_close(path.values[-1], noising.values[-1], atol=TOL, rtol=0)
+    assert path.clean_metric == pytest.approx(noising.corrupt_metric, abs=TOL)
+
+
+def test_path_patching_to_logits_matches_hand_hooks():
+    """Sender z from corrupt, later attention outputs frozen to clean, MLPs recomputed."""
+    adapter, clean, corrupt = _pair("llama_gqa")
+    model, d = adapter.model, adapter.d_head
+    metric = patching.logit_diff(CORRECT, WRONG)
+    path = patching.path_patching(
+        adapter, clean, corrupt, metric=metric, senders=[(0, 1), (1, 3)], progress=False
+    )
+    o_projs = [layer.self_attn.o_proj for layer in adapter.layer_modules]
+    attns = [layer.self_attn for layer in adapter.layer_modules]
+    corrupt_z, clean_attn = {}, {}
+    hs = [
+        o.register_forward_pre_hook(lambda _m, a, i=i: corrupt_z.__setitem__(i, a[0].clone()))
+        for i, o in enumerate(o_projs)
+    ]
+    with torch.no_grad():
+        model(corrupt)
+    for h in hs:
+        h.remove()
+    hs = [
+        m.register_forward_hook(lambda _m, _a, o, i=i: clean_attn.__setitem__(i, o[0].clone()))
+        for i, m in enumerate(attns)
+    ]
+    with torch.no_grad():
+        model(clean)
+    for h in hs:
+        h.remove()
+    for layer, head in [(0, 1), (1, 3)]:
+
+        def sender(_m, a, head=head, layer=layer):
+            x = a[0].clone()
+            x[..., head * d : (head + 1) * d] = corrupt_z[layer][..., head * d : (head + 1) * d]
+            return (x,)
+
+        handles = [o_projs[layer].register_forward_pre_hook(sender)]
+        for later in range(layer + 1, adapter.n_layers):
+            handles.append(
+                attns[later].register_forward_hook(
+                    lambda _m, _a, o, i=later: (clean_attn[i], *o[1:])
+                )
+            )
+        try:
+            with torch.no_grad():
+                logits = model(clean).logits[0, -1]
+        finally:
+            for h in handles:
+                h.remove()
+        assert float(path.values[layer, head]) == pytest.approx(
+            float(logits[CORRECT] - logits[WRONG]), abs=REF_TOL
+        )
+    assert torch.isnan(path.values[2]).all()  # senders not asked for
+
+
+def test_path_patching_into_receivers_has_no_effect_from_later_heads():
+    adapter, clean, corrupt = _pair("gpt2")
+    res = patching.path_patching(
+        adapter,
+        clean,
+        corrupt,
+        metric=patching.logit_diff(CORRECT, WRONG),
+        receivers=[(1, 2)],
+        receiver_input="k",
+        progress=False,
+    )
+    torch.testing.assert_close(
+        res.values[1:], torch.full((2, adapter.n_heads), res.clean_metric), atol=TOL, rtol=0
+    )
+    assert not torch.allclose(
+        res.values[0], torch.full((adapter.n_heads,), res.clean_metric), atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "gpt2", "gemma3"])
+def test_attribution_patching_is_the_first_order_term_of_the_exact_patch(family):
+    """AtP(l, p) − corrupt = (clean − corrupt) · grad; check it against finite differences."""
+    from oculi.patching.activation import _single
+    from oculi.patching.resume import ResumableRun, unembed
+
+    adapter, clean, corrupt = _pair(family)
+    metric = patching.logit_diff(CORRECT, WRONG)
+    atp = patching.attribution_patching(adapter, clean, corrupt, site="resid_pre", metric=metric)
+    assert atp.values.shape == (adapter.n_layers, clean.shape[1])
+    c_run = ResumableRun(adapter, _single(adapter, clean, "clean"))
+    k_run = ResumableRun(adapter, _single(adapter, corrupt, "corrupt"))
+    bound = metric.bind(adapter)
+    eps = 1e-3
+    for layer, pos in [(0, 4), (1, 6), (2, 8)]:
+        delta = c_run.resid[layer][pos] - k_run.resid[layer][pos]
+        hidden = k_run.resid[layer].unsqueeze(0).repeat(2, 1, 1).double().float()
+        hidden[0, pos] += eps * delta
+        hidden[1, pos] -= eps * delta
+        normed = k_run.run_from(layer, hidden, positions=[8])[:, 0]
+        m = bound(unembed(adapter, normed, bound.columns()))
+        slope = float(m[0] - m[1]) / (2 * eps)
+        assert float(atp.values[layer, pos]) - atp.corrupt_metric == pytest.approx(
+            slope, rel=2e-2, abs=2e-3
+        )
+
+
+def test_attribution_patching_tracks_the_exact_sweep():
+    adapter, clean, corrupt = _pair("gpt2")
+    metric = patching.logit_diff(CORRECT, WRONG)
+    for site in ("resid_pre", "attn_out", "mlp_out"):
+        exact = patching.activation_patching(
+            adapter, clean, corrupt, site=site, metric=metric, progress=False
+        )
+        approx = patching.attribution_patching(adapter, clean, corrupt, site=site, metric=metric)
+        corr = torch.corrcoef(torch.stack([exact.values.flatten(), approx.values.flatten()]))[0, 1]
+        assert corr > 0.95, (site, float(corr))
+        assert approx.clean_metric == pytest.approx(exact.clean_metric, abs=TOL)
+    same = patching.attribution_patching(
+        adapter, clean, clean, site="z", per_head=True, metric=metric
+    )
+    torch.testing.assert_close(
+        same.values, torch.full_like(same.values, same.clean_metric), atol=TOL, rtol=0
+    )
+    assert all(p.grad is None for p in adapter.model.parameters())

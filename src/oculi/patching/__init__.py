@@ -5,6 +5,7 @@ fast.
 """
 
 from oculi.patching.activation import PatchingResult, activation_patching
+from oculi.patching.attribution import attribution_patching
 from oculi.patching.metrics import (
     Metric,
     kl_divergence,
@@ -13,6 +14,7 @@ from oculi.patching.metrics import (
     logit_diff,
     probability,
 )
+from oculi.patching.path import path_patching
 from oculi.patching.tracing import TracingResult, causal_tracing, subject_positions
 
 __all__ = [
@@ -20,11 +22,13 @@ __all__ = [
     "PatchingResult",
     "TracingResult",
     "activation_patching",
+    "attribution_patching",
     "causal_tracing",
     "kl_divergence",
     "log_prob",
     "logit",
     "logit_diff",
+    "path_patching",
     "probability",
     "subject_positions",
 ]

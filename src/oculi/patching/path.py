@@ -1,0 +1,188 @@
+"""Path patching (Wang et al., 2022, the IOI paper): effects along one path only.
+
+Activation patching a head measures everything downstream of it. Path patching asks how
+much of a head's effect flows *directly* into chosen receivers: the logits, or the queries,
+keys or values of later heads. The base run is the clean prompt; the senders' outputs come
+from the corrupt prompt:
+
+1. Run the clean prompt with the senders' outputs (``z``) taken from the corrupt run and
+   every later attention layer's output frozen to its clean value (MLPs recompute), so the
+   senders' change reaches later layers only through the residual stream, not through other
+   heads. Read the receivers' inputs there (or, for the logits, the metric directly).
+2. Run the clean prompt again with only the receivers' inputs replaced by those values, and
+   measure the metric.
+
+``values[l, h]`` is the metric with sender head ``(l, h)`` path-patched; heads at or after
+the receivers' layer have no path and keep the clean metric. ``normalized()`` is 1 where the
+path carries nothing and 0 where it carries the whole clean–corrupt difference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from oculi.capture.bridge import LayerTaps, attention_bridge
+from oculi.capture.engine import record
+from oculi.errors import InputError
+from oculi.patching.activation import PatchingResult, _progress, _single, check_aligned, metric_of
+from oculi.patching.metrics import Metric
+from oculi.patching.resume import ResumableRun, unembed
+from oculi.patching.writers import PatchSpec, patchers_for
+
+if TYPE_CHECKING:
+    from oculi.models.adapter import Adapter
+
+Head = tuple[int, int]
+
+
+def path_patching(
+    adapter: Adapter,
+    clean: Any,
+    corrupt: Any,
+    *,
+    metric: Metric,
+    receivers: Sequence[Head] | None = None,
+    receiver_input: str = "q",
+    senders: Sequence[Head] | None = None,
+    progress: bool = True,
+) -> PatchingResult:
+    """Path-patch each sender head (default: every head) into the receivers.
+
+    Args:
+        adapter: the model's adapter.
+        clean, corrupt: one prompt each, of equal token length.
+        metric: e.g. ``patching.logit_diff(" Mary", " John")``.
+        receivers: ``[(layer, head), ...]`` whose input is patched, or ``None`` for the
+            logits (the senders' direct effect).
+        receiver_input: which input of the receivers: ``"q"``, ``"k"`` or ``"v"``.
+        senders: heads to sweep (default all); the result still has shape
+            ``[n_layers, n_heads]`` with untested heads left at NaN.
+        progress: show a progress bar.
+    """
+    if receiver_input not in ("q", "k", "v"):
+        raise InputError(f"receiver_input must be 'q', 'k' or 'v', got {receiver_input!r}")
+    cb, kb = _single(adapter, clean, "clean"), _single(adapter, corrupt, "corrupt")
+    check_aligned(adapter, cb, kb)
+    metric = metric.bind(adapter)
+    n, h = adapter.n_layers, adapter.n_heads
+    recv = [
+        (adapter.resolve_layer(layer), adapter.resolve_head(head, "z"))
+        for layer, head in receivers or []
+    ]
+    wanted = (
+        [(adapter.resolve_layer(layer), adapter.resolve_head(head, "z")) for layer, head in senders]
+        if senders
+        else [(layer, head) for layer in range(n) for head in range(h)]
+    )
+    clean_run = ResumableRun(adapter, cb)
+    clean_value = metric_of(adapter, clean_run, metric)
+    corrupt_value = metric_of(adapter, ResumableRun(adapter, kb), metric)
+    all_layers = tuple(range(n))
+    corrupt_z = record(adapter, kb, {"z": all_layers})["z"][1][0]
+    clean_attn_out = record(adapter, cb, {"attn_out": all_layers})["attn_out"][1][0]
+    read = clean_run.position(metric.position)
+    first_recv = min((layer for layer, _ in recv), default=n)
+
+    out = torch.full((n, h), float("nan"))
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in wanted:
+        by_layer.setdefault(layer, []).append(head)
+    bar = _progress(len(by_layer), progress, "path patching")
+    for layer, heads in sorted(by_layer.items()):
+        if layer >= first_recv:
+            out[layer, heads] = clean_value  # no path from here into the receivers
+            bar.update(1)
+            continue
+        rows = len(heads)
+        specs = [PatchSpec(row=r, head=hd) for r, hd in enumerate(heads)]
+        patchers = patchers_for(
+            adapter, "z", layer, corrupt_z[layer], specs, clean_run.resid[layer]
+        )
+        everything = [PatchSpec(row=r) for r in range(rows)]
+        for later in range(layer + 1, n):
+            patchers.update(
+                patchers_for(
+                    adapter,
+                    "attn_out",
+                    later,
+                    clean_attn_out[later],
+                    everything,
+                    clean_run.resid[later],
+                )
+            )
+        start = clean_run.resid[layer].unsqueeze(0).expand(rows, -1, -1)
+        if not recv:
+            normed = clean_run.run_from(layer, start, patchers=patchers, positions=[read])[:, 0]
+        else:
+            inputs = _receiver_inputs(
+                adapter, clean_run, layer, start, patchers, recv, receiver_input
+            )
+            normed = _run_with_receivers(adapter, clean_run, inputs, recv, receiver_input, read)
+        out[layer, heads] = metric(unembed(adapter, normed, metric.columns())).cpu()
+        bar.update(1)
+    bar.close()
+    tokens = adapter.to_str_tokens(cb.input_ids) if adapter.tokenizer is not None else []
+    name = "logits" if not recv else f"{receiver_input} of {recv}"
+    return PatchingResult(
+        out,
+        clean_value,
+        corrupt_value,
+        tuple(range(n)),
+        "head",
+        f"z -> {name}",
+        metric.name,
+        tokens,
+    )
+
+
+def _receiver_inputs(
+    adapter, run: ResumableRun, layer, start, patchers, recv, kind
+) -> dict[int, torch.Tensor]:
+    """Step 1: receivers' ``kind`` input per row, ``{layer: [rows, H(_kv), T, D]}``."""
+    recv_layers = sorted({rl for rl, _ in recv})
+    got: dict[int, torch.Tensor] = {}
+    for rl in recv_layers:
+        taps = LayerTaps()
+        getattr(taps, kind).append(lambda x, rl=rl: got.__setitem__(rl, x.detach().clone()))
+        previous = patchers.get(rl)
+
+        def register(hooks, stack, rl=rl, taps=taps, previous=previous):
+            if previous is not None:
+                previous(hooks, stack)
+            stack.enter_context(
+                attention_bridge(adapter.attention_configs, adapter.attention_layer_ids, {rl: taps})
+            )
+
+        patchers[rl] = register
+    run.run_from(layer, start, patchers=patchers, stop_after=max(recv_layers))
+    return got
+
+
+def _run_with_receivers(adapter, run: ResumableRun, inputs, recv, kind, read) -> torch.Tensor:
+    """Step 2: the clean run with only the receivers' inputs replaced."""
+    rows = next(iter(inputs.values())).shape[0]
+    group = adapter.n_heads // adapter.n_kv_heads
+    patchers = {}
+    for rl in sorted(inputs):
+        heads = sorted({hd if kind == "q" else hd // group for layer, hd in recv if layer == rl})
+
+        def write(x, new=inputs[rl], heads=heads):
+            x = x.clone()
+            x[:, heads] = new[:, heads].to(x.dtype)
+            return x
+
+        taps = LayerTaps()
+        getattr(taps, kind).append(write)
+
+        def register(hooks, stack, rl=rl, taps=taps):
+            stack.enter_context(
+                attention_bridge(adapter.attention_configs, adapter.attention_layer_ids, {rl: taps})
+            )
+
+        patchers[rl] = register
+    first = min(inputs)
+    start = run.resid[first].unsqueeze(0).expand(rows, -1, -1)
+    return run.run_from(first, start, patchers=patchers, positions=[read])[:, 0]
