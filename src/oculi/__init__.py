@@ -8,6 +8,7 @@
     full.logits.top_k_indices[:, -1, 0]          # each layer's top prediction
 """
 
+from oculi.analysis.logit_lens import logit_lens
 from oculi.capture import (
     AttentionCapture,
     CaptureConfig,
@@ -48,6 +49,7 @@ __all__ = [
     "UnknownSiteError",
     "UnsupportedArchitectureError",
     "attach",
+    "logit_lens",
     "register_anatomy",
     "supported_model_types",
 ]

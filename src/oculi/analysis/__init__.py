@@ -1,0 +1,39 @@
+"""Analysis: pure functions over captures.
+
+Nothing here registers a hook or runs a model (the one exception, :func:`oculi.logit_lens`,
+calls the adapter's public capture method). Every function takes capture structures or
+tensors and returns tensors, indexed like the captures: ``[L, H, T]`` per head and position,
+``[L, H]`` per head, with row ``i`` for model layer ``capture.layers[i]``.
+
+::
+
+    from oculi.analysis import CircuitDetection, EntropyAnalysis, find_extreme_heads
+    entropy = EntropyAnalysis.token_entropy(capture)               # [L, H, T]
+    find_extreme_heads(entropy, k=5, mode="min")                     # most focused heads
+    CircuitDetection.detect_previous_token_heads(capture)           # [L, H]
+"""
+
+from oculi.analysis.circuits import CircuitDetection
+from oculi.analysis.correlation import (
+    CorrelationAnalysis,
+    pearson_pvalue,
+    regularized_incomplete_beta,
+)
+from oculi.analysis.entropy import EntropyAnalysis
+from oculi.analysis.logit_lens import LogitLensAnalysis, LogitLensResult, crossover_layer
+from oculi.analysis.norms import NormAnalysis
+from oculi.analysis.stratified import StratifiedView, find_extreme_heads
+
+__all__ = [
+    "CircuitDetection",
+    "CorrelationAnalysis",
+    "EntropyAnalysis",
+    "LogitLensAnalysis",
+    "LogitLensResult",
+    "NormAnalysis",
+    "StratifiedView",
+    "crossover_layer",
+    "find_extreme_heads",
+    "pearson_pvalue",
+    "regularized_incomplete_beta",
+]
