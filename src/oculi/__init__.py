@@ -20,6 +20,7 @@ from oculi.capture import (
     ResidualCapture,
     ResidualConfig,
 )
+from oculi.capture.io import load_capture
 from oculi.errors import (
     InputError,
     LayerIndexError,
@@ -49,6 +50,7 @@ __all__ = [
     "UnknownSiteError",
     "UnsupportedArchitectureError",
     "attach",
+    "load_capture",
     "logit_lens",
     "register_anatomy",
     "supported_model_types",

@@ -152,6 +152,7 @@ def _metadata(adapter: Adapter, batch: Batch) -> dict[str, Any]:
         "family": adapter.anatomy.family,
         "n_layers_model": adapter.n_layers,
         "gated": adapter.anatomy.gated,
+        "rotary": adapter.anatomy.rotary,
         "single": batch.single,
         "input_ids": batch.input_ids.tolist(),
         "attention_mask": batch.attention_mask.tolist(),

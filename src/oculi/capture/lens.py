@@ -83,6 +83,21 @@ class LogitCapture:
         self.unembed, self.unembed_bias, self.softcap = adapter.unembedding()
         return self
 
+    def save(self, path: str, *, format: str = "safetensors") -> None:
+        """Save with the top-k (computed first if needed), without the unembedding.
+
+        See :mod:`oculi.capture.io`.
+        """
+        from oculi.capture.io import save_capture
+
+        save_capture(self, path, format=format)
+
+    def to_numpy(self) -> dict[str, Any]:
+        """``normalized``, ``final_normalized`` and the top-k as NumPy arrays, as saved."""
+        from oculi.capture.io import capture_to_numpy
+
+        return capture_to_numpy(self)
+
     def _w(self) -> torch.Tensor:
         if self.unembed is None:
             raise InputError(

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from oculi.capture.sites import parse_name
+from oculi.capture.sites import SITE_KINDS, TL_ALIASES, parse_name
 from oculi.errors import LayerIndexError, UnknownSiteError
 
 
@@ -68,6 +68,12 @@ class _Capture:
 
         save_capture(self, path, format=format)
 
+    def to_numpy(self) -> dict[str, Any]:
+        """The set tensor fields as NumPy arrays on the CPU (bf16/fp8 become float32)."""
+        from oculi.capture.io import capture_to_numpy
+
+        return capture_to_numpy(self)
+
     def _batch_dims(self) -> int:
         return 0 if self.metadata.get("single", True) else 1
 
@@ -103,8 +109,9 @@ class AttentionCapture(_Capture):
 
     @property
     def n_tokens(self) -> int:
-        for t in self.tensors().values():
-            return t.shape[-2] if t is not self.head_contributions else t.shape[-2]
+        """Sequence length ``T``: every field has it second to last (0 if nothing is held)."""
+        for tensor in self.tensors().values():
+            return int(tensor.shape[-2])
         return 0
 
 
@@ -136,7 +143,9 @@ class MLPCapture(_Capture):
         gate: gate projection ``[L, T, d_mlp]`` (``None`` for plain MLPs).
         up: up/input projection ``[L, T, d_mlp]``.
         post_activation: neuron activations, the input of the output projection.
-        output: the MLP's output ``[L, T, d_model]``.
+        output: the MLP's output ``[L, T, d_model]``, the output projection's result. Where a
+            norm follows the MLP (Gemma 2/3, OLMo 2) what joins the residual is that norm's
+            output, ``ResidualCapture.mlp_out``.
     """
 
     gate: torch.Tensor | None = None
@@ -145,26 +154,30 @@ class MLPCapture(_Capture):
     output: torch.Tensor | None = None
 
 
-# TransformerLens alias kind -> (part of FullCapture, field)
-_ALIAS_FIELDS = {
-    "resid_pre": ("residual", "pre_attn"),
-    "resid_mid": ("residual", "post_attn"),
-    "mlp_in": ("residual", "pre_mlp"),
-    "resid_post": ("residual", "post_mlp"),
-    "attn_out": ("residual", "attn_out"),
-    "mlp_out": ("mlp", "output"),
-    "q": ("attention", "queries"),
-    "k": ("attention", "keys"),
-    "v": ("attention", "values"),
-    "q_pre": ("attention", "queries"),
-    "k_pre": ("attention", "keys"),
-    "pattern": ("attention", "patterns"),
-    "z": ("attention", "head_outputs"),
-    "head_out": ("attention", "head_contributions"),
-    "mlp_gate": ("mlp", "gate"),
-    "mlp_up": ("mlp", "up"),
-    "mlp_post": ("mlp", "post_activation"),
+# oculi site kind -> where a FullCapture keeps it, as (part, field) candidates: the first one
+# captured wins (what the MLP adds is ResidualCapture.mlp_out and, unless a norm follows the
+# MLP as in Gemma 2/3 and OLMo 2, also MLPCapture.output).
+_ALIAS_FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
+    "resid_pre": (("residual", "pre_attn"),),
+    "resid_mid": (("residual", "post_attn"),),
+    "mlp_in": (("residual", "pre_mlp"),),
+    "resid_post": (("residual", "post_mlp"),),
+    "attn_out": (("residual", "attn_out"),),
+    "mlp_out": (("residual", "mlp_out"), ("mlp", "output")),
+    "q": (("attention", "queries"),),
+    "k": (("attention", "keys"),),
+    "v": (("attention", "values"),),
+    "q_pre": (("attention", "queries"),),
+    "k_pre": (("attention", "keys"),),
+    "pattern": (("attention", "patterns"),),
+    "z": (("attention", "head_outputs"),),
+    "head_out": (("attention", "head_contributions"),),
+    "mlp_gate": (("mlp", "gate"),),
+    "mlp_up": (("mlp", "up"),),
+    "mlp_post": (("mlp", "post_activation"),),
 }
+# the config that captures each part; a field ``f`` is switched on by ``capture_f=True``
+_PART_CONFIGS = {"attention": "CaptureConfig", "residual": "ResidualConfig", "mlp": "MLPConfig"}
 
 
 @dataclass
@@ -175,6 +188,14 @@ class FullCapture:
 
         full["blocks.3.attn.hook_pattern"]   # [H, T, T] (oculi's layout, no batch dim)
         full["blocks.3.hook_resid_pre"]      # [T, d_model]
+        full["blocks.-1.hook_resid_post"]    # negative blocks count from the last layer
+
+    Tensors keep oculi's heads-first layout (``[H, T, D]``, where TransformerLens has
+    ``[T, H, D]``) and gain a leading ``B`` for batched captures. ``attn.hook_q``/``hook_k`` are
+    the pre-rotary queries/keys and ``attn.hook_rot_q``/``hook_rot_k`` the rotated ones, as in
+    TransformerLens; a capture holds one stage (``CaptureConfig.qk_stage``), and models without
+    rotary embeddings serve both names from it. ``ln1.hook_normalized`` (attention's normalised
+    input) is a site for interventions but no capture structure stores it.
     """
 
     attention: AttentionCapture | None = None
@@ -184,30 +205,83 @@ class FullCapture:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        gated = self.metadata.get("gated", True)
-        kind, layer = parse_name(name, gated=gated)
-        part_name, field_name = _ALIAS_FIELDS[kind]
-        if kind in ("q", "k", "q_pre", "k_pre") and self.attention is not None:
-            stage = "pre_rope" if kind.endswith("_pre") else "post_rope"
-            if self.attention.qk_stage != stage:
-                raise UnknownSiteError(
-                    f"{name!r} is the {stage.replace('_', '-')} {kind[0]}, but this capture "
-                    f"holds {self.attention.qk_stage.replace('_', '-')} queries/keys; capture "
-                    f"with CaptureConfig(qk_stage={stage!r})"
-                )
-        part = getattr(self, part_name)
-        tensor = getattr(part, field_name, None) if part is not None else None
-        if tensor is None:
-            raise UnknownSiteError(
-                f"{name!r} ({kind}) was not captured; enable it in the {part_name} config"
+        """The tensor a TransformerLens hook name refers to, for one layer.
+
+        Raises:
+            UnknownSiteError: (a ``KeyError``) an unknown name, with close matches; or a known
+                one this capture did not record, naming the config flag that records it.
+            LayerIndexError: a block outside the model, or one not captured.
+        """
+        if not isinstance(name, str):
+            raise TypeError(
+                f"FullCapture is indexed by TransformerLens hook names such as "
+                f"'blocks.3.hook_resid_pre', got {name!r}"
             )
-        n_layers = self.metadata.get("n_layers_model")
-        if n_layers is not None and layer < 0:
-            layer += n_layers
-        return part._select_layer(tensor, layer)
+        kind, layer = parse_name(name, gated=self.metadata.get("gated", True))
+        places = _ALIAS_FIELDS.get(kind)
+        if places is None:
+            served = [alias for alias, k in TL_ALIASES.items() if k in _ALIAS_FIELDS]
+            raise UnknownSiteError(
+                f"{name!r} ({kind}, the {SITE_KINDS[kind].doc}) is not stored in capture "
+                f"structures; per block a FullCapture holds {', '.join(served)}"
+            )
+        if kind in ("q", "k", "q_pre", "k_pre"):
+            self._check_qk_stage(name, kind)
+        layer = self._resolve_layer(name, layer)
+        for part_name, field_name in places:
+            if (part_name, field_name) == ("mlp", "output") and self.metadata.get("mlp_out_norm"):
+                continue  # the MLP's output before its norm is not what joins the residual
+            part = getattr(self, part_name)
+            tensor = getattr(part, field_name, None) if part is not None else None
+            if tensor is None:
+                continue
+            if layer not in part.layers:
+                raise LayerIndexError(
+                    f"{name!r}: layer {layer} was not captured; the {part_name} part holds "
+                    f"layers {list(part.layers)}"
+                )
+            return part._select_layer(tensor, layer)
+        how = " or ".join(
+            f"{_PART_CONFIGS[p]}(capture_{f}=True)"
+            for p, f in places
+            if not ((p, f) == ("mlp", "output") and self.metadata.get("mlp_out_norm"))
+        )
+        raise UnknownSiteError(f"{name!r} ({kind}) was not captured; capture it with {how}")
+
+    def _check_qk_stage(self, name: str, kind: str) -> None:
+        if self.attention is None or not self.metadata.get("rotary", True):
+            return  # without rotary embeddings the two stages are the same tensor
+        stage = "pre_rope" if kind.endswith("_pre") else "post_rope"
+        if self.attention.qk_stage != stage:
+            held = self.attention.qk_stage.replace("_", "-")
+            raise UnknownSiteError(
+                f"{name!r} is the {stage.replace('_', '-')} {kind[0]}, but this capture holds "
+                f"{held} queries/keys; capture with CaptureConfig(qk_stage={stage!r})"
+            )
+
+    def _resolve_layer(self, name: str, layer: int) -> int:
+        n = self.metadata.get("n_layers_model")
+        if n is None:
+            if layer < 0:
+                raise LayerIndexError(
+                    f"{name!r}: a negative block needs the model's layer count, which this "
+                    "capture's metadata lacks ('n_layers_model')"
+                )
+            return layer
+        if not -n <= layer < n:
+            raise LayerIndexError(
+                f"{name!r}: layer {layer} out of range for a model with {n} layers (0..{n - 1})"
+            )
+        return layer % n
 
     def save(self, path: str, *, format: str = "safetensors") -> None:
         """Save every part to ``path``; see :mod:`oculi.capture.io`."""
         from oculi.capture.io import save_capture
 
         save_capture(self, path, format=format)
+
+    def to_numpy(self) -> dict[str, Any]:
+        """Every part's tensors as NumPy arrays, keyed ``"attention.queries"``, ... (as saved)."""
+        from oculi.capture.io import capture_to_numpy
+
+        return capture_to_numpy(self)
