@@ -42,7 +42,7 @@ _MLP_FIELDS = {
     "gate": ("capture_gate", "mlp_gate"),
     "up": ("capture_up", "mlp_up"),
     "post_activation": ("capture_post_activation", "mlp_post"),
-    "output": ("capture_output", "mlp_out"),
+    "output": ("capture_output", "mlp_result"),  # the MLP's own output, before any output norm
 }
 
 
@@ -153,6 +153,8 @@ def _metadata(adapter: Adapter, batch: Batch) -> dict[str, Any]:
         "n_layers_model": adapter.n_layers,
         "gated": adapter.anatomy.gated,
         "rotary": adapter.anatomy.rotary,
+        # MLPCapture.output is then not what joins the residual (ResidualCapture.mlp_out is)
+        "mlp_out_norm": adapter.anatomy.mlp_out_norm is not None,
         "single": batch.single,
         "input_ids": batch.input_ids.tolist(),
         "attention_mask": batch.attention_mask.tolist(),

@@ -114,7 +114,8 @@ class MLPConfig:
         capture_up: up (input) projection ``[L, T, d_mlp]``.
         capture_post_activation: the input of the output projection ``[L, T, d_mlp]``
             (``act(gate) * up`` for gated MLPs, ``act(up)`` for plain ones).
-        capture_output: the MLP's output ``[L, T, d_model]``.
+        capture_output: the MLP's output ``[L, T, d_model]`` (before any norm that follows
+            the MLP; ``ResidualConfig(capture_mlp_out=True)`` gives what joins the residual).
     """
 
     layers: Layers = None

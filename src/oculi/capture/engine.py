@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from oculi.models.adapter import Adapter
 
 BRIDGE_KINDS = frozenset({"q", "k", "v", "pattern", "z"})
+# Recorded for capture structures but not sites of their own: the MLP module's output, which
+# differs from ``mlp_out`` (what joins the residual) where an output norm follows the MLP.
+INTERNAL_KINDS = frozenset({"mlp_result"})
 
 
 class Recorder:
@@ -127,6 +130,8 @@ def _register(
         if "mlp_out" in kinds:
             src = adapter.part(layer, anat.mlp_out_norm) if anat.mlp_out_norm else mlp
             hooks.forward(src, out_hook("mlp_out", layer))
+        if "mlp_result" in kinds:
+            hooks.forward(mlp, out_hook("mlp_result", layer))
         if "resid_post" in kinds:
             hooks.forward(block, out_hook("resid_post", layer))
         if "o_in" in kinds:  # z as the output projection sees it, for head contributions
@@ -239,6 +244,7 @@ def record(
     *,
     storage: Mapping[str, tuple[torch.dtype | None, str | torch.device | None]] | None = None,
     stop_early: bool = True,
+    on_output: Callable[[Any], None] | None = None,
 ) -> dict[str, tuple[tuple[int, ...], torch.Tensor]]:
     """Run one forward pass and return ``{kind: (layers, tensor [B, n_layers, ...])}``.
 
@@ -248,9 +254,11 @@ def record(
         requests: ``{kind: layer indices}`` (non-negative, validated by the caller).
         storage: ``{kind: (dtype, device)}`` for the buffers (default: as computed).
         stop_early: end the forward after the last requested layer.
+        on_output: called with the decoder's output when the forward runs to the end
+            (intervention runs use it to read logits from the same pass).
     """
     for kind in requests:
-        if kind not in SITE_KINDS:
+        if kind not in SITE_KINDS and kind not in INTERNAL_KINDS:
             raise KeyError(kind)
     plan = expand_requests(adapter, requests)
     rec = Recorder(plan, storage or {})
@@ -267,9 +275,11 @@ def record(
         try:
             if taps:
                 with attention_bridge(adapter.attention_configs, adapter.attention_layer_ids, taps):
-                    adapter.decoder(**batch.model_kwargs(), use_cache=False)
+                    out = adapter.decoder(**batch.model_kwargs(), use_cache=False)
             else:
-                adapter.decoder(**batch.model_kwargs(), use_cache=False)
+                out = adapter.decoder(**batch.model_kwargs(), use_cache=False)
+            if on_output is not None:
+                on_output(out)
         except StopForward:
             pass
     return _finish(adapter, rec, requests)
@@ -283,18 +293,26 @@ def _finish(adapter: Adapter, rec: Recorder, requests: Mapping[str, Sequence[int
         buf = bufs[kind]
         return buf if idx == list(range(buf.shape[1])) else buf[:, idx]
 
+    def stored(kind: str, tensor: torch.Tensor) -> torch.Tensor:
+        # derived kinds are computed from internal buffers, then kept as their kind asks
+        dtype, device = rec.storage.get(kind, (None, None))
+        return tensor.to(device=device or tensor.device, dtype=dtype or tensor.dtype)
+
     out: dict[str, tuple[tuple[int, ...], torch.Tensor]] = {}
     for kind, wanted in requests.items():
         wanted = tuple(wanted)
         if not wanted or (kind == "mlp_gate" and not adapter.anatomy.gated):
             continue
-        if kind == "resid_mid" and kind not in bufs:
-            out[kind] = (wanted, pick("resid_pre", wanted) + pick("attn_out", wanted))
-        elif kind == "head_out":
-            out[kind] = (wanted, head_contributions(adapter, pick("o_in", wanted), wanted,
-                                                   pick("o_out", wanted) if "o_out" in bufs else None))
-        else:
-            out[kind] = (wanted, pick(kind, wanted))
+        with torch.no_grad():  # no autograd graph (and no model weights) kept in a capture
+            if kind == "resid_mid" and kind not in bufs:
+                pre = pick("resid_pre", wanted)
+                out[kind] = (wanted, stored(kind, pre + pick("attn_out", wanted).to(pre.device)))
+            elif kind == "head_out":
+                o_out = pick("o_out", wanted) if "o_out" in bufs else None
+                heads = head_contributions(adapter, pick("o_in", wanted), wanted, o_out)
+                out[kind] = (wanted, stored(kind, heads))
+            else:
+                out[kind] = (wanted, pick(kind, wanted))
     return out
 
 

@@ -192,14 +192,19 @@ class LogitCapture:
 
     def ranks(self, token_id: int) -> torch.Tensor:
         """Rank of ``token_id`` (0 = top-1) at every layer and position, ``[L, T]``."""
-        target = self.token_logits(token_id)[..., 0].reshape(-1)
+        n_vocab = self.d_vocab
+        if not 0 <= int(token_id) < n_vocab:
+            raise InputError(f"token id out of range for a vocabulary of {n_vocab}")
         flat = self._flat()
         step = self._rows(flat)
         counts = []
         with torch.no_grad():
             for start in range(0, flat.shape[0], step):
                 logits = self._project(flat[start : start + step])
-                counts.append((logits > target[start : start + step, None]).sum(-1))
+                # compare against the token's logit from the same matmul: one computed from its
+                # unembedding row alone can differ in the last ulp and miscount ties with itself
+                target = logits[:, int(token_id), None]
+                counts.append((logits > target).sum(-1))
         return self._unflat(torch.cat(counts)[:, None])[..., 0]
 
     # -- whole distributions -----------------------------------------------------------

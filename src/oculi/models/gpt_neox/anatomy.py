@@ -6,7 +6,7 @@ default): both branches read the same layer input and the layer returns
 ``resid_mid`` as ``x + attn_out`` there. The fused ``query_key_value`` projection is laid out
 per head (``[head, (q, k, v), d_head]``). Rotary embeddings cover only the first
 ``rotary_pct`` of each head's dimensions. The MLP is plain GELU with biases, and the
-unembedding is ``embed_out``.
+unembedding is ``lm_head`` (``embed_out`` before transformers 5).
 """
 
 from oculi.models.anatomy import Anatomy, register_anatomy
@@ -19,7 +19,6 @@ GPT_NEOX = register_anatomy(
         layers="gpt_neox.layers",
         embed="gpt_neox.embed_in",
         final_norm="gpt_neox.final_layer_norm",
-        unembed="embed_out",
         attn="attention",
         mlp_norm="post_attention_layernorm",
         parallel_attn="use_parallel_residual",
