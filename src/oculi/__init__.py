@@ -8,6 +8,7 @@
     full.logits.top_k_indices[:, -1, 0]          # each layer's top prediction
 """
 
+from oculi import intervention as intervention
 from oculi.analysis.logit_lens import logit_lens
 from oculi.capture import (
     AttentionCapture,

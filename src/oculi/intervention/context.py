@@ -1,0 +1,184 @@
+"""The intervention context: interventions active for the duration of a ``with`` block.
+
+::
+
+    with InterventionContext(adapter, [SpectraScaler(layer=5, head=2, alpha=1.5),
+                                       HeadAblation(layer=3, head=1)]):
+        logits = adapter.forward("The capital of France is")          # a plain forward
+        capture = adapter.capture_full("The capital of France is")   # records the changed model
+        text = adapter.generate("The capital of France is", max_new_tokens=10)  # KV cache too
+        out = adapter.model.generate(ids, max_new_tokens=10)         # the model's own generate
+
+Everything that can be checked is checked when the context is built (layers, heads, site
+names, tensor shapes, dtypes and devices); positions are checked against each prompt (range,
+padding) when its forward starts, before any layer runs. On entering, the context registers
+its module hooks and attention-bridge taps; on leaving, also after an exception, it removes
+exactly those and restores the attention implementation. Weights are never touched.
+
+Debug mode (``check_effect=True``, or the environment variable ``OCULI_DEBUG=1``) compares
+each written activation before and after and warns (:class:`NoEffectWarning`) when an
+intervention changed nothing in a forward pass, or never ran at all.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable
+from contextlib import ExitStack
+from typing import TYPE_CHECKING, Any
+
+from oculi.capture.bridge import LayerTaps, attention_bridge
+from oculi.capture.hooks import HookSet
+from oculi.intervention.base import Binding, Intervention, NoEffectWarning
+from oculi.intervention.state import Session, Tracker
+from oculi.intervention.writers import install
+
+if TYPE_CHECKING:
+    from oculi.models.adapter import Adapter
+
+
+def debug_enabled() -> bool:
+    """Whether ``OCULI_DEBUG`` asks for effect checks."""
+    return os.environ.get("OCULI_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+class InterventionContext:
+    """Apply ``interventions`` to ``adapter``'s model inside a ``with`` block.
+
+    Args:
+        adapter: the model's adapter.
+        interventions: :class:`~oculi.intervention.base.Intervention` objects, applied in
+            order (two on the same site compose: the second sees the first's result).
+        check_effect: warn when an intervention changes nothing (default: ``OCULI_DEBUG``).
+
+    Raises:
+        TypeError: an element that is not an intervention.
+        ValueError, IndexError, KeyError: from checking each intervention against the model.
+    """
+
+    def __init__(
+        self,
+        adapter: Adapter,
+        interventions: Iterable[Intervention] | Intervention,
+        *,
+        check_effect: bool | None = None,
+    ) -> None:
+        if isinstance(interventions, Intervention):
+            interventions = [interventions]
+        self.adapter = adapter
+        self.interventions = list(interventions)
+        for iv in self.interventions:
+            if not isinstance(iv, Intervention):
+                raise TypeError(
+                    f"InterventionContext takes interventions (SpectraScaler, HeadAblation, "
+                    f"ActivationPatch, SteeringVector, ...), got {type(iv).__name__}"
+                )
+        self.check_effect = debug_enabled() if check_effect is None else bool(check_effect)
+        self.bindings: list[Binding] = [iv.bind(adapter) for iv in self.interventions]
+        self._hooks: HookSet | None = None
+        self._stack: ExitStack | None = None
+        self._forward_effects: dict[int, bool] = {}  # owner id -> changed, this forward
+        self._applied: set[int] = set()
+        self._warned: set[int] = set()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def __enter__(self) -> InterventionContext:
+        if self._hooks is not None:
+            raise RuntimeError(
+                "this InterventionContext is already active; contexts do not re-enter"
+            )
+        hooks, stack = HookSet(), ExitStack()
+        hooks.__enter__()
+        self._hooks, self._stack = hooks, stack
+        try:
+            for b in self.bindings:
+                if b.prepare is not None:
+                    b.prepare()
+            self._enter_hooks(hooks, stack)
+        except BaseException:
+            self._close()
+            raise
+        if self.check_effect:
+            for iv, b in zip(self.interventions, self.bindings):
+                if b.noop:
+                    self._warn(iv, f"{iv!r} is a no-op: {b.noop}")
+        return self
+
+    def _enter_hooks(self, hooks: HookSet, stack: ExitStack) -> None:
+        adapter = self.adapter
+        tracker = Tracker(on_session=self._begin_session)
+        hooks.forward_pre_kwargs(adapter.model, tracker.model_pre_hook)
+        hooks.forward_pre_kwargs(adapter.decoder, self._before_forward(tracker))
+        hooks.forward(adapter.decoder, self._after_forward)
+        taps: dict[int, LayerTaps] = {}
+        report = self._report if self.check_effect else None
+        install(adapter, hooks, taps, [e for b in self.bindings for e in b.edits], tracker, report)
+        if taps:
+            stack.enter_context(
+                attention_bridge(adapter.attention_configs, adapter.attention_layer_ids, taps)
+            )
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        self._close()
+        if self.check_effect and exc_type is None:
+            self._flush()
+            for iv, b in zip(self.interventions, self.bindings):
+                if b.edits and id(iv) not in self._applied:
+                    self._warn(
+                        iv,
+                        f"{iv!r} never ran: no forward pass inside the context reached it "
+                        "(a capture that stops before its layer, or positions/steps that no "
+                        "forward covered?)",
+                    )
+
+    def _close(self) -> None:
+        try:
+            if self._stack is not None:
+                self._stack.close()  # the attention bridge restores the implementation
+        finally:
+            if self._hooks is not None:
+                self._hooks.remove()
+            self._hooks = self._stack = None
+
+    @property
+    def active(self) -> bool:
+        return self._hooks is not None
+
+    # -- per forward ----------------------------------------------------------------------
+    def _before_forward(self, tracker: Tracker):
+        def hook(module: Any, args: tuple, kwargs: dict) -> None:
+            self._flush()  # a forward ended early (a capture's StopForward) is reported here
+            tracker.pre_hook(module, args, kwargs)
+
+        return hook
+
+    def _begin_session(self, session: Session) -> None:
+        for b in self.bindings:
+            b.begin(session)
+
+    def _after_forward(self, *_: Any) -> None:
+        self._flush()
+
+    # -- effect checks --------------------------------------------------------------------
+    def _report(self, owner: Any, changed: bool) -> None:
+        key = id(owner)
+        self._applied.add(key)
+        self._forward_effects[key] = self._forward_effects.get(key, False) or changed
+
+    def _flush(self) -> None:
+        effects, self._forward_effects = self._forward_effects, {}
+        for iv in self.interventions:
+            if effects.get(id(iv)) is False:
+                self._warn(
+                    iv,
+                    f"{iv!r} changed nothing in a forward pass: the activations it wrote were "
+                    "identical before and after (a silent no-op? check its layer, head, "
+                    "positions and value)",
+                )
+
+    def _warn(self, owner: Any, message: str) -> None:
+        if id(owner) in self._warned:
+            return
+        self._warned.add(id(owner))
+        warnings.warn(message, NoEffectWarning, stacklevel=3)
