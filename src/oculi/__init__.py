@@ -29,7 +29,7 @@ from oculi.errors import (
     UnknownSiteError,
     UnsupportedArchitectureError,
 )
-from oculi.models import Adapter, Anatomy, attach, register_anatomy, supported_model_types
+from oculi.models import Adapter, Anatomy, attach, load, register_anatomy, supported_model_types
 
 __version__ = "0.1.0"
 
@@ -51,6 +51,7 @@ __all__ = [
     "UnknownSiteError",
     "UnsupportedArchitectureError",
     "attach",
+    "load",
     "load_capture",
     "logit_lens",
     "register_anatomy",

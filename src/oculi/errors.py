@@ -38,6 +38,10 @@ class CaptureFileError(OculiError, ValueError):
     """A capture file that is missing, corrupt, truncated, or of a format not loaded silently."""
 
 
+class ModelLoadError(OculiError, OSError):
+    """A model that could not be loaded: unreachable hub, missing folder or file, no tokenizer."""
+
+
 class MissingExtraError(OculiError, ImportError):
     """An optional dependency is not installed."""
 
