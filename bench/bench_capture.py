@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import header, measure  # noqa: E402
+from common import exec_with_mmap_allocations, header, measure  # noqa: E402
 
 import oculi  # noqa: E402
 from oculi import CaptureConfig, LogitConfig, MLPConfig, ResidualConfig  # noqa: E402
@@ -37,7 +37,15 @@ def token_batch(adapter, n_tokens: int, batch: int) -> torch.Tensor:
 
 
 def bench_input(adapter, ids: torch.Tensor, repeats: int) -> None:
+    """Captures against the model's own forward.
+
+    Two references: the full forward (what a user runs without oculi: decoder + lm_head over
+    the whole vocabulary) and the decoder body alone (``model.model``, no lm_head), which is
+    what a capture has to run. Captures that record patterns need the probabilities, so they
+    run eager attention in the layers asked for; they are compared with the eager body.
+    """
     model = adapter.model
+    body = model.get_decoder()
     b, t = ids.shape
     mask = torch.ones_like(ids)
     print(header(f"{b} x {t} tokens"))
@@ -46,26 +54,62 @@ def bench_input(adapter, ids: torch.Tensor, repeats: int) -> None:
         with torch.no_grad():
             return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
 
+    def hf_body():
+        with torch.no_grad():
+            return body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+
     base = measure("HF forward (sdpa, default)", hf_forward, repeats=repeats, device=adapter.device)
     print(base.row(base))
+    refs = {
+        "sdpa": measure(
+            "HF body, no lm_head (sdpa)", hf_body, repeats=repeats, device=adapter.device
+        )
+    }
     original = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
         eager = measure("HF forward (eager)", hf_forward, repeats=repeats, device=adapter.device)
+        refs["eager"] = measure(
+            "HF body, no lm_head (eager)", hf_body, repeats=repeats, device=adapter.device
+        )
     finally:
         model.set_attn_implementation(original)
     print(eager.row(base))
+    print(refs["sdpa"].row(base))
+    print(refs["eager"].row(base))
     rows = [
-        ("capture_full (attn+resid+mlp, lazy logits)", lambda: adapter.capture_full(ids, attention_mask=mask)),
-        ("capture_residual (4 points)", lambda: adapter.capture_residual(ids, ResidualConfig(), attention_mask=mask)),
-        ("capture (q/k/v + patterns)", lambda: adapter.capture(ids, CaptureConfig(), attention_mask=mask)),
-        ("capture (q/k/v, no patterns)", lambda: adapter.capture(ids, CaptureConfig(capture_patterns=False), attention_mask=mask)),
-        ("capture_mlp", lambda: adapter.capture_mlp(ids, MLPConfig(), attention_mask=mask)),
-        ("capture_residual(layers=[3])", lambda: adapter.capture_residual(ids, ResidualConfig(layers=[3]), attention_mask=mask)),
+        (
+            "capture_full (attn+resid+mlp, lazy logits)",
+            "eager",
+            lambda: adapter.capture_full(ids, attention_mask=mask),
+        ),
+        (
+            "capture_residual (4 points)",
+            "sdpa",
+            lambda: adapter.capture_residual(ids, ResidualConfig(), attention_mask=mask),
+        ),
+        (
+            "capture (q/k/v + patterns)",
+            "eager",
+            lambda: adapter.capture(ids, CaptureConfig(), attention_mask=mask),
+        ),
+        (
+            "capture (q/k/v, no patterns)",
+            "sdpa",
+            lambda: adapter.capture(
+                ids, CaptureConfig(capture_patterns=False), attention_mask=mask
+            ),
+        ),
+        ("capture_mlp", "sdpa", lambda: adapter.capture_mlp(ids, MLPConfig(), attention_mask=mask)),
+        (
+            "capture_residual(layers=[3])",
+            "sdpa",
+            lambda: adapter.capture_residual(ids, ResidualConfig(layers=[3]), attention_mask=mask),
+        ),
     ]
-    for name, fn in rows:
+    for name, ref, fn in rows:
         m = measure(name, fn, repeats=repeats, device=adapter.device)
-        print(m.row(base), f" vs eager {m.seconds / eager.seconds:.2f}x")
+        print(m.row(base), f" {m.seconds / refs[ref].seconds:.2f}x the {ref} body")
 
 
 def bench_lens(adapter, ids: torch.Tensor, repeats: int) -> None:
@@ -86,7 +130,9 @@ def bench_lens(adapter, ids: torch.Tensor, repeats: int) -> None:
         lens_input._topk = None  # recompute: time the lens, not the cache
         return lens_input.top_k_indices
 
-    topk = measure("lens top-10 (chunked, on a capture)", lens_topk, repeats=repeats, device=adapter.device)
+    topk = measure(
+        "lens top-10 (chunked, on a capture)", lens_topk, repeats=repeats, device=adapter.device
+    )
     print(topk.row(bare))
     full = measure(
         "capture_logits + top-10 (forward included)",
@@ -104,12 +150,18 @@ def main() -> None:
     parser.add_argument("--model", default="gemma-3-270m")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--only", choices=["capture", "lens"], default=None, help="run one part")
     args = parser.parse_args()
+    exec_with_mmap_allocations()
     adapter = oculi.load(args.model, device=args.device)
-    print(f"model: {adapter}\ndevice: {adapter.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    for t, b in ((15, 1), (128, 1), (128, 8)):
-        bench_input(adapter, token_batch(adapter, t, b), args.repeats)
-    bench_lens(adapter, token_batch(adapter, 128, 1), args.repeats)
+    print(
+        f"model: {adapter}\ndevice: {adapter.device}, torch {torch.__version__}, threads {torch.get_num_threads()}"
+    )
+    if args.only != "lens":
+        for t, b in ((15, 1), (128, 1), (128, 8)):
+            bench_input(adapter, token_batch(adapter, t, b), args.repeats)
+    if args.only != "capture":
+        bench_lens(adapter, token_batch(adapter, 128, 1), args.repeats)
 
 
 if __name__ == "__main__":

@@ -61,8 +61,12 @@ def naive_causal_tracing(adapter, ids, positions, target, samples, sigma, seed=0
     model, layers = adapter.model, adapter.layer_modules
     embed = adapter.model.get_input_embeddings()
     clean_out = {}
-    grab = [layer.register_forward_hook(lambda _m, _a, o, i=i: clean_out.__setitem__(i, o[0] if isinstance(o, tuple) else o))
-            for i, layer in enumerate(layers)]
+    grab = [
+        layer.register_forward_hook(
+            lambda _m, _a, o, i=i: clean_out.__setitem__(i, o[0] if isinstance(o, tuple) else o)
+        )
+        for i, layer in enumerate(layers)
+    ]
     try:
         with torch.no_grad():
             model(ids)
@@ -88,7 +92,10 @@ def naive_causal_tracing(adapter, ids, positions, target, samples, sigma, seed=0
                 h[:, pos] = clean_out[layer][0, pos]
                 return (h, *o[1:]) if isinstance(o, tuple) else h
 
-            handles = [embed.register_forward_hook(add_noise), layers[layer].register_forward_hook(restore)]
+            handles = [
+                embed.register_forward_hook(add_noise),
+                layers[layer].register_forward_hook(restore),
+            ]
             try:
                 with torch.no_grad():
                     probs = model(batch).logits[:, -1].softmax(-1)[:, target]
@@ -114,20 +121,40 @@ def main() -> None:
     metric = patching.logit_diff(" Mary", " John")
     t = clean_ids.shape[1]
     print(header(f"IOI resid_pre sweep, {adapter.n_layers} layers x {t} positions"))
-    naive = measure("naive batched sweep (full logits)",
-                    lambda: naive_resid_pre_sweep(adapter, clean_ids, corrupt_ids, correct, wrong),
-                    repeats=args.repeats, warmup=0)
+    naive = measure(
+        "naive batched sweep (full logits)",
+        lambda: naive_resid_pre_sweep(adapter, clean_ids, corrupt_ids, correct, wrong),
+        repeats=args.repeats,
+        warmup=0,
+    )
     print(naive.row(naive))
-    fast = measure("oculi activation_patching",
-                   lambda: patching.activation_patching(adapter, CLEAN, CORRUPT, site="resid_pre", metric=metric, progress=False),
-                   repeats=args.repeats, warmup=1)
+    fast = measure(
+        "oculi activation_patching",
+        lambda: patching.activation_patching(
+            adapter, CLEAN, CORRUPT, site="resid_pre", metric=metric, progress=False
+        ),
+        repeats=args.repeats,
+        warmup=1,
+    )
     print(fast.row(naive), f"  speed-up {naive.seconds / fast.seconds:.1f}x")
-    diff = (naive_resid_pre_sweep(adapter, clean_ids, corrupt_ids, correct, wrong)
-            - patching.activation_patching(adapter, CLEAN, CORRUPT, site="resid_pre", metric=metric, progress=False).values).abs().max()
+    diff = (
+        (
+            naive_resid_pre_sweep(adapter, clean_ids, corrupt_ids, correct, wrong)
+            - patching.activation_patching(
+                adapter, CLEAN, CORRUPT, site="resid_pre", metric=metric, progress=False
+            ).values
+        )
+        .abs()
+        .max()
+    )
     print(f"\nmax |naive - oculi| = {float(diff):.2e}")
-    atp = measure("oculi attribution_patching (approximate)",
-                  lambda: patching.attribution_patching(adapter, CLEAN, CORRUPT, site="resid_pre", metric=metric),
-                  repeats=args.repeats)
+    atp = measure(
+        "oculi attribution_patching (approximate)",
+        lambda: patching.attribution_patching(
+            adapter, CLEAN, CORRUPT, site="resid_pre", metric=metric
+        ),
+        repeats=args.repeats,
+    )
     print(atp.row(naive))
 
     ids = adapter.prepare(FACT).input_ids
@@ -138,14 +165,25 @@ def main() -> None:
     t0 = time.perf_counter()
     naive_ct = naive_causal_tracing(adapter, ids, positions, target, args.samples, sigma)
     naive_s = time.perf_counter() - t0
-    ours = measure("oculi causal_tracing",
-                   lambda: patching.causal_tracing(adapter, FACT, SUBJECT, TARGET, samples=args.samples, progress=False),
-                   repeats=1, warmup=0)
-    print(f"| {'naive loop (per layer x position)':<44} | {naive_s * 1e3:9.1f} |  1.00x |        - |")
+    ours = measure(
+        "oculi causal_tracing",
+        lambda: patching.causal_tracing(
+            adapter, FACT, SUBJECT, TARGET, samples=args.samples, progress=False
+        ),
+        repeats=1,
+        warmup=0,
+    )
+    print(
+        f"| {'naive loop (per layer x position)':<44} | {naive_s * 1e3:9.1f} |  1.00x |        - |"
+    )
     print(ours.row(type(ours)("", naive_s, 0.0)), f"  speed-up {naive_s / ours.seconds:.1f}x")
-    res = patching.causal_tracing(adapter, FACT, SUBJECT, TARGET, samples=args.samples, progress=False)
-    print(f"\nclean p={res.clean_prob:.3f}, corrupt p={res.corrupt_prob:.3f}; grid {tuple(res.values.shape)}; "
-          f"max |naive - oculi| = {float((naive_ct - res.values).abs().max()):.2e}")
+    res = patching.causal_tracing(
+        adapter, FACT, SUBJECT, TARGET, samples=args.samples, progress=False
+    )
+    print(
+        f"\nclean p={res.clean_prob:.3f}, corrupt p={res.corrupt_prob:.3f}; grid {tuple(res.values.shape)}; "
+        f"max |naive - oculi| = {float((naive_ct - res.values).abs().max()):.2e}"
+    )
 
 
 if __name__ == "__main__":

@@ -71,7 +71,9 @@ class CapturePlan:
         full = FullCapture(metadata=dict(meta))
         if self.attention is not None:
             cfg = self.attention
-            fields = _fields(recorded, self.layers["attention"], _ATTN_FIELDS, cfg, batch, self._qk(cfg))
+            fields = _fields(
+                recorded, self.layers["attention"], _ATTN_FIELDS, cfg, batch, self._qk(cfg)
+            )
             full.attention = AttentionCapture(
                 layers=self.layers["attention"],
                 n_heads=adapter.n_heads,
@@ -83,12 +85,16 @@ class CapturePlan:
             )
         if self.residual is not None:
             fields = _fields(recorded, self.layers["residual"], _RESID_FIELDS, self.residual, batch)
-            full.residual = ResidualCapture(layers=self.layers["residual"], metadata=dict(meta), **fields)
+            full.residual = ResidualCapture(
+                layers=self.layers["residual"], metadata=dict(meta), **fields
+            )
         if self.mlp is not None:
             fields = _fields(recorded, self.layers["mlp"], _MLP_FIELDS, self.mlp, batch)
             full.mlp = MLPCapture(layers=self.layers["mlp"], metadata=dict(meta), **fields)
         if self.logits is not None:
-            full.logits = _logit_capture(adapter, batch, recorded, self.layers["logits"], self.logits, meta)
+            full.logits = _logit_capture(
+                adapter, batch, recorded, self.layers["logits"], self.logits, meta
+            )
         return full
 
     @staticmethod
@@ -129,7 +135,9 @@ def build_full_capture(
     return plan
 
 
-def _take(recorded: Recorded, kind: str, layers: tuple[int, ...], batch: Batch) -> torch.Tensor | None:
+def _take(
+    recorded: Recorded, kind: str, layers: tuple[int, ...], batch: Batch
+) -> torch.Tensor | None:
     if kind not in recorded:
         return None
     have, tensor = recorded[kind]
@@ -141,7 +149,9 @@ def _take(recorded: Recorded, kind: str, layers: tuple[int, ...], batch: Batch) 
 def _fields(recorded, layers, table, cfg, batch, overrides=None) -> dict[str, torch.Tensor | None]:
     overrides = overrides or {}
     return {
-        name: _take(recorded, overrides.get(name, kind), layers, batch) if getattr(cfg, flag) else None
+        name: _take(recorded, overrides.get(name, kind), layers, batch)
+        if getattr(cfg, flag)
+        else None
         for name, (flag, kind) in table.items()
     }
 

@@ -20,7 +20,9 @@ def _check_layers(layers: Layers) -> tuple[int, ...] | None:
     if layers is None:
         return None
     if isinstance(layers, int):
-        raise ValueError(f"layers must be a list of ints or None, got the int {layers}; use [{layers}]")
+        raise ValueError(
+            f"layers must be a list of ints or None, got the int {layers}; use [{layers}]"
+        )
     out = tuple(layers)
     for layer in out:
         if not isinstance(layer, int) or isinstance(layer, bool):
@@ -138,8 +140,9 @@ class LogitConfig:
     Attributes:
         layers: layer indices, or ``None`` for all.
         top_k: how many top tokens ``top_k_indices``/``top_k_values``/``top_k_probs`` keep.
-        chunk_size: rows of the ``[rows, V]`` logit block computed at once; ``None`` picks a
-            size that keeps each block near 64 MB.
+        chunk_size: how many logits (floats) one block computes at once, the lens's memory
+            cap; ``None`` means 16M (64 MB). The top-k pass blocks the vocabulary, the
+            other passes block rows of ``[rows, V]``.
     """
 
     layers: Layers = None

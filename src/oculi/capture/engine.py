@@ -38,7 +38,9 @@ class Recorder:
         requests: Mapping[str, Sequence[int]],
         storage: Mapping[str, tuple[torch.dtype | None, str | torch.device | None]],
     ) -> None:
-        self.slots = {kind: {layer: i for i, layer in enumerate(ls)} for kind, ls in requests.items()}
+        self.slots = {
+            kind: {layer: i for i, layer in enumerate(ls)} for kind, ls in requests.items()
+        }
         self.buffers: dict[str, torch.Tensor] = {}
         self.storage = storage
 
@@ -205,9 +207,13 @@ def _register_mlp(adapter, hooks: HookSet, layer: int, kinds: set[str], rec: Rec
         hooks.forward(fused, fused_hook)
     else:
         if "mlp_gate" in kinds and anat.gate_proj is not None:
-            hooks.forward(adapter.part(layer, f"{mlp_path}.{anat.gate_proj}"), out_hook("mlp_gate", layer))
+            hooks.forward(
+                adapter.part(layer, f"{mlp_path}.{anat.gate_proj}"), out_hook("mlp_gate", layer)
+            )
         if "mlp_up" in kinds and anat.up_proj is not None:
-            hooks.forward(adapter.part(layer, f"{mlp_path}.{anat.up_proj}"), out_hook("mlp_up", layer))
+            hooks.forward(
+                adapter.part(layer, f"{mlp_path}.{anat.up_proj}"), out_hook("mlp_up", layer)
+            )
     if "mlp_post" in kinds:
         down = adapter.part(layer, f"{mlp_path}.{anat.down_proj}")
 
@@ -217,7 +223,9 @@ def _register_mlp(adapter, hooks: HookSet, layer: int, kinds: set[str], rec: Rec
         hooks.forward_pre_kwargs(down, down_hook)
 
 
-def expand_requests(adapter: Adapter, requests: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
+def expand_requests(
+    adapter: Adapter, requests: Mapping[str, Sequence[int]]
+) -> dict[str, tuple[int, ...]]:
     """Add the internal sites that derived kinds are computed from."""
     out = {k: tuple(v) for k, v in requests.items() if v}
     parallel = adapter.anatomy.is_parallel(adapter.model.config)

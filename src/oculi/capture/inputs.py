@@ -98,9 +98,15 @@ def prepare_batch(
         raise InputError(f"token ids must be [T] or [B, T], got shape {list(ids.shape)}")
     ids = ids.long()
     pad_id = getattr(tokenizer, "pad_token_id", None)
-    if not mask_given and ids.shape[0] > 1 and pad_id is not None and pad_id not in (
-        getattr(tokenizer, "bos_token_id", None),
-        getattr(tokenizer, "eos_token_id", None),
+    if (
+        not mask_given
+        and ids.shape[0] > 1
+        and pad_id is not None
+        and pad_id
+        not in (
+            getattr(tokenizer, "bos_token_id", None),
+            getattr(tokenizer, "eos_token_id", None),
+        )
     ):
         edges = torch.cat([ids[:, :1], ids[:, -1:]], dim=1)
         if bool((edges == pad_id).any()):

@@ -27,6 +27,49 @@ import torch
 from oculi.errors import InputError, LayerIndexError
 
 _CHUNK_BYTES = 64 * 2**20
+# exp() of float32 values below about -87 gives subnormals, which run an order of magnitude
+# slower on CPUs; terms that small add nothing a float32 sum can hold (V·e^-80 ≪ eps).
+_EXP_FLOOR = -80.0
+
+
+_MAX_ROWS = 8192
+
+
+_SUB = 64
+
+
+def _block_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(logits, k)`` over the last dim, reading most of the block only once.
+
+    Each row is cut into runs of ``_SUB`` logits; the top-k elements lie in the ``k`` runs with
+    the largest maxima (a run holding one of them has a maximum at least the k-th value, and
+    at most ``k`` runs can), so a cheap max pass and a top-k over ``k·_SUB`` candidates
+    replace a selection over the whole row. Ties may come out in another order.
+    """
+    n, width = logits.shape
+    runs = width // _SUB
+    if runs <= 4 * k:
+        return torch.topk(logits, min(k, width), dim=-1)
+    body = runs * _SUB
+    maxima = logits[:, :body].reshape(n, runs, _SUB).amax(-1)
+    top_runs = maxima.topk(k, dim=-1).indices
+    offsets = torch.arange(_SUB, device=logits.device)
+    cand = (top_runs[..., None] * _SUB + offsets).reshape(n, k * _SUB)
+    if body < width:
+        tail = torch.arange(body, width, device=logits.device).expand(n, -1)
+        cand = torch.cat([cand, tail], 1)
+    values, pick = logits.gather(1, cand).topk(k, dim=-1)
+    return values, cand.gather(1, pick)
+
+
+def _sum_exp_(logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``Σ exp(logits - shift)`` over the last dim, ``[N, 1]``, overwriting ``logits``.
+
+    ``shift [N, 1]`` is at least the row maximum. Clamping at ``_EXP_FLOOR`` keeps exp() off
+    subnormals (several times faster on real logits, where most of the vocabulary sits far
+    below the maximum) and changes the sum by less than float32 can represent.
+    """
+    return logits.sub_(shift).clamp_(min=_EXP_FLOOR).exp_().sum(-1, keepdim=True)
 
 
 @dataclass
@@ -106,10 +149,11 @@ class LogitCapture:
             )
         return self.unembed
 
+    def _elements(self) -> int:
+        return self.chunk_size or _CHUNK_BYTES // 4
+
     def _rows(self, normalized: torch.Tensor) -> int:
-        if self.chunk_size is not None:
-            return self.chunk_size
-        return max(1, _CHUNK_BYTES // (4 * self.d_vocab))
+        return max(1, self._elements() // self.d_vocab)
 
     def _project(self, h: torch.Tensor) -> torch.Tensor:
         """Logits in float32 for rows ``h [N, d]``, exactly as the model computes them."""
@@ -131,17 +175,52 @@ class LogitCapture:
         if self._topk is None:
             flat = self._flat()
             vals, idx, lse = [], [], []
-            step = self._rows(flat)
             with torch.no_grad():
-                for start in range(0, flat.shape[0], step):
-                    logits = self._project(flat[start : start + step])
-                    v, i = torch.topk(logits, self.top_k, dim=-1)
+                for start in range(0, flat.shape[0], _MAX_ROWS):
+                    v, i, z = self._topk_rows(flat[start : start + _MAX_ROWS])
                     vals.append(v)
                     idx.append(i)
-                    lse.append(torch.logsumexp(logits, dim=-1))
+                    lse.append(z)
             values, indices, logz = torch.cat(vals), torch.cat(idx), torch.cat(lse)
-            self._topk = (self._unflat(values), self._unflat(indices), self._unflat(logz[:, None])[..., 0])
+            self._topk = (
+                self._unflat(values),
+                self._unflat(indices),
+                self._unflat(logz[:, None])[..., 0],
+            )
         return self._topk
+
+    def _topk_rows(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k and logsumexp of ``h [N, d]``'s logits, a block of the vocabulary at a time.
+
+        Blocking the vocabulary rather than the rows keeps all rows against one slice of the
+        unembedding: the ``[V, d]`` matrix is read once instead of once per row chunk, which is
+        what makes the lens cost about one bare matmul. The top-k is merged block by block and
+        the logsumexp accumulated online (running maximum, rescaled sum).
+        """
+        w = self._w()
+        h = h.to(w.device, w.dtype)
+        n, k = h.shape[0], self.top_k
+        block = max(k, self._elements() // n) // _SUB * _SUB or _SUB
+        best_v = best_i = run_max = run_sum = None
+        for v0 in range(0, w.shape[0], block):
+            bias = self.unembed_bias[v0 : v0 + block] if self.unembed_bias is not None else None
+            logits = torch.nn.functional.linear(h, w[v0 : v0 + block], bias).float()
+            if self.softcap is not None:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            v, i = _block_topk(logits, k)
+            i += v0
+            block_max = v[:, :1]
+            if best_v is None:
+                best_v, best_i, run_max = v, i, block_max
+                run_sum = _sum_exp_(logits, block_max)
+                continue
+            both_v, both_i = torch.cat([best_v, v], 1), torch.cat([best_i, i], 1)
+            best_v, order = torch.topk(both_v, min(k, both_v.shape[1]), dim=-1)
+            best_i = both_i.gather(1, order)
+            new_max = torch.maximum(run_max, block_max)
+            run_sum = run_sum * torch.exp(run_max - new_max) + _sum_exp_(logits, new_max)
+            run_max = new_max
+        return best_v, best_i, (run_sum.log() + run_max)[:, 0]
 
     @property
     def top_k_values(self) -> torch.Tensor:
@@ -237,7 +316,9 @@ class LogitCapture:
                 out.append((logp.exp() * (logp - logq)).sum(-1))
         return self._unflat(torch.cat(out)[:, None])[..., 0]
 
-    def logits(self, layer: int | None = None, positions: Sequence[int] | slice | None = None) -> torch.Tensor:
+    def logits(
+        self, layer: int | None = None, positions: Sequence[int] | slice | None = None
+    ) -> torch.Tensor:
         """Full logits for a slice: one layer (model index) and some positions.
 
         Returns ``[T', V]`` for one layer, ``[L, T', V]`` for all (``B`` leading for batches).

@@ -180,7 +180,9 @@ class Adapter:
         """
         if isinstance(answer, int):
             if not 0 <= answer < self.vocab_limit:
-                raise InputError(f"token id {answer} is outside the vocabulary (0..{self.vocab_limit - 1})")
+                raise InputError(
+                    f"token id {answer} is outside the vocabulary (0..{self.vocab_limit - 1})"
+                )
             return answer
         if self.tokenizer is None:
             raise InputError("a string answer needs a tokenizer; pass a token id instead")
@@ -207,7 +209,9 @@ class Adapter:
         return rows[0] if batch.single else rows
 
     # -- running -------------------------------------------------------------------------
-    def forward(self, inputs: Inputs, *, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, inputs: Inputs, *, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The model's logits ``[T, V]`` (``[B, T, V]`` for batches), padding handled."""
         batch = self.prepare(inputs, attention_mask)
         with torch.no_grad():
@@ -241,7 +245,11 @@ class Adapter:
     ) -> AttentionCapture:
         """Attention internals (q/k/v, patterns, per-head outputs) in one forward pass."""
         return self.capture_full(
-            inputs, attention=config or CaptureConfig(), residual=None, mlp=None, logits=None,
+            inputs,
+            attention=config or CaptureConfig(),
+            residual=None,
+            mlp=None,
+            logits=None,
             attention_mask=attention_mask,
         ).attention  # type: ignore[return-value]
 
@@ -254,7 +262,11 @@ class Adapter:
     ) -> ResidualCapture:
         """The residual stream at the four points of each layer."""
         return self.capture_full(
-            inputs, attention=None, residual=config or ResidualConfig(), mlp=None, logits=None,
+            inputs,
+            attention=None,
+            residual=config or ResidualConfig(),
+            mlp=None,
+            logits=None,
             attention_mask=attention_mask,
         ).residual  # type: ignore[return-value]
 
@@ -267,7 +279,11 @@ class Adapter:
     ) -> MLPCapture:
         """MLP internals: gate, up, post-activation and output."""
         return self.capture_full(
-            inputs, attention=None, residual=None, mlp=config or MLPConfig(), logits=None,
+            inputs,
+            attention=None,
+            residual=None,
+            mlp=config or MLPConfig(),
+            logits=None,
             attention_mask=attention_mask,
         ).mlp  # type: ignore[return-value]
 
@@ -280,7 +296,11 @@ class Adapter:
     ) -> LogitCapture:
         """Lazy layer-wise logits (logit lens) from the normalised residual."""
         return self.capture_full(
-            inputs, attention=None, residual=None, mlp=None, logits=config or LogitConfig(),
+            inputs,
+            attention=None,
+            residual=None,
+            mlp=None,
+            logits=config or LogitConfig(),
             attention_mask=attention_mask,
         ).logits
 
