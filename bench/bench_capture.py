@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import exec_with_mmap_allocations, header, measure  # noqa: E402
-
 import oculi  # noqa: E402
+from common import exec_with_mmap_allocations, header, measure  # noqa: E402
 from oculi import CaptureConfig, LogitConfig, MLPConfig, ResidualConfig  # noqa: E402
 
 TEXT = (

@@ -20,9 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import header, measure  # noqa: E402
-
 import oculi  # noqa: E402
+from common import header, measure  # noqa: E402
 from oculi import patching  # noqa: E402
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"

@@ -52,9 +52,12 @@ class _RssSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def sample(self) -> None:
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
+            self.sample()
             time.sleep(0.001)
 
     def __enter__(self) -> _RssSampler:
@@ -101,6 +104,7 @@ def measure(
     else:
         with _RssSampler() as sampler:
             out = fn()
+            sampler.sample()  # the result itself, before it is freed
             del out
         peak = (sampler.peak - sampler.start) / 2**20
     return Measurement(name, statistics.median(times), peak)

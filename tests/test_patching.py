@@ -15,7 +15,9 @@ import oculi
 from models import prompt_ids, tiny_model, tiny_tokenizer
 from oculi import patching
 from oculi.errors import InputError, UnknownSiteError
+from oculi.patching import activation
 from oculi.patching.activation import PATCHABLE
+from oculi.patching.resume import ResumableRun
 
 TOL = 1e-5  # oculi vs its own identities (fp32)
 REF_TOL = 1e-4  # oculi vs an independent reference loop
@@ -85,20 +87,48 @@ def test_resid_pre_sweep_matches_plain_pytorch_loop(family):
     )
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("site", PATCHABLE)
-def test_patching_clean_into_clean_changes_nothing(family, site):
-    adapter, clean, _ = _pair(family)
+def _skip_missing(adapter, site):
     if site == "resid_mid" and adapter.anatomy.is_parallel(adapter.model.config):
         pytest.skip("parallel attention has no resid_mid state")
     if site == "mlp_gate" and not adapter.anatomy.gated:
         pytest.skip("plain MLP has no gate")
+
+
+@pytest.fixture
+def every_cell(monkeypatch):
+    """Run every cell through the writers: no cell is skipped as a no-op."""
+    monkeypatch.setattr(activation, "_no_op", lambda *a: False)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("site", PATCHABLE)
+def test_patching_clean_into_clean_changes_nothing(family, site, every_cell):
+    adapter, clean, _ = _pair(family)
+    _skip_missing(adapter, site)
     res = patching.activation_patching(
         adapter, clean, clean, site=site, metric=patching.logit_diff(CORRECT, WRONG), progress=False
     )
     torch.testing.assert_close(
         res.values, torch.full_like(res.values, res.clean_metric), atol=TOL, rtol=0
     )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("site", PATCHABLE)
+def test_shortcuts_do_not_change_numbers(family, site, monkeypatch):
+    """Skipped no-op cells and runs that start at the patched position give the numbers of
+    the plain sweep (every cell, every position recomputed)."""
+    adapter, clean, corrupt = _pair(family)
+    _skip_missing(adapter, site)
+    kwargs = dict(site=site, metric=patching.logit_diff(CORRECT, WRONG), progress=False)
+    assert ResumableRun(adapter, adapter.prepare(clean)).can_start_late()
+    fast = patching.activation_patching(adapter, clean, corrupt, **kwargs)
+    monkeypatch.setattr(activation, "_no_op", lambda *a: False)
+    monkeypatch.setattr(ResumableRun, "can_start_late", lambda self: False)
+    plain = patching.activation_patching(adapter, clean, corrupt, **kwargs)
+    torch.testing.assert_close(fast.values, plain.values, atol=TOL, rtol=0)
+    # the corrupted token is at position 4: something there must matter, or this tests nothing
+    assert (plain.values - plain.corrupt_metric).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("family", ["llama_gqa", "gemma3", "gpt2"])
@@ -479,3 +509,80 @@ def test_attribution_patching_tracks_the_exact_sweep():
         same.values, torch.full_like(same.values, same.clean_metric), atol=TOL, rtol=0
     )
     assert all(p.grad is None for p in adapter.model.parameters())
+
+
+def _reference_noise_tracing(adapter, ids, positions, target, samples, sigma, kind, window):
+    """Plain hooks, one full forward per (layer, position) of the noisy samples."""
+    model, layers = adapter.model, adapter.layer_modules
+    n, t = len(layers), ids.shape[1]
+    embed = model.get_input_embeddings()
+    if kind == "resid":
+        modules = layers
+    else:
+        modules = [adapter.part(i, adapter.anatomy.mlp) for i in range(n)]
+    clean_out = {}
+    grabs = [
+        m.register_forward_hook(
+            lambda _m, _a, o, i=i: clean_out.__setitem__(i, o[0] if isinstance(o, tuple) else o)
+        )
+        for i, m in enumerate(modules)
+    ]
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in grabs:
+            h.remove()
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(samples, len(positions), adapter.d_model, generator=gen) * sigma
+
+    def add_noise(_m, _a, out):
+        out = out.clone()
+        out[:, positions] += noise
+        return out
+
+    out = torch.zeros(n, t)
+    for layer in range(n):
+        lo, hi = (
+            (layer, layer + 1)
+            if kind == "resid"
+            else (max(0, layer - window // 2), min(n, layer - window // 2 + window))
+        )
+        for pos in range(t):
+
+            def restore(_m, _a, o, i=None, pos=pos):
+                h = (o[0] if isinstance(o, tuple) else o).clone()
+                h[:, pos] = clean_out[i][0, pos]
+                return (h, *o[1:]) if isinstance(o, tuple) else h
+
+            handles = [embed.register_forward_hook(add_noise)]
+            handles += [
+                modules[i].register_forward_hook(lambda m, a, o, i=i, f=restore: f(m, a, o, i=i))
+                for i in range(lo, hi)
+            ]
+            try:
+                with torch.no_grad():
+                    probs = model(ids.repeat(samples, 1)).logits[:, -1].softmax(-1)[:, target]
+            finally:
+                for h in handles:
+                    h.remove()
+            out[layer, pos] = probs.mean()
+    return out
+
+
+@pytest.mark.parametrize(
+    ("family", "kind"), [("llama_gqa", "resid"), ("gpt2", "mlp"), ("neox_parallel", "resid")]
+)
+def test_noise_causal_tracing_matches_plain_pytorch_loop(family, kind):
+    adapter = oculi.attach(tiny_model(family), tiny_tokenizer())
+    prompt, subject = "the eiffel tower is in the city of", "eiffel tower"
+    res = patching.causal_tracing(
+        adapter, prompt, subject, "paris", kind=kind, window=2, samples=3, progress=False
+    )
+    ids = adapter.prepare(prompt).input_ids
+    sigma = 3.0 * patching.tracing.embedding_std(adapter)
+    positions = patching.subject_positions(adapter, prompt, subject)
+    target = adapter.to_single_token("paris")
+    ref = _reference_noise_tracing(adapter, ids, positions, target, 3, sigma, kind, 2)
+    torch.testing.assert_close(res.values, ref, atol=REF_TOL, rtol=0)
+    assert (ref - res.corrupt_prob).abs().max() > 1e-4  # restoring matters somewhere

@@ -36,7 +36,7 @@ from oculi.capture.sites import check_kind
 from oculi.errors import InputError
 from oculi.patching.metrics import Metric
 from oculi.patching.resume import ResumableRun, unembed
-from oculi.patching.writers import PatchSpec, patchers_for
+from oculi.patching.writers import PatchSpec, offset_index, patchers_for
 
 if TYPE_CHECKING:
     from oculi.models.adapter import Adapter
@@ -174,7 +174,7 @@ def activation_patching(
         metric = _with_reference(metric, unembed(adapter, normed, None)[0])
     clean_value = metric_of(adapter, clean_run, metric)
     corrupt_value = metric_of(adapter, corrupt_run, metric)
-    clean_acts = _clean_activations(adapter, cb, clean_run, site, layer_list)
+    clean_acts = _site_activations(adapter, cb, clean_run, site, layer_list)
 
     if per_head:
         n_heads = adapter.n_kv_heads if kind.kv else adapter.n_heads
@@ -190,14 +190,26 @@ def activation_patching(
         axis = None
 
     read_pos = corrupt_run.position(metric.position)
-    out = torch.empty(len(layer_list), len(items))
-    jobs = [
-        (li, layer, chunk)
-        for li, layer in enumerate(layer_list)
-        for chunk in _chunks(list(enumerate(items)), batch_size or len(items))
-    ]
+    corrupt_acts = _site_activations(adapter, kb, corrupt_run, site, layer_list)
+    late = axis == "position" and corrupt_run.can_start_late()
+    # A patch that writes what the corrupt run already has, or writes after the position the
+    # metric reads, cannot change the metric: those cells are the corrupt metric, exactly.
+    out = torch.full((len(layer_list), len(items)), corrupt_value)
+    jobs = []
+    for li, layer in enumerate(layer_list):
+        live = [
+            (col, item)
+            for col, item in enumerate(items)
+            if not _no_op(kind, clean_acts[layer], corrupt_acts[layer], axis, item, read_pos)
+        ]
+        if late:
+            jobs += [
+                (li, layer, start, chunk) for start, chunk in _position_groups(live, t, batch_size)
+            ]
+        else:
+            jobs += [(li, layer, 0, chunk) for chunk in _chunks(live, batch_size or len(live) or 1)]
     bar = _progress(len(jobs), progress, f"patching {site}")
-    for li, layer, chunk in jobs:
+    for li, layer, start, chunk in jobs:
         specs = [
             PatchSpec(
                 row=r,
@@ -206,7 +218,9 @@ def activation_patching(
             )
             for r, (_, item) in enumerate(chunk)
         ]
-        normed = _run_patched(adapter, corrupt_run, site, layer, clean_acts[layer], specs, read_pos)
+        normed = _run_patched(
+            adapter, corrupt_run, site, layer, clean_acts[layer], specs, read_pos, start
+        )
         values = metric(unembed(adapter, normed, metric.columns()))
         for (col, _), v in zip(chunk, values.tolist()):
             out[li, col] = v
@@ -235,7 +249,41 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _clean_activations(
+def _no_op(kind, clean: torch.Tensor, corrupt: torch.Tensor, axis, item, read_pos: int) -> bool:
+    """Whether patching ``item`` writes exactly what the corrupt run has, or comes too late."""
+    if axis == "position":
+        if item > read_pos:
+            return True
+        dim = 1 if kind.per_head else 0
+        return torch.equal(clean.select(dim, item), corrupt.select(dim, item))
+    if axis == "head":
+        return torch.equal(clean[item], corrupt[item])
+    return torch.equal(clean, corrupt)
+
+
+def _position_groups(
+    live: list[tuple[int, int]], t: int, batch_size: int | None
+) -> list[tuple[int, list[tuple[int, int]]]]:
+    """Batches of position patches, each run from its earliest position on.
+
+    Copies patched at position ``p`` equal the corrupt run before ``p``, so a batch whose
+    earliest patch is at ``s`` runs positions ``s..T-1`` only. A new batch starts when the
+    next position would run on less than half of the current batch's length (so few tokens
+    are computed that the patch could not change), or when the batch is full.
+    """
+    groups: list[tuple[int, list[tuple[int, int]]]] = []
+    for col, p in sorted(live, key=lambda cp: cp[1]):
+        if groups:
+            start, chunk = groups[-1]
+            full = batch_size is not None and len(chunk) >= batch_size
+            if not full and 2 * (t - p) >= t - start:
+                chunk.append((col, p))
+                continue
+        groups.append((p, [(col, p)]))
+    return groups
+
+
+def _site_activations(
     adapter: Adapter, batch: Batch, run: ResumableRun, site: str, layers
 ) -> dict[int, torch.Tensor]:
     """The clean run's activation of ``site`` at each layer, without the batch dim."""
@@ -256,24 +304,24 @@ def _run_patched(
     clean: torch.Tensor,
     specs: list[PatchSpec],
     read_pos: int,
+    start: int = 0,
 ) -> torch.Tensor:
-    """Final-normed residual at ``read_pos`` of ``len(specs)`` patched copies, ``[P, d]``."""
+    """Final-normed residual at ``read_pos`` of ``len(specs)`` patched copies, ``[P, d]``.
+
+    With ``start``, every spec patches a position ``>= start`` and the copies run positions
+    ``start..T-1`` only, on the recorded run's keys and values before ``start``.
+    """
     n = len(specs)
-    start = run.resid[layer].unsqueeze(0).expand(n, -1, -1)
-    if site == "resid_pre":
-        hidden = start.clone()
+    if site == "resid_pre" or (site == "resid_post" and layer + 1 < adapter.n_layers):
+        first = layer if site == "resid_pre" else layer + 1
+        hidden = run.resid[first, start:].unsqueeze(0).expand(n, -1, -1).clone()
         for s in specs:
-            sel = slice(None) if s.position is None else s.position
-            hidden[s.row, sel] = clean[sel]
-        return run.run_from(layer, hidden, positions=[read_pos])[:, 0]
-    if site == "resid_post" and layer + 1 < adapter.n_layers:
-        hidden = run.resid[layer + 1].unsqueeze(0).expand(n, -1, -1).clone()
-        for s in specs:
-            sel = slice(None) if s.position is None else s.position
-            hidden[s.row, sel] = clean[sel]
-        return run.run_from(layer + 1, hidden, positions=[read_pos])[:, 0]
-    patchers = patchers_for(adapter, site, layer, clean, specs, run.resid[layer])
-    return run.run_from(layer, start, patchers=patchers, positions=[read_pos])[:, 0]
+            at, src = offset_index(s.position, start)
+            hidden[s.row, at] = clean[src]
+        return run.run_from(first, hidden, positions=[read_pos], start=start)[:, 0]
+    patchers = patchers_for(adapter, site, layer, clean, specs, run.resid[layer], start)
+    begin = run.resid[layer, start:].unsqueeze(0).expand(n, -1, -1)
+    return run.run_from(layer, begin, patchers=patchers, positions=[read_pos], start=start)[:, 0]
 
 
 class _NoBar:

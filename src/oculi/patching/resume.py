@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from oculi.capture.bridge import attention_bridge
+from oculi.capture.bridge import LayerTaps, attention_bridge
 from oculi.capture.hooks import HookSet, StopForward, first_tensor, hidden_arg
 from oculi.capture.inputs import Batch
 from oculi.models.anatomy import get_path
@@ -29,6 +29,38 @@ if TYPE_CHECKING:
 
 # layer -> callable(hooks: HookSet, stack: ExitStack) that registers patches inside that layer
 LayerPatchers = dict[int, Callable[[HookSet, ExitStack], None]]
+
+
+def _suffix(value: Any, start: int, t: int) -> Any:
+    """A layer call's argument cut to query positions ``start..t-1``.
+
+    Masks ``[B, 1, T, S]`` lose their first ``start`` query rows (all ``S`` keys stay: the
+    prefix's keys come from the recorded run), per-position tensors (``position_ids [B, T]``,
+    rotary ``(cos, sin) [B, T, D]``, ``cache_position [T]``) their first ``start`` positions.
+    Raises ``_NoSuffix`` for a tensor whose layout is not one of these.
+    """
+    if isinstance(value, torch.Tensor):
+        shape = tuple(value.shape)
+        if value.dim() == 4 and shape[-2:] == (t, t):
+            return value[..., start:, :]
+        if value.dim() in (2, 3) and shape[1] == t:
+            return value[:, start:]
+        if value.dim() == 1 and shape[0] == t:
+            return value[start:]
+        if t in shape:
+            raise _NoSuffix(f"a layer argument of shape {shape}")
+        return value
+    if isinstance(value, tuple):
+        return tuple(_suffix(v, start, t) for v in value)
+    if isinstance(value, list):
+        return [_suffix(v, start, t) for v in value]
+    if isinstance(value, dict):
+        return {k: _suffix(v, start, t) for k, v in value.items()}
+    return value
+
+
+class _NoSuffix(Exception):
+    pass
 
 
 def _expand(value: Any, n: int) -> Any:
@@ -68,6 +100,17 @@ class ResumableRun:
         n = adapter.n_layers
         self.calls: list[tuple[tuple, dict]] = [((), {})] * n
         resid: list[torch.Tensor | None] = [None] * (n + 1)
+        # each layer's post-RoPE keys and values, as its attention function received them
+        self.keys: list[torch.Tensor | None] = [None] * n
+        self.values: list[torch.Tensor | None] = [None] * n
+
+        def keep(store: list, i: int):
+            def tap(x: torch.Tensor) -> None:
+                store[i] = x.detach()
+
+            return tap
+
+        taps = {i: LayerTaps(k=[keep(self.keys, i)], v=[keep(self.values, i)]) for i in range(n)}
 
         def pre(i: int):
             def hook(_m, args, kwargs):
@@ -92,7 +135,7 @@ class ResumableRun:
             # Under the bridge the model builds explicit (eager) masks, which every attention
             # implementation accepts when the layers are re-run, patched or not.
             try:
-                with attention_bridge(adapter.attention_configs, adapter.attention_layer_ids, {}):
+                with attention_bridge(adapter.attention_configs, adapter.attention_layer_ids, taps):
                     adapter.decoder(**batch.model_kwargs(), use_cache=False)
             except StopForward:
                 pass
@@ -113,15 +156,21 @@ class ResumableRun:
         patchers: LayerPatchers | None = None,
         positions: Sequence[int] | None = None,
         stop_after: int | None = None,
+        start: int = 0,
     ) -> torch.Tensor:
         """Run layers ``layer..L-1`` on ``hidden [P, T, d]``; return the final-normed residual.
 
         Args:
             layer: the first layer to run; ``hidden`` is its input.
-            hidden: ``[P, T, d]`` (P patched copies of the prompt).
-            patchers: per layer, a function registering hooks for patches inside it.
-            positions: positions to return (default: all).
+            hidden: ``[P, T, d]`` (P patched copies of the prompt), or ``[P, T - start, d]``
+                with ``start``.
+            patchers: per layer, a function registering hooks for patches inside it (with
+                ``start``, they see tensors of the last ``T - start`` positions).
+            positions: positions to return, absolute (default: all run).
             stop_after: run only up to and including this layer and return its raw output.
+            start: run only positions ``start..T-1``: the copies must equal the recorded run
+                before ``start`` (a patch at position ``p`` cannot change earlier positions),
+                whose keys and values are then taken from the recording instead of recomputed.
 
         Returns:
             ``[P, len(positions), d]`` after the final norm (or the raw residual with
@@ -129,12 +178,59 @@ class ResumableRun:
         """
         adapter = self.adapter
         patchers = patchers or {}
-        n = hidden.shape[0]
         end = adapter.n_layers if stop_after is None else stop_after + 1
         h = hidden
+        calls = self.calls
+        t = self.resid.shape[1]
+        with ExitStack() as prefix:
+            if start:
+                calls = [_suffix(c, start, t) for c in self.calls]
+                prefix.enter_context(
+                    attention_bridge(
+                        adapter.attention_configs,
+                        adapter.attention_layer_ids,
+                        {i: self._prefix_taps(i, start) for i in range(layer, end)},
+                    )
+                )
+            h = self._run_layers(layer, end, h, calls, patchers)
+        if stop_after is not None:
+            return h
+        if positions is not None:
+            h = h[:, [p - start for p in positions]]
+        with torch.no_grad():
+            norm = get_path(adapter.model, adapter.anatomy.final_norm)
+            return norm(h)
+
+    def can_start_late(self) -> bool:
+        """Whether :meth:`run_from` can skip positions (every layer argument has a known layout)."""
+        t = self.resid.shape[1]
+        try:
+            for c in self.calls:
+                _suffix(c, 1, t)
+        except _NoSuffix:
+            return False
+        return all(k is not None for k in self.keys) and all(v is not None for v in self.values)
+
+    def _prefix_taps(self, layer: int, start: int) -> LayerTaps:
+        keys, values = self.keys[layer], self.values[layer]
+        assert keys is not None and values is not None
+
+        def prepend(cached: torch.Tensor):
+            head = cached[:, :, :start]
+
+            def tap(x: torch.Tensor) -> torch.Tensor:
+                return torch.cat([head.expand(x.shape[0], -1, -1, -1).to(x.dtype), x], dim=2)
+
+            return tap
+
+        return LayerTaps(k=[prepend(keys)], v=[prepend(values)])
+
+    def _run_layers(self, layer: int, end: int, h: torch.Tensor, calls, patchers) -> torch.Tensor:
+        adapter = self.adapter
+        n = h.shape[0]
         with torch.no_grad():
             for i in range(layer, end):
-                args, kwargs = self.calls[i]
+                args, kwargs = calls[i]
                 call_args, call_kwargs = _expand(args, n), _expand(kwargs, n)
                 module = adapter.layer_modules[i]
                 if i in patchers:
@@ -143,12 +239,7 @@ class ResumableRun:
                         h = first_tensor(module(h, *call_args, **call_kwargs))
                 else:
                     h = first_tensor(module(h, *call_args, **call_kwargs))
-            if stop_after is not None:
-                return h
-            if positions is not None:
-                h = h[:, list(positions)]
-            norm = get_path(adapter.model, adapter.anatomy.final_norm)
-            return norm(h)
+        return h
 
 
 def unembed(adapter: Adapter, normed: torch.Tensor, columns: Sequence[int] | None) -> torch.Tensor:

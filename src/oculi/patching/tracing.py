@@ -28,7 +28,13 @@ import torch
 from oculi.capture.engine import record
 from oculi.errors import InputError
 from oculi.models.anatomy import get_path
-from oculi.patching.activation import _progress, _single, check_aligned
+from oculi.patching.activation import (
+    _position_groups,
+    _progress,
+    _run_patched,
+    _single,
+    check_aligned,
+)
 from oculi.patching.metrics import probability
 from oculi.patching.resume import ResumableRun, unembed
 from oculi.patching.writers import PatchSpec, patchers_for
@@ -174,27 +180,54 @@ def causal_tracing(
     total = torch.zeros(n, t)
     bar = _progress(n * len(runs), progress, f"causal tracing ({kind})")
     for run in runs:
+        # Before the first corrupted position the corrupted run *is* the clean run (causal
+        # attention), so restoring there changes nothing; and a copy restored at p equals the
+        # corrupted run before p, so it is run from p on (see ResumableRun.run_from's start).
+        differs = (run.resid[0] != clean_run.resid[0]).any(-1).nonzero()
+        first = int(differs[0]) if len(differs) else t
+        live = [(p, p) for p in range(first, read + 1)]
+        groups = (
+            _position_groups(live, t, None) if run.can_start_late() else [(0, live)] if live else []
+        )
+        base = float(prob(run.run_from(n, run.resid[-1:], positions=[read])[:, 0])[0])
         for layer in range(n):
-            if kind == "resid":
-                hidden = run.resid[layer + 1].unsqueeze(0).expand(t, -1, -1).clone()
-                idx = torch.arange(t)
-                hidden[idx, idx] = clean_run.resid[layer + 1][idx]
-                normed = run.run_from(layer + 1, hidden, positions=[read])[:, 0]
-            else:
-                # ROME's window: layers [l - w//2, l - w//2 + w), clipped to the model
-                lo = max(0, layer - window // 2)
-                hi = min(n, layer - window // 2 + window)
-                specs = [PatchSpec(row=p, position=p) for p in range(t)]
-                patchers = {}
-                for w_layer in range(lo, hi):
-                    patchers.update(
-                        patchers_for(
-                            adapter, site, w_layer, clean_acts[w_layer], specs, run.resid[w_layer]
-                        )
+            row = torch.full((t,), base)
+            for start, chunk in groups:
+                specs = [PatchSpec(row=r, position=p) for r, (_, p) in enumerate(chunk)]
+                if kind == "resid":
+                    normed = _run_patched(
+                        adapter,
+                        run,
+                        "resid_post",
+                        layer,
+                        clean_run.resid[layer + 1],
+                        specs,
+                        read,
+                        start,
                     )
-                start = run.resid[lo].unsqueeze(0).expand(t, -1, -1)
-                normed = run.run_from(lo, start, patchers=patchers, positions=[read])[:, 0]
-            total[layer] += prob(normed).cpu()
+                else:
+                    # ROME's window: layers [l - w//2, l - w//2 + w), clipped to the model
+                    lo = max(0, layer - window // 2)
+                    hi = min(n, layer - window // 2 + window)
+                    patchers = {}
+                    for w_layer in range(lo, hi):
+                        patchers.update(
+                            patchers_for(
+                                adapter,
+                                site,
+                                w_layer,
+                                clean_acts[w_layer],
+                                specs,
+                                run.resid[w_layer],
+                                start,
+                            )
+                        )
+                    begin = run.resid[lo, start:].unsqueeze(0).expand(len(specs), -1, -1)
+                    normed = run.run_from(
+                        lo, begin, patchers=patchers, positions=[read], start=start
+                    )[:, 0]
+                row[[p for _, p in chunk]] = prob(normed).cpu()
+            total[layer] += row
             bar.update(1)
     bar.close()
     tokens = adapter.to_str_tokens(clean.input_ids) if adapter.tokenizer is not None else []

@@ -35,30 +35,45 @@ def _sel(v: int | None) -> Any:
     return slice(None) if v is None else v
 
 
-def _write_tokens(x: torch.Tensor, clean: torch.Tensor, specs: list[PatchSpec]) -> torch.Tensor:
-    """``x [B, T, ·]`` with rows' positions replaced from ``clean [T, ·]``."""
+def offset_index(position: int | None, offset: int) -> tuple[Any, Any]:
+    """Index of ``position`` in a tensor of the last ``T - offset`` positions, and in ``clean``."""
+    if position is None:
+        return slice(None), slice(offset, None)
+    return position - offset, position
+
+
+def _write_tokens(
+    x: torch.Tensor, clean: torch.Tensor, specs: list[PatchSpec], offset: int = 0
+) -> torch.Tensor:
+    """``x [B, T', ·]`` with rows' positions replaced from ``clean [T, ·]``."""
     x = x.clone()
     for s in specs:
-        pos = _sel(s.position)
-        x[s.row, pos] = clean[pos].to(x.dtype)
+        at, src = offset_index(s.position, offset)
+        x[s.row, at] = clean[src].to(x.dtype)
     return x
 
 
-def _write_heads(x: torch.Tensor, clean: torch.Tensor, specs: list[PatchSpec]) -> torch.Tensor:
-    """``x [B, H, T, ·]`` with rows' (head, position) replaced from ``clean [H, T, ·]``."""
+def _write_heads(
+    x: torch.Tensor, clean: torch.Tensor, specs: list[PatchSpec], offset: int = 0
+) -> torch.Tensor:
+    """``x [B, H, T', ·]`` with rows' (head, position) replaced from ``clean [H, T, ·]``."""
     x = x.clone()
     for s in specs:
-        h, pos = _sel(s.head), _sel(s.position)
-        x[s.row, h, pos] = clean[h, pos].to(x.dtype)
+        h = _sel(s.head)
+        at, src = offset_index(s.position, offset)
+        x[s.row, h, at] = clean[h, src].to(x.dtype)
     return x
 
 
-def _write_z(x: torch.Tensor, clean: torch.Tensor, specs: list[PatchSpec]) -> torch.Tensor:
-    """``z [B, T, H, D]`` from ``clean [H, T, D]``."""
+def _write_z(
+    x: torch.Tensor, clean: torch.Tensor, specs: list[PatchSpec], offset: int = 0
+) -> torch.Tensor:
+    """``z [B, T', H, D]`` from ``clean [H, T, D]``."""
     x = x.clone()
     for s in specs:
-        h, pos = _sel(s.head), _sel(s.position)
-        x[s.row, pos, h] = clean.transpose(0, 1)[pos, h].to(x.dtype)
+        h = _sel(s.head)
+        at, src = offset_index(s.position, offset)
+        x[s.row, at, h] = clean.transpose(0, 1)[src, h].to(x.dtype)
     return x
 
 
@@ -79,6 +94,7 @@ def patchers_for(
     clean: torch.Tensor,
     specs: list[PatchSpec],
     resid_in: torch.Tensor,
+    offset: int = 0,
 ) -> dict[int, Callable[[HookSet, ExitStack], None]]:
     """Hooks writing ``clean`` into ``site`` of ``layer`` for each spec's row.
 
@@ -87,6 +103,9 @@ def patchers_for(
         resid_in: the layer's input residual ``[T, d]`` of the run being patched (for
             ``resid_mid``, patched through the attention output so that both the MLP input
             and the residual carried past the MLP change).
+        offset: the forward runs positions ``offset..T-1`` only (see
+            :meth:`~oculi.patching.resume.ResumableRun.run_from`'s ``start``); keys and
+            values still span all ``T`` positions there, the recorded prefix first.
     """
     anat = adapter.anatomy
 
@@ -99,7 +118,7 @@ def patchers_for(
 
         return hook
 
-    tokens = lambda x: _write_tokens(x, clean, specs)  # noqa: E731
+    tokens = lambda x: _write_tokens(x, clean, specs, offset)  # noqa: E731
 
     def register(hooks: HookSet, stack: ExitStack) -> None:
         part = lambda path: adapter.part(layer, path)  # noqa: E731
@@ -111,7 +130,7 @@ def patchers_for(
         elif site in ("attn_out", "resid_mid"):
             target = clean if site == "attn_out" else clean - resid_in.to(clean.dtype)
             src = part(anat.attn_out_norm) if anat.attn_out_norm else part(anat.attn)
-            hooks.forward(src, out_writer(lambda x: _write_tokens(x, target, specs)))
+            hooks.forward(src, out_writer(lambda x: _write_tokens(x, target, specs, offset)))
         elif site == "mlp_in":
             hooks.forward_pre_kwargs(part(anat.mlp), in_writer(tokens))
         elif site == "mlp_out":
@@ -120,15 +139,17 @@ def patchers_for(
         elif site == "mlp_post":
             hooks.forward_pre_kwargs(part(f"{anat.mlp}.{anat.down_proj}"), in_writer(tokens))
         elif site in ("mlp_gate", "mlp_up"):
-            _mlp_proj_writer(adapter, layer, site, hooks, clean, specs)
+            _mlp_proj_writer(adapter, layer, site, hooks, tokens)
         elif site == "resid_post":
             hooks.forward(adapter.layer_modules[layer], out_writer(tokens))
         elif site in ("q", "k", "v", "pattern", "z"):
             taps = LayerTaps()
             if site == "z":
-                taps.z.append(lambda x: _write_z(x, clean, specs))
+                taps.z.append(lambda x: _write_z(x, clean, specs, offset))
             else:
-                getattr(taps, site).append(lambda x: _write_heads(x, clean, specs))
+                # keys and values arrive with the recorded prefix already prepended
+                at = 0 if site in ("k", "v") else offset
+                getattr(taps, site).append(lambda x: _write_heads(x, clean, specs, at))
                 taps.pattern_edits = site == "pattern"
             stack.enter_context(
                 attention_bridge(
@@ -141,7 +162,7 @@ def patchers_for(
     return {layer: register}
 
 
-def _mlp_proj_writer(adapter, layer, site, hooks: HookSet, clean, specs) -> None:
+def _mlp_proj_writer(adapter, layer, site, hooks: HookSet, tokens) -> None:
     anat = adapter.anatomy
     if anat.gate_up_proj is not None:
         fused = adapter.part(layer, f"{anat.mlp}.{anat.gate_up_proj}")
@@ -150,7 +171,7 @@ def _mlp_proj_writer(adapter, layer, site, hooks: HookSet, clean, specs) -> None
         def hook(_m, _a, out):
             x = first_tensor(out)
             parts = list(x.chunk(2, dim=-1))
-            parts[half] = _write_tokens(parts[half], clean, specs)
+            parts[half] = tokens(parts[half])
             return replace_first(out, torch.cat(parts, dim=-1))
 
         hooks.forward(fused, hook)
@@ -159,6 +180,4 @@ def _mlp_proj_writer(adapter, layer, site, hooks: HookSet, clean, specs) -> None
     if name is None:
         raise ValueError(f"this model's MLP has no {site} (a plain MLP has no gate)")
     proj = adapter.part(layer, f"{anat.mlp}.{name}")
-    hooks.forward(
-        proj, lambda _m, _a, out: replace_first(out, _write_tokens(first_tensor(out), clean, specs))
-    )
+    hooks.forward(proj, lambda _m, _a, out: replace_first(out, tokens(first_tensor(out))))
