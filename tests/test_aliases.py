@@ -59,11 +59,8 @@ EXPECTED = {
     "hook_mlp_out": ("post", lambda f: f.residual.mlp_out),
     "hook_resid_post": ("post", lambda f: f.residual.post_mlp),
 }
-# TransformerLens's hook_mlp_in is resid_mid copied before ln2 (the un-normalised MLP input);
-# sites.TL_ALIASES maps it to oculi's mlp_in, the normalised input (ln2.hook_normalized).
-MLP_IN_MISMATCH = pytest.mark.xfail(
-    strict=True, reason="TL_ALIASES maps hook_mlp_in to the normalised MLP input, not resid_mid"
-)
+# TransformerLens's hook_mlp_in is resid_mid copied before ln2 (the un-normalised MLP input),
+# resid_pre in parallel-attention blocks; tested below.
 NOT_STORED = {"ln1.hook_normalized"}
 
 
@@ -81,9 +78,21 @@ def test_each_alias_reads_its_tensor(request, hook, layer):
     assert got.data_ptr() == tensor(full)[layer].data_ptr()  # a view, not a copy
 
 
-@MLP_IN_MISMATCH
 def test_hook_mlp_in_is_the_residual_entering_the_mlp(post):
     assert torch.equal(post["blocks.1.hook_mlp_in"], post.residual.post_attn[1])
+    assert not torch.equal(post["blocks.1.hook_mlp_in"], post.residual.pre_mlp[1])
+
+
+def test_hook_mlp_in_of_parallel_blocks_is_the_block_input():
+    """GPT-NeoX with a parallel residual: the MLP reads the block input (TL: resid_pre)."""
+    full = oculi.attach(tiny_model("neox_parallel")).capture_full(prompt_ids())
+    assert torch.equal(full["blocks.1.hook_mlp_in"], full.residual.pre_attn[1])
+    sequential = oculi.attach(tiny_model("neox_sequential")).capture_full(prompt_ids())
+    assert torch.equal(sequential["blocks.1.hook_mlp_in"], sequential.residual.post_attn[1])
+    # a capture that does not record which kind of block its GPT-NeoX model has
+    del full.metadata["parallel"]
+    with pytest.raises(UnknownSiteError, match=r"does not record which its model has"):
+        full["blocks.1.hook_mlp_in"]
 
 
 def test_attention_input_is_not_stored(post):

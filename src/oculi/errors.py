@@ -46,11 +46,20 @@ class MissingExtraError(OculiError, ImportError):
     """An optional dependency is not installed."""
 
 
-def did_you_mean(name: str, valid: Iterable[str], n: int = 3) -> str:
-    """``"; did you mean 'x'?"`` for the closest valid names, or ``""`` if none is close."""
+def did_you_mean(name: str, valid: Iterable[str], n: int = 3, *, prefix: str = "") -> str:
+    """``"; did you mean 'x'?"`` for the closest valid names, or ``""`` if none is close.
+
+    ``prefix`` is prepended to each suggestion: compare only the part of a name that can be
+    misspelt (a hook ``"hook_resid_mid2"``) and suggest it in full (``prefix="blocks.3."``),
+    so that a shared ``"blocks.3."`` does not make unrelated hooks look close. Names clearly
+    less close than the best one are left out (``resid_mid2``: ``resid_mid``, not also
+    ``resid_pre``).
+    """
     matches = difflib.get_close_matches(name, list(valid), n=n, cutoff=0.6)
     if not matches:
         return ""
+    score = [difflib.SequenceMatcher(None, name, m).ratio() for m in matches]
+    matches = [prefix + m for m, r in zip(matches, score) if r >= max(score) - 0.1]
     if len(matches) == 1:
         return f"; did you mean {matches[0]!r}?"
     return "; did you mean " + " or ".join(repr(m) for m in matches) + "?"

@@ -163,6 +163,8 @@ def _metadata(adapter: Adapter, batch: Batch) -> dict[str, Any]:
         "n_layers_model": adapter.n_layers,
         "gated": adapter.anatomy.gated,
         "rotary": adapter.anatomy.rotary,
+        # attention and MLP read the same block input (TransformerLens's hook_mlp_in)
+        "parallel": adapter.anatomy.is_parallel(adapter.model.config),
         # MLPCapture.output is then not what joins the residual (ResidualCapture.mlp_out is)
         "mlp_out_norm": adapter.anatomy.mlp_out_norm is not None,
         "single": batch.single,

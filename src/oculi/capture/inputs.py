@@ -154,14 +154,29 @@ def prepare_batch(
 
 
 def _tokenize(prompts: str | Sequence[str], tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask ``[B, T]`` of one string or a list of them.
+
+    One string is tokenised as it is: no padding, so no pad token is needed. Several are
+    padded on the tokenizer's ``padding_side``. Decoder tokenizers often have no pad token;
+    oculi then pads with the EOS token (or id 0 where there is none either): padding is
+    masked out and gets position 0, so its id never reaches a real token.
+
+    Raises:
+        InputError: no tokenizer; a prompt that is empty, or only special tokens (a BOS),
+            after tokenization.
+    """
     if tokenizer is None:
         raise InputError("strings need a tokenizer; attach one (oculi.attach(model, tokenizer))")
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
     for i, text in enumerate(texts):
         if not text:
             raise InputError(f"prompt {i} is empty after tokenization")
-    if len(texts) > 1 and tokenizer.pad_token_id is None:
-        # Decoder tokenizers often lack a pad token; any id works since the mask hides it.
+    if len(texts) == 1:
+        enc = tokenizer(texts, return_tensors="pt")
+        ids, mask = enc["input_ids"], enc.get("attention_mask")
+        mask = mask if mask is not None else torch.ones_like(ids)
+    elif tokenizer.pad_token_id is None:
+        # Any id works as padding since the mask hides it: EOS, as generate() uses.
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         encoded = [tokenizer(t)["input_ids"] for t in texts]
         width = max(len(e) for e in encoded)
@@ -170,11 +185,33 @@ def _tokenize(prompts: str | Sequence[str], tokenizer: Any) -> tuple[torch.Tenso
         mask = torch.zeros((len(texts), width), dtype=torch.long)
         for row, e in enumerate(encoded):
             span = slice(width - len(e), width) if left else slice(0, len(e))
-            ids[row, span] = torch.tensor(e)
+            ids[row, span] = torch.tensor(e, dtype=torch.long)
             mask[row, span] = 1
-        return ids, mask
-    enc = tokenizer(texts, return_tensors="pt", padding=True)
-    return enc["input_ids"], enc["attention_mask"]
+    else:
+        enc = tokenizer(texts, return_tensors="pt", padding=True)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+    _check_content(texts, ids, mask, tokenizer)
+    return ids, mask
+
+
+def _check_content(texts: list[str], ids: torch.Tensor, mask: torch.Tensor, tokenizer: Any) -> None:
+    """Every prompt has a token that is not special ("   " -> only a BOS is empty).
+
+    The unknown token counts as content: it stands for text the vocabulary lacks.
+    """
+    special = set(getattr(tokenizer, "all_special_ids", None) or [])
+    special.discard(getattr(tokenizer, "unk_token_id", None))
+    special = torch.tensor(sorted(special), dtype=torch.long)
+    if special.numel() == 0:
+        return  # rows with no tokens at all are found by prepare_batch
+    content = mask.bool() & ~torch.isin(ids, special)
+    for row in (~content.any(dim=1)).nonzero()[:, 0].tolist():
+        pieces = tokenizer.convert_ids_to_tokens(ids[row][mask[row].bool()].tolist())
+        got = f"only the special tokens {pieces}" if pieces else "no tokens"
+        raise InputError(
+            f"prompt {row} is empty after tokenization: {texts[row]!r} gives {got}; a prompt "
+            "needs at least one token of content"
+        )
 
 
 def _check_contiguous(mask: torch.Tensor) -> None:

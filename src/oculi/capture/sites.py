@@ -64,7 +64,9 @@ SITE_KINDS: dict[str, SiteKind] = {
 }
 
 # TransformerLens name (after "blocks.{l}.") -> oculi kind. TL's hook_q/hook_k are pre-rotary
-# and hook_rot_q/hook_rot_k post-rotary; oculi keeps that meaning.
+# and hook_rot_q/hook_rot_k post-rotary; oculi keeps that meaning. TL's hook_mlp_in is the MLP
+# block's input *before* its layer norm: resid_mid for sequential blocks, resid_pre for
+# parallel ones (see parse_name); the normalised input is ln2.hook_normalized (mlp_in).
 TL_ALIASES: dict[str, str] = {
     "hook_resid_pre": "resid_pre",
     "ln1.hook_normalized": "attn_in",
@@ -79,7 +81,7 @@ TL_ALIASES: dict[str, str] = {
     "hook_attn_out": "attn_out",
     "hook_resid_mid": "resid_mid",
     "ln2.hook_normalized": "mlp_in",
-    "hook_mlp_in": "mlp_in",
+    "hook_mlp_in": "resid_mid",  # resid_pre for parallel-attention blocks (see parse_name)
     "mlp.hook_pre": "mlp_gate",  # the pre-activation; mlp_up for plain MLPs (see resolve)
     "mlp.hook_pre_linear": "mlp_up",
     "mlp.hook_post": "mlp_post",
@@ -88,6 +90,8 @@ TL_ALIASES: dict[str, str] = {
 }
 
 _TL_PATTERN = re.compile(r"^blocks\.(-?\d+)\.(.+)$")
+# a near miss of the block prefix ("block.3.", "layers.3.", "3."), for suggestions
+_LAYER_PATTERN = re.compile(r"^(?:[A-Za-z_]+\.)?(-?\d+)\.(.+)$")
 
 
 def check_kind(kind: str) -> SiteKind:
@@ -95,22 +99,38 @@ def check_kind(kind: str) -> SiteKind:
     try:
         return SITE_KINDS[kind]
     except KeyError:
+        match = _TL_PATTERN.match(kind) if isinstance(kind, str) else None
+        if match is not None and match.group(2) in TL_ALIASES:
+            raise UnknownSiteError(
+                f"unknown site {kind!r}: that is a TransformerLens hook name; here a site is an "
+                f"oculi kind with a separate layer, e.g. site="
+                f"{TL_ALIASES[match.group(2)]!r}, layer={match.group(1)} "
+                f"(valid sites: {', '.join(SITE_KINDS)})"
+            ) from None
         raise UnknownSiteError(
             f"unknown site {kind!r}{did_you_mean(kind, SITE_KINDS)} "
             f"(valid sites: {', '.join(SITE_KINDS)})"
         ) from None
 
 
-def parse_name(name: str, *, gated: bool = True) -> tuple[str, int]:
+def parse_name(name: str, *, gated: bool = True, parallel: bool | None = False) -> tuple[str, int]:
     """``"blocks.3.attn.hook_pattern"`` -> ``("pattern", 3)``.
 
     ``gated`` says whether the model's MLP is gated: TransformerLens's ``mlp.hook_pre`` is the
     pre-activation, which is the gate projection of a gated MLP and the input projection of a
-    plain one.
+    plain one. ``parallel`` says whether attention and MLP read the same block input (GPT-NeoX
+    with ``use_parallel_residual``): ``hook_mlp_in``, the MLP's input before its norm, is then
+    ``resid_pre`` rather than ``resid_mid``; ``None`` (not known) refuses ``hook_mlp_in``.
+
+    Unknown names suggest close ones, comparing the hook part (after ``blocks.<layer>.``).
     """
     match = _TL_PATTERN.match(name)
     if match is None:
-        hint = did_you_mean(name, [f"blocks.0.{a}" for a in TL_ALIASES])
+        near = _LAYER_PATTERN.match(name)
+        if near is not None:  # "block.3.hook_resid_pre": suggest it with the right prefix
+            hint = did_you_mean(near.group(2), TL_ALIASES, prefix=f"blocks.{near.group(1)}.")
+        else:  # "hook_resid_pre": no layer at all
+            hint = did_you_mean(name, TL_ALIASES, prefix="blocks.<layer>.")
         raise UnknownSiteError(
             f"unknown site {name!r}{hint}; names look like 'blocks.<layer>.<hook>', e.g. "
             "'blocks.3.hook_resid_pre' or 'blocks.3.attn.hook_pattern'"
@@ -118,10 +138,21 @@ def parse_name(name: str, *, gated: bool = True) -> tuple[str, int]:
     layer, hook = int(match.group(1)), match.group(2)
     kind = TL_ALIASES.get(hook)
     if kind is None:
-        hint = did_you_mean(name, [f"blocks.{layer}.{a}" for a in TL_ALIASES])
+        hint = did_you_mean(hook, TL_ALIASES, prefix=f"blocks.{match.group(1)}.")
         raise UnknownSiteError(
             f"unknown site {name!r}{hint} (hooks per block: {', '.join(TL_ALIASES)})"
         )
     if kind == "mlp_gate" and not gated:
         kind = "mlp_up"
+    if hook == "hook_mlp_in":
+        if parallel is None:
+            raise UnknownSiteError(
+                f"{name!r} is the MLP's input before its norm, which is resid_mid for "
+                "sequential blocks and resid_pre for parallel-attention ones, and this capture "
+                "does not record which its model has (metadata 'parallel'); read "
+                f"'blocks.{match.group(1)}.hook_resid_mid' or "
+                f"'blocks.{match.group(1)}.hook_resid_pre' instead"
+            )
+        if parallel:
+            kind = "resid_pre"
     return kind, layer

@@ -217,7 +217,9 @@ class FullCapture:
                 f"FullCapture is indexed by TransformerLens hook names such as "
                 f"'blocks.3.hook_resid_pre', got {name!r}"
             )
-        kind, layer = parse_name(name, gated=self.metadata.get("gated", True))
+        kind, layer = parse_name(
+            name, gated=self.metadata.get("gated", True), parallel=self._parallel()
+        )
         places = _ALIAS_FIELDS.get(kind)
         if places is None:
             served = [alias for alias, k in TL_ALIASES.items() if k in _ALIAS_FIELDS]
@@ -247,6 +249,18 @@ class FullCapture:
             if not ((p, f) == ("mlp", "output") and self.metadata.get("mlp_out_norm"))
         )
         raise UnknownSiteError(f"{name!r} ({kind}) was not captured; capture it with {how}")
+
+    def _parallel(self) -> bool | None:
+        """Whether the model's blocks are parallel (``None``: not recorded and possible)."""
+        parallel = self.metadata.get("parallel")
+        if parallel is not None:
+            return bool(parallel)
+        from oculi.models.anatomy import _REGISTRY, _load_families
+
+        _load_families()
+        family = self.metadata.get("family")
+        maybe = any(a.parallel_attn for a in _REGISTRY.values() if a.family == family)
+        return None if maybe or family is None else False
 
     def _check_qk_stage(self, name: str, kind: str) -> None:
         if self.attention is None or not self.metadata.get("rotary", True):

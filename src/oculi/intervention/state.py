@@ -164,7 +164,9 @@ def check_steps(steps: Any) -> frozenset[int] | None:
         if steps == "all":
             return None
         raise ValueError(f"{hint}; got the string {steps!r}")
-    if isinstance(steps, (bool, int)):
+    if isinstance(steps, bool) or steps is None:
+        raise ValueError(f"{hint}; got {steps!r}")
+    if isinstance(steps, int):
         raise ValueError(
             f"{hint}; got the int {steps}, which is ambiguous: write range({steps}) for the "
             f"first {steps} steps or [{steps}] for step {steps} alone"

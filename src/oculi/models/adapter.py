@@ -45,7 +45,8 @@ class Adapter:
     Raises:
         UnsupportedArchitectureError: no anatomy for the model, or one for another family
             than this adapter class handles.
-        ValueError: a tokenizer whose vocabulary is larger than the model's embedding.
+        InputError: (a ``ValueError``) a tokenizer whose vocabulary is larger than the
+            model's embedding.
     """
 
     anatomy: Anatomy
@@ -102,9 +103,10 @@ class Adapter:
             return
         n = len(tok)
         if n > self.d_vocab:
-            raise ValueError(
-                f"tokenizer has {n} tokens but the model's embedding has {self.d_vocab} rows: "
-                "they do not belong together (load the tokenizer from the same checkpoint)"
+            raise InputError(
+                f"tokenizer has {n} tokens but the model's embedding has {self.d_vocab} rows "
+                f"(a tokenizer for it has at most {self.d_vocab}): they do not belong together "
+                "(load the tokenizer from the same checkpoint)"
             )
         # token ids at or past len(tokenizer) hit padded embedding rows that were never trained
         self.vocab_limit = n
@@ -154,7 +156,7 @@ class Adapter:
         n = self.n_kv_heads if kind.kv else self.n_heads
         what = "n_kv_heads" if kind.kv else "n_heads"
         if isinstance(head, bool) or not isinstance(head, int) or not -n <= head < n:
-            raise ValueError(
+            raise InputError(
                 f"head {head} out of range for site {site!r}: the model has n_heads="
                 f"{self.n_heads}, n_kv_heads={self.n_kv_heads}, so {site!r} takes heads "
                 f"0..{n - 1} ({what})"
@@ -201,6 +203,10 @@ class Adapter:
 
     def to_str_tokens(self, inputs: Inputs) -> list[str] | list[list[str]]:
         """The tokens of ``inputs`` as strings (a list per row for batches)."""
+        if self.tokenizer is None:
+            raise InputError(
+                "to_str_tokens needs a tokenizer; attach one (oculi.attach(model, tokenizer))"
+            )
         batch = self.prepare(inputs)
         rows = [
             self.tokenizer.convert_ids_to_tokens(ids[mask.bool()].tolist())
@@ -219,16 +225,35 @@ class Adapter:
         return logits[0] if batch.single else logits
 
     def generate(self, prompt: Inputs, max_new_tokens: int = 20, **kwargs: Any) -> str | list[str]:
-        """Greedy (or ``**kwargs``-configured) generation; returns the decoded continuation(s)."""
+        """Greedy (or ``**kwargs``-configured) generation; returns the decoded continuation(s).
+
+        Raises:
+            InputError: no tokenizer (the continuation is decoded), or a prompt plus
+                ``max_new_tokens`` longer than the model's context.
+        """
+        if self.tokenizer is None:
+            raise InputError(
+                "generate decodes its output and needs a tokenizer; attach one "
+                "(oculi.attach(model, tokenizer)), or call adapter.model.generate with token ids"
+            )
         batch = self.prepare(prompt)
+        n = int(batch.attention_mask.sum(dim=1).max())  # positions count real tokens
+        if self.max_positions is not None and n + max_new_tokens > self.max_positions:
+            raise InputError(
+                f"{n} prompt tokens + max_new_tokens={max_new_tokens} > context "
+                f"{self.max_positions} (the model's max_position_embeddings); lower "
+                f"max_new_tokens to at most {max(self.max_positions - n, 0)}"
+            )
         kwargs.setdefault("do_sample", False)
+        pad_id = getattr(self.tokenizer, "pad_token_id", None)
+        if pad_id is None:
+            pad_id = getattr(self.tokenizer, "eos_token_id", None)
         with torch.no_grad():
             out = self.model.generate(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,
                 max_new_tokens=max_new_tokens,
-                pad_token_id=getattr(self.tokenizer, "pad_token_id", None)
-                or getattr(self.tokenizer, "eos_token_id", None),
+                pad_token_id=pad_id,
                 **kwargs,
             )
         new = out[:, batch.input_ids.shape[1] :]

@@ -87,7 +87,24 @@ def _single(adapter: Adapter, prompt: Any, what: str) -> Batch:
         raise InputError(
             f"{what} must be one prompt (a string or [1, T] ids), got a batch of {batch.input_ids.shape[0]}"
         )
+    bos = getattr(adapter.tokenizer, "bos_token_id", None)
+    real = batch.input_ids[0][batch.attention_mask[0].bool()]
+    if bos is not None and bool((real == bos).all()):
+        raise InputError(
+            f"{what} prompt is empty after tokenization: only the BOS token {real.tolist()}; "
+            "a next-token metric needs at least one token of content"
+        )
     return batch
+
+
+def check_read_position(metric: Metric, batch: Batch, what: str) -> None:
+    """The metric's position (relative to the real tokens) must exist in ``batch``'s row 0."""
+    n = int(batch.attention_mask[0].sum())
+    if not -n <= metric.position < n:
+        raise IndexError(
+            f"{metric.name}: position {metric.position} out of range for the {what} prompt of "
+            f"{n} tokens (valid positions 0..{n - 1}, or -{n}..-1 from the end)"
+        )
 
 
 def check_aligned(adapter: Adapter, clean: Batch, corrupt: Batch) -> None:
@@ -105,6 +122,26 @@ def check_aligned(adapter: Adapter, clean: Batch, corrupt: Batch) -> None:
             f"clean has {tc} tokens, corrupt has {tk}{hint}; position-aligned patching needs "
             "prompts of the same token length"
         )
+
+
+_LOGIT_BLOCK = 32 * 2**20  # logits (floats) computed at once when a metric reads all V
+
+
+def evaluate(adapter: Adapter, metric: Metric, normed: torch.Tensor) -> torch.Tensor:
+    """``metric`` of final-normed residual rows ``[N, d]``, ``[N]``, in row blocks.
+
+    Sweeps collect the rows of all their patched copies and evaluate them here once: a metric
+    that reads the whole vocabulary (probability, KL) then streams the ``[V, d]`` unembedding
+    a few times in all instead of once per batch of copies.
+    """
+    cols = metric.columns()
+    width = adapter.d_vocab if cols is None else len(cols)
+    step = max(1, _LOGIT_BLOCK // width)
+    parts = [
+        metric(unembed(adapter, normed[i : i + step], cols)).float().cpu()
+        for i in range(0, normed.shape[0], step)
+    ]
+    return torch.cat(parts) if parts else torch.empty(0)
 
 
 def metric_of(adapter: Adapter, run: ResumableRun, metric: Metric) -> float:
@@ -164,6 +201,7 @@ def activation_patching(
     cb, kb = _single(adapter, clean, "clean"), _single(adapter, corrupt, "corrupt")
     check_aligned(adapter, cb, kb)
     metric = metric.bind(adapter)
+    check_read_position(metric, kb, "corrupt")
     layer_list = adapter.resolve_layers(layers)
     t = kb.input_ids.shape[1]
 
@@ -209,6 +247,7 @@ def activation_patching(
         else:
             jobs += [(li, layer, 0, chunk) for chunk in _chunks(live, batch_size or len(live) or 1)]
     bar = _progress(len(jobs), progress, f"patching {site}")
+    rows, cells = [], []
     for li, layer, start, chunk in jobs:
         specs = [
             PatchSpec(
@@ -218,14 +257,17 @@ def activation_patching(
             )
             for r, (_, item) in enumerate(chunk)
         ]
-        normed = _run_patched(
-            adapter, corrupt_run, site, layer, clean_acts[layer], specs, read_pos, start
+        rows.append(
+            _run_patched(
+                adapter, corrupt_run, site, layer, clean_acts[layer], specs, read_pos, start
+            )
         )
-        values = metric(unembed(adapter, normed, metric.columns()))
-        for (col, _), v in zip(chunk, values.tolist()):
-            out[li, col] = v
+        cells += [(li, col) for col, _ in chunk]
         bar.update(1)
     bar.close()
+    if rows:
+        li_idx, col_idx = (torch.tensor(ix) for ix in zip(*cells))
+        out[li_idx, col_idx] = evaluate(adapter, metric, torch.cat(rows))
     values = out if axis is not None else out[:, 0]
     tokens = adapter.to_str_tokens(kb.input_ids) if adapter.tokenizer is not None else []
     return PatchingResult(

@@ -27,7 +27,14 @@ import torch
 from oculi.capture.bridge import LayerTaps, attention_bridge
 from oculi.capture.engine import record
 from oculi.errors import InputError
-from oculi.patching.activation import PatchingResult, _progress, _single, check_aligned, metric_of
+from oculi.patching.activation import (
+    PatchingResult,
+    _progress,
+    _single,
+    check_aligned,
+    check_read_position,
+    metric_of,
+)
 from oculi.patching.metrics import Metric
 from oculi.patching.resume import ResumableRun, unembed
 from oculi.patching.writers import PatchSpec, patchers_for
@@ -67,6 +74,7 @@ def path_patching(
     cb, kb = _single(adapter, clean, "clean"), _single(adapter, corrupt, "corrupt")
     check_aligned(adapter, cb, kb)
     metric = metric.bind(adapter)
+    check_read_position(metric, cb, "clean")
     n, h = adapter.n_layers, adapter.n_heads
     recv = [
         (adapter.resolve_layer(layer), adapter.resolve_head(head, "z"))

@@ -34,6 +34,7 @@ from oculi.patching.activation import (
     _run_patched,
     _single,
     check_aligned,
+    evaluate,
 )
 from oculi.patching.metrics import probability
 from oculi.patching.resume import ResumableRun, unembed
@@ -190,8 +191,8 @@ def causal_tracing(
             _position_groups(live, t, None) if run.can_start_late() else [(0, live)] if live else []
         )
         base = float(prob(run.run_from(n, run.resid[-1:], positions=[read])[:, 0])[0])
+        rows, cells = [], []
         for layer in range(n):
-            row = torch.full((t,), base)
             for start, chunk in groups:
                 specs = [PatchSpec(row=r, position=p) for r, (_, p) in enumerate(chunk)]
                 if kind == "resid":
@@ -226,9 +227,14 @@ def causal_tracing(
                     normed = run.run_from(
                         lo, begin, patchers=patchers, positions=[read], start=start
                     )[:, 0]
-                row[[p for _, p in chunk]] = prob(normed).cpu()
-            total[layer] += row
+                rows.append(normed)
+                cells += [(layer, p) for _, p in chunk]
             bar.update(1)
+        grid = torch.full((n, t), base)
+        if rows:
+            li_idx, pos_idx = (torch.tensor(ix) for ix in zip(*cells))
+            grid[li_idx, pos_idx] = evaluate(adapter, metric, torch.cat(rows))
+        total += grid
     bar.close()
     tokens = adapter.to_str_tokens(clean.input_ids) if adapter.tokenizer is not None else []
     return TracingResult(
