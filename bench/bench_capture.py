@@ -109,6 +109,22 @@ def bench_input(adapter, ids: torch.Tensor, repeats: int) -> None:
     for name, ref, fn in rows:
         m = measure(name, fn, repeats=repeats, device=adapter.device)
         print(m.row(base), f" {m.seconds / refs[ref].seconds:.2f}x the {ref} body")
+    # What holding the result costs by itself: fresh pages for every byte a capture returns
+    # (the kernel zero-fills them on first touch), with no model work at all.
+    full = adapter.capture_full(ids, attention_mask=mask)
+    held = [
+        t for part in (full.attention, full.residual, full.mlp) for t in part.tensors().values()
+    ]
+    held += [full.logits.normalized, full.logits.final_normalized]  # the unembedding is the model's
+    nbytes = sum(t.numel() * t.element_size() for t in held if t is not None)
+    del full
+    floor = measure(
+        f"touch {nbytes / 2**20:.0f} MB of fresh memory (capture_full's size)",
+        lambda: torch.empty(nbytes, dtype=torch.uint8, device=adapter.device).fill_(1),
+        repeats=repeats,
+        device=adapter.device,
+    )
+    print(floor.row(base), f" {floor.seconds / refs['eager'].seconds:.2f}x the eager body")
 
 
 def bench_lens(adapter, ids: torch.Tensor, repeats: int) -> None:

@@ -8,6 +8,8 @@ Run: ``.venv/bin/python bench/bench_patching.py [--repeats 3]``
   numbers must agree to 1e-4.
 * Causal tracing (noise on the subject, restore each layer's output at each position): the
   naive loop runs, per (layer, position), one forward of the noise samples with full logits.
+* Steered generation: greedy ``generate`` of 32 tokens with a contrastive steering vector
+  added at every step, against the same ``model.generate`` without it (KV cache on in both).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import oculi  # noqa: E402
-from common import header, measure  # noqa: E402
+from common import exec_with_mmap_allocations, header, measure  # noqa: E402
 from oculi import patching  # noqa: E402
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"
@@ -110,10 +112,59 @@ def main() -> None:
     parser.add_argument("--model", default="gemma-3-270m")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--samples", type=int, default=5)
+    parser.add_argument("--only", choices=["sweep", "tracing", "generate"], default=None)
     args = parser.parse_args()
+    exec_with_mmap_allocations()
     adapter = oculi.load(args.model)
     print(f"model: {adapter}\ntorch {torch.__version__}, threads {torch.get_num_threads()}")
 
+    if args.only in (None, "sweep"):
+        bench_sweep(adapter, args)
+    if args.only in (None, "tracing"):
+        bench_tracing(adapter, args)
+    if args.only in (None, "generate"):
+        bench_generate(adapter, args)
+
+
+def bench_generate(adapter, args) -> None:
+    from oculi.intervention import InterventionContext, SteeringVector
+
+    ids = adapter.prepare(FACT)
+    vector = SteeringVector.from_contrast(
+        adapter,
+        positive=["I love this, it is wonderful"],
+        negative=["I hate this, it is awful"],
+        layer=6,
+        coefficient=4.0,
+    )
+    kwargs = dict(
+        input_ids=ids.input_ids,
+        attention_mask=ids.attention_mask,
+        max_new_tokens=32,
+        do_sample=False,
+        min_new_tokens=32,
+    )
+    print(header("greedy generation, 32 new tokens"))
+
+    def plain():
+        with torch.no_grad():
+            return adapter.model.generate(**kwargs)
+
+    def steered():
+        with InterventionContext(adapter, [vector]), torch.no_grad():
+            return adapter.model.generate(**kwargs)
+
+    base = measure("model.generate", plain, repeats=args.repeats)
+    print(base.row(base))
+    ours = measure("generate, SteeringVector on every step", steered, repeats=args.repeats)
+    print(ours.row(base))
+    changed = int((plain() != steered()).any(0).sum())
+    print(
+        f"\n{changed} of {plain().shape[1]} positions differ with the vector (coefficient 4, layer 6)"
+    )
+
+
+def bench_sweep(adapter, args) -> None:
     clean_ids = adapter.prepare(CLEAN).input_ids
     corrupt_ids = adapter.prepare(CORRUPT).input_ids
     correct, wrong = adapter.to_single_token(" Mary"), adapter.to_single_token(" John")
@@ -156,6 +207,8 @@ def main() -> None:
     )
     print(atp.row(naive))
 
+
+def bench_tracing(adapter, args) -> None:
     ids = adapter.prepare(FACT).input_ids
     positions = patching.subject_positions(adapter, FACT, SUBJECT)
     sigma = 3.0 * patching.tracing.embedding_std(adapter)

@@ -9,6 +9,7 @@
 """
 
 from oculi import intervention as intervention
+from oculi import patching as patching
 from oculi.analysis.logit_lens import logit_lens
 from oculi.capture import (
     AttentionCapture,
@@ -30,6 +31,7 @@ from oculi.errors import (
     UnsupportedArchitectureError,
 )
 from oculi.models import Adapter, Anatomy, attach, load, register_anatomy, supported_model_types
+from oculi.patching import causal_tracing
 
 __version__ = "0.1.0"
 
@@ -51,9 +53,11 @@ __all__ = [
     "UnknownSiteError",
     "UnsupportedArchitectureError",
     "attach",
+    "causal_tracing",
     "load",
     "load_capture",
     "logit_lens",
+    "patching",
     "register_anatomy",
     "supported_model_types",
 ]
