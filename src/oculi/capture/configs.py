@@ -8,7 +8,7 @@ captures live in fp16 on the CPU while the model runs in fp32 on a GPU.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -40,7 +40,24 @@ def _check_storage(dtype: torch.dtype | None, device: str | torch.device | None)
 
 
 @dataclass(frozen=True)
-class CaptureConfig:
+class _Config:
+    """What every config has: the layers (first, may be positional) and where to store.
+
+    ``storage_dtype``/``storage_device`` are keyword-only, so each config's own flags keep
+    their positions after ``layers``.
+    """
+
+    layers: Layers = None
+    storage_dtype: torch.dtype | None = field(default=None, kw_only=True)
+    storage_device: str | torch.device | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", _check_layers(self.layers))
+        _check_storage(self.storage_dtype, self.storage_device)
+
+
+@dataclass(frozen=True)
+class CaptureConfig(_Config):
     """Attention internals to capture.
 
     Example::
@@ -60,7 +77,6 @@ class CaptureConfig:
         storage_dtype, storage_device: where captured tensors are kept (default: as computed).
     """
 
-    layers: Layers = None
     capture_queries: bool = True
     capture_keys: bool = True
     capture_values: bool = True
@@ -68,18 +84,15 @@ class CaptureConfig:
     capture_head_outputs: bool = False
     capture_head_contributions: bool = False
     qk_stage: Literal["pre_rope", "post_rope"] = "post_rope"
-    storage_dtype: torch.dtype | None = None
-    storage_device: str | torch.device | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", _check_layers(self.layers))
+        super().__post_init__()
         if self.qk_stage not in ("pre_rope", "post_rope"):
             raise ValueError(f"qk_stage must be 'pre_rope' or 'post_rope', got {self.qk_stage!r}")
-        _check_storage(self.storage_dtype, self.storage_device)
 
 
 @dataclass(frozen=True)
-class ResidualConfig:
+class ResidualConfig(_Config):
     """Residual-stream points to capture, each ``[L, T, d_model]``.
 
     Attributes:
@@ -91,23 +104,19 @@ class ResidualConfig:
         capture_attn_out, capture_mlp_out: what each branch adds to the residual.
     """
 
-    layers: Layers = None
     capture_pre_attn: bool = True
     capture_post_attn: bool = True
     capture_pre_mlp: bool = True
     capture_post_mlp: bool = True
     capture_attn_out: bool = False
     capture_mlp_out: bool = False
-    storage_dtype: torch.dtype | None = None
-    storage_device: str | torch.device | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", _check_layers(self.layers))
-        _check_storage(self.storage_dtype, self.storage_device)
+        super().__post_init__()
 
 
 @dataclass(frozen=True)
-class MLPConfig:
+class MLPConfig(_Config):
     """MLP internals to capture.
 
     Attributes:
@@ -120,21 +129,17 @@ class MLPConfig:
             the MLP; ``ResidualConfig(capture_mlp_out=True)`` gives what joins the residual).
     """
 
-    layers: Layers = None
     capture_gate: bool = True
     capture_up: bool = True
     capture_post_activation: bool = True
     capture_output: bool = True
-    storage_dtype: torch.dtype | None = None
-    storage_device: str | torch.device | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", _check_layers(self.layers))
-        _check_storage(self.storage_dtype, self.storage_device)
+        super().__post_init__()
 
 
 @dataclass(frozen=True)
-class LogitConfig:
+class LogitConfig(_Config):
     """Layer-wise logits (logit lens), computed lazily from the normalised residual.
 
     Attributes:
@@ -145,16 +150,12 @@ class LogitConfig:
             other passes block rows of ``[rows, V]``.
     """
 
-    layers: Layers = None
     top_k: int = 10
     chunk_size: int | None = None
-    storage_dtype: torch.dtype | None = None
-    storage_device: str | torch.device | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", _check_layers(self.layers))
+        super().__post_init__()
         if not isinstance(self.top_k, int) or self.top_k < 1:
             raise ValueError(f"top_k must be a positive int, got {self.top_k!r}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {self.chunk_size}")
-        _check_storage(self.storage_dtype, self.storage_device)

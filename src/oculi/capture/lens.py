@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from oculi.errors import InputError, LayerIndexError
+from oculi.capture.structures import LayerIndexed
+from oculi.errors import InputError
 
 _CHUNK_BYTES = 64 * 2**20
 # exp() of float32 values below about -87 gives subnormals, which run an order of magnitude
@@ -73,7 +74,7 @@ def _sum_exp_(logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class LogitCapture:
+class LogitCapture(LayerIndexed):
     """Lazy layer-wise logits.
 
     Attributes:
@@ -101,25 +102,12 @@ class LogitCapture:
 
     # -- shape helpers -------------------------------------------------------------------
     @property
-    def n_layers(self) -> int:
-        return len(self.layers)
-
-    @property
     def batched(self) -> bool:
         return self.normalized.dim() == 4
 
     @property
     def d_vocab(self) -> int:
         return int(self._w().shape[0])
-
-    def layer_index(self, layer: int) -> int:
-        """Position of model layer ``layer`` in this capture."""
-        try:
-            return self.layers.index(layer)
-        except ValueError:
-            raise LayerIndexError(
-                f"layer {layer} was not captured; this capture holds layers {list(self.layers)}"
-            ) from None
 
     def attach_unembedding(self, adapter: Any) -> LogitCapture:
         """Reconnect a loaded capture to its model's unembedding so lazy methods work again."""

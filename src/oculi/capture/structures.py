@@ -33,12 +33,10 @@ from oculi.capture.sites import SITE_KINDS, TL_ALIASES, parse_name
 from oculi.errors import LayerIndexError, UnknownSiteError
 
 
-@dataclass
-class _Capture:
-    """Shared behaviour: layer lookup, metadata, I/O."""
+class LayerIndexed:
+    """Lookup of model layers in a capture that holds some of them (``self.layers``)."""
 
     layers: tuple[int, ...]
-    metadata: dict[str, Any] = field(default_factory=dict, kw_only=True)
 
     @property
     def n_layers(self) -> int:
@@ -46,13 +44,21 @@ class _Capture:
         return len(self.layers)
 
     def layer_index(self, layer: int) -> int:
-        """Position of model layer ``layer`` in this capture's leading dimension."""
+        """Position of model layer ``layer`` in this capture's layer dimension."""
         try:
             return self.layers.index(layer)
         except ValueError:
             raise LayerIndexError(
                 f"layer {layer} was not captured; this capture holds layers {list(self.layers)}"
             ) from None
+
+
+@dataclass
+class _Capture(LayerIndexed):
+    """Shared behaviour: layer lookup, metadata, I/O."""
+
+    layers: tuple[int, ...]
+    metadata: dict[str, Any] = field(default_factory=dict, kw_only=True)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensor fields that are set, by name."""
