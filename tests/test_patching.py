@@ -586,3 +586,34 @@ def test_noise_causal_tracing_matches_plain_pytorch_loop(family, kind):
     ref = _reference_noise_tracing(adapter, ids, positions, target, 3, sigma, kind, 2)
     torch.testing.assert_close(res.values, ref, atol=REF_TOL, rtol=0)
     assert (ref - res.corrupt_prob).abs().max() > 1e-4  # restoring matters somewhere
+
+
+def test_results_render_as_text_and_heatmaps():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    adapter = oculi.attach(tiny_model("llama_gqa"), tiny_tokenizer())
+    clean, corrupt = "the eiffel tower is in the city of", "the big tree is in the city of"
+    res = patching.activation_patching(
+        adapter, clean, corrupt, metric=patching.logit_diff("paris", "rome"), progress=False
+    )
+    lines = res.table().splitlines()
+    assert len(lines) == 1 + adapter.n_layers and lines[1].startswith("L0")
+    assert "'tree'" in lines[0]  # the corrupt prompt's tokens label the columns
+    recovery = res.normalized()
+    # the text shows the recovery, rounded to two decimals
+    assert [float(x) for x in lines[1].split()[1:]] == pytest.approx(
+        recovery[0].tolist(), abs=0.006
+    )
+    top = res.top(3)
+    effects = (res.values - res.corrupt_metric).abs()
+    assert [abs(float(res.values[layer, pos] - res.corrupt_metric)) for layer, pos, _ in top] == (
+        sorted(effects.reshape(-1).tolist(), reverse=True)[:3]
+    )
+    ax = res.plot()
+    assert ax.get_images()[0].get_array().shape == tuple(res.values.shape)
+    tr = patching.causal_tracing(adapter, clean, "eiffel tower", "paris", samples=2, progress=False)
+    assert "*" in tr.table().splitlines()[0] and tr.plot().get_images()[0].get_array().shape == (
+        adapter.n_layers,
+        len(tr.tokens),
+    )

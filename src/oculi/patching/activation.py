@@ -37,6 +37,7 @@ from oculi.errors import InputError
 from oculi.patching.metrics import Metric
 from oculi.patching.resume import ResumableRun, unembed
 from oculi.patching.writers import PatchSpec, offset_index, patchers_for
+from oculi.viz import heatmap, text_grid
 
 if TYPE_CHECKING:
     from oculi.models.adapter import Adapter
@@ -79,6 +80,49 @@ class PatchingResult:
                 "check that the prompts differ in what the metric measures"
             )
         return (self.values - self.corrupt_metric) / denom
+
+    def _columns(self) -> list[str]:
+        if self.axis == "position":
+            return [f"{i} {t!r}" for i, t in enumerate(self.tokens)] or [
+                str(i) for i in range(self.values.shape[1])
+            ]
+        if self.axis == "head":
+            return [f"H{h}" for h in range(self.values.shape[1])]
+        return [self.metric]
+
+    def table(self, normalized: bool = True) -> str:
+        """The grid as text: layers down, positions (with tokens) or heads across."""
+        values = self.normalized() if normalized else self.values
+        return text_grid(values, [f"L{layer}" for layer in self.layers], self._columns())
+
+    def top(self, k: int = 5, normalized: bool = True) -> list[tuple[int, int | None, float]]:
+        """The ``k`` cells with the largest effect ``|value − corrupt|``, as ``(layer, index,
+        value)``; the index is the position or head (``None`` for layer-only sweeps)."""
+        values = self.normalized() if normalized else self.values
+        effect = (self.values - self.corrupt_metric).abs().reshape(-1)
+        flat = values.reshape(-1)
+        width = self.values.shape[1] if self.values.dim() == 2 else 1
+        order = effect.argsort(descending=True)[:k].tolist()
+        return [
+            (self.layers[i // width], (i % width) if self.axis else None, float(flat[i]))
+            for i in order
+        ]
+
+    def plot(self, normalized: bool = True, ax: Any = None) -> Any:
+        """Heatmap of the recovery (or the raw metric); needs matplotlib (``oculi[viz]``)."""
+        values = self.normalized() if normalized else self.values
+        if values.dim() == 1:
+            values = values[:, None]
+        what = "recovery" if normalized else self.metric
+        return heatmap(
+            values,
+            row_labels=[str(layer) for layer in self.layers],
+            col_labels=self._columns(),
+            title=f"{self.site} patching: {what}",
+            xlabel=self.axis or "",
+            center=0.0,
+            ax=ax,
+        )
 
 
 def _single(adapter: Adapter, prompt: Any, what: str) -> Batch:

@@ -21,7 +21,7 @@ ROME's window of 10 layers centred on the layer).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -39,6 +39,7 @@ from oculi.patching.activation import (
 from oculi.patching.metrics import probability
 from oculi.patching.resume import ResumableRun, unembed
 from oculi.patching.writers import PatchSpec, patchers_for
+from oculi.viz import heatmap, text_grid
 
 if TYPE_CHECKING:
     from oculi.models.adapter import Adapter
@@ -78,6 +79,31 @@ class TracingResult:
         if denom == 0:
             raise ValueError("the corruption did not change p(target); recovery is undefined")
         return (self.values - self.corrupt_prob) / denom
+
+    def _columns(self) -> list[str]:
+        marks = set(self.subject_positions)
+        return [f"{i} {t!r}" + ("*" if i in marks else "") for i, t in enumerate(self.tokens)] or [
+            str(i) for i in range(self.values.shape[1])
+        ]
+
+    def table(self) -> str:
+        """``p(target)`` per layer (down) and position (across; ``*`` marks the subject)."""
+        rows = [f"L{i}" for i in range(self.values.shape[0])]
+        return text_grid(self.values, rows, self._columns(), fmt="{:5.3f}")
+
+    def plot(self, ax: Any = None) -> Any:
+        """ROME-style heatmap of ``p(target)`` per restored (layer, position)."""
+        return heatmap(
+            self.values,
+            row_labels=[str(i) for i in range(self.values.shape[0])],
+            col_labels=self._columns(),
+            title=f"causal tracing ({self.kind}, window {self.window}): p(target), "
+            f"clean {self.clean_prob:.3f}, corrupted {self.corrupt_prob:.3f}",
+            xlabel="restored position (* subject)",
+            center=None,
+            cmap="Purples",
+            ax=ax,
+        )
 
 
 def subject_positions(adapter: Adapter, prompt: str, subject: str) -> list[int]:
