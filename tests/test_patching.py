@@ -595,7 +595,7 @@ def test_results_render_as_text_and_heatmaps():
     adapter = oculi.attach(tiny_model("llama_gqa"), tiny_tokenizer())
     clean, corrupt = "the eiffel tower is in the city of", "the big tree is in the city of"
     res = patching.activation_patching(
-        adapter, clean, corrupt, metric=patching.logit_diff("paris", "rome"), progress=False
+        adapter, clean, corrupt, metric=patching.logit_diff("paris", "france"), progress=False
     )
     lines = res.table().splitlines()
     assert len(lines) == 1 + adapter.n_layers and lines[1].startswith("L0")
