@@ -21,7 +21,13 @@ from oculi.capture.inputs import Batch
 from oculi.capture.sites import check_kind
 from oculi.errors import InputError
 from oculi.models.anatomy import get_path
-from oculi.patching.activation import PatchingResult, _single, _with_reference, check_aligned
+from oculi.patching.activation import (
+    PatchingResult,
+    _single,
+    _with_reference,
+    check_aligned,
+    check_read_position,
+)
 from oculi.patching.metrics import Metric
 from oculi.patching.resume import unembed
 
@@ -67,6 +73,7 @@ def attribution_patching(
     cb, kb = _single(adapter, clean, "clean"), _single(adapter, corrupt, "corrupt")
     check_aligned(adapter, cb, kb)
     metric = metric.bind(adapter)
+    check_read_position(metric, cb, "clean")
     if metric.kind == "kl":
         pos = int(cb.attention_mask[0].nonzero()[:, 0][metric.position])
         metric = _with_reference(metric, adapter.forward(cb.input_ids)[pos])
