@@ -33,6 +33,7 @@ check: lint typecheck test
 
 bench: setup
 	$(PY) bench/bench_capture.py
+	$(PY) bench/bench_patching.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -391,6 +391,15 @@ def test_row11_answer_of_several_tokens(a):
         patching.path_patching(
             a, CLEAN, CORRUPT, metric=patching.probability("the cat"), progress=False
         )
+    # a word outside a word-level vocabulary is one token too, but the unknown one
+    with pytest.raises(
+        InputError,
+        match=re.escape(
+            "'rome' is not in the tokenizer's vocabulary: it tokenizes to the unknown token '<unk>' (id 3)"
+        ),
+    ):
+        sweep(a, metric=patching.logit_diff("paris", "rome"))
+    assert a.to_single_token("<unk>") == 3  # asking for the unknown token itself is fine
     # a tokenizer that folds a leading space into the token: the message says so
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast

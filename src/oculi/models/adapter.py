@@ -199,6 +199,13 @@ class Adapter:
             raise InputError(
                 f"{answer!r} is {len(ids)} tokens {pieces}, but one token is needed{hint}"
             )
+        unk = getattr(self.tokenizer, "unk_token_id", None)
+        if unk is not None and ids[0] == unk and answer.strip() != self.tokenizer.unk_token:
+            raise InputError(
+                f"{answer!r} is not in the tokenizer's vocabulary: it tokenizes to the unknown "
+                f"token {self.tokenizer.unk_token!r} (id {unk}); a metric on it would measure "
+                "every unknown word at once"
+            )
         return int(ids[0])
 
     def to_str_tokens(self, inputs: Inputs) -> list[str] | list[list[str]]:
