@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import oculi  # noqa: E402
-from common import exec_with_mmap_allocations, header, measure  # noqa: E402
+from common import exec_with_mmap_allocations, header, measure, measure_all  # noqa: E402
 from oculi import CaptureConfig, LogitConfig, MLPConfig, ResidualConfig  # noqa: E402
 
 TEXT = (
@@ -57,25 +57,18 @@ def bench_input(adapter, ids: torch.Tensor, repeats: int) -> None:
         with torch.no_grad():
             return body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
 
-    base = measure("HF forward (sdpa, default)", hf_forward, repeats=repeats, device=adapter.device)
-    print(base.row(base))
-    refs = {
-        "sdpa": measure(
-            "HF body, no lm_head (sdpa)", hf_body, repeats=repeats, device=adapter.device
-        )
-    }
     original = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        eager = measure("HF forward (eager)", hf_forward, repeats=repeats, device=adapter.device)
-        refs["eager"] = measure(
-            "HF body, no lm_head (eager)", hf_body, repeats=repeats, device=adapter.device
-        )
-    finally:
-        model.set_attn_implementation(original)
-    print(eager.row(base))
-    print(refs["sdpa"].row(base))
-    print(refs["eager"].row(base))
+
+    def eager(fn):
+        def run():
+            model.set_attn_implementation("eager")
+            try:
+                return fn()
+            finally:
+                model.set_attn_implementation(original)
+
+        return run
+
     rows = [
         (
             "capture_full (attn+resid+mlp, lazy logits)",
@@ -106,8 +99,22 @@ def bench_input(adapter, ids: torch.Tensor, repeats: int) -> None:
             lambda: adapter.capture_residual(ids, ResidualConfig(layers=[3]), attention_mask=mask),
         ),
     ]
-    for name, ref, fn in rows:
-        m = measure(name, fn, repeats=repeats, device=adapter.device)
+    measured = measure_all(
+        [
+            ("HF forward (sdpa, default)", hf_forward),
+            ("HF forward (eager)", eager(hf_forward)),
+            ("HF body, no lm_head (sdpa)", hf_body),
+            ("HF body, no lm_head (eager)", eager(hf_body)),
+            *[(name, fn) for name, _, fn in rows],
+        ],
+        repeats=repeats,
+        device=adapter.device,
+    )
+    base = measured[0]
+    refs = {"sdpa": measured[2], "eager": measured[3]}
+    for m in measured[:4]:
+        print(m.row(base))
+    for (_, ref, _), m in zip(rows, measured[4:]):
         print(m.row(base), f" {m.seconds / refs[ref].seconds:.2f}x the {ref} body")
     # What holding the result costs by itself: fresh pages for every byte a capture returns
     # (the kernel zero-fills them on first touch), with no model work at all.
@@ -166,8 +173,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default=None)
     parser.add_argument("--only", choices=["capture", "lens"], default=None, help="run one part")
+    parser.add_argument(
+        "--exact-rss",
+        action="store_true",
+        help="serve every allocation over 64 kB by mmap, so peak MB is exact; times then "
+        "include page faults of every intermediate tensor, so take times from a plain run",
+    )
     args = parser.parse_args()
-    exec_with_mmap_allocations()
+    if args.exact_rss:
+        exec_with_mmap_allocations()
     adapter = oculi.load(args.model, device=args.device)
     print(
         f"model: {adapter}\ndevice: {adapter.device}, torch {torch.__version__}, threads {torch.get_num_threads()}"

@@ -10,7 +10,6 @@ OS when freed, so RSS tracks them).
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import threading
 import time
@@ -37,7 +36,7 @@ def exec_with_mmap_allocations() -> None:
 @dataclass
 class Measurement:
     name: str
-    seconds: float  # median wall time
+    seconds: float  # fastest of the repeats (the least disturbed by other load)
     peak_mb: float  # peak memory above the starting level
 
     def row(self, baseline: Measurement | None = None) -> str:
@@ -72,6 +71,34 @@ class _RssSampler:
         self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
+def _timed(fn: Callable[[], object], cuda: bool) -> float:
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if cuda:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    del out
+    return elapsed
+
+
+def _peak_mb(fn: Callable[[], object], cuda: bool) -> float:
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - start) / 2**20
+        del out
+        return peak
+    with _RssSampler() as sampler:
+        out = fn()
+        sampler.sample()  # the result itself, before it is freed
+        del out
+    return (sampler.peak - sampler.start) / 2**20
+
+
 def measure(
     name: str,
     fn: Callable[[], object],
@@ -80,34 +107,35 @@ def measure(
     warmup: int = 1,
     device: torch.device | None = None,
 ) -> Measurement:
-    """Median time of ``fn()`` over ``repeats`` runs and its peak extra memory (MB)."""
+    """Fastest time of ``fn()`` over ``repeats`` runs and its peak extra memory (MB).
+
+    The minimum, not the median: on a shared machine other load only ever adds time, so the
+    fastest run is the best estimate of the cost itself.
+    """
+    return measure_all([(name, fn)], repeats=repeats, warmup=warmup, device=device)[0]
+
+
+def measure_all(
+    named: list[tuple[str, Callable[[], object]]],
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    device: torch.device | None = None,
+) -> list[Measurement]:
+    """:func:`measure` for several functions, timed round-robin.
+
+    Each round runs every function once, so a stretch of load from elsewhere slows all of
+    them alike instead of one row; each row keeps its fastest round.
+    """
     cuda = device is not None and device.type == "cuda"
-    for _ in range(warmup):
-        fn()
-    times = []
+    for _, fn in named:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in named]
     for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        del out
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-        out = fn()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - start) / 2**20
-        del out
-    else:
-        with _RssSampler() as sampler:
-            out = fn()
-            sampler.sample()  # the result itself, before it is freed
-            del out
-        peak = (sampler.peak - sampler.start) / 2**20
-    return Measurement(name, statistics.median(times), peak)
+        for i, (_, fn) in enumerate(named):
+            times[i].append(_timed(fn, cuda))
+    return [Measurement(name, min(ts), _peak_mb(fn, cuda)) for (name, fn), ts in zip(named, times)]
 
 
 def header(title: str) -> str:
