@@ -283,8 +283,9 @@ class CircuitDetection:
             return float(torch.stack([score(p, row_ids) for p, row_ids in seqs]).mean())
 
         scores: dict[str, float] = {}
-        if ids is not None:
-            found = [s for s in (_induction(p, row_ids) for p, row_ids in seqs) if s is not None]
+        if ids is not None:  # then sequences() gives every row its ids
+            induction = (_induction(p, row_ids) for p, row_ids in seqs if row_ids is not None)
+            found = [s for s in induction if s is not None]
             if found:
                 scores["induction"] = float(torch.stack(found).mean())
         scores["previous_token"] = mean_over_rows(lambda p, _: _previous_token(p))

@@ -122,7 +122,10 @@ def build_full_capture(
             continue
         layers = adapter.resolve_layers(cfg.layers)
         plan.layers[part] = layers
-        overrides = CapturePlan._qk(cfg) if part == "attention" else {}
+        # cfg is attention here; naming it keeps its CaptureConfig type for mypy
+        overrides = (
+            CapturePlan._qk(attention) if part == "attention" and attention is not None else {}
+        )
         for name, (flag, kind) in table.items():
             if getattr(cfg, flag):
                 plan.want(overrides.get(name, kind), layers, cfg.storage_dtype, cfg.storage_device)

@@ -11,7 +11,7 @@ of the FLOPs) and stops after the last layer anything was asked of.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -344,7 +344,7 @@ def head_contributions(
     outs = []
     for i, layer in enumerate(layers):
         o_proj = adapter.part(layer, f"{anat.attn}.{anat.o_proj}")
-        w = o_proj.weight
+        w = cast(torch.Tensor, o_proj.weight)  # nn.Module.__getattr__ is typed Tensor | Module
         w_o = w.T if anat.conv1d else w  # [d_model, H*D]
         w_o = w_o.to(z.device, z.dtype).view(w_o.shape[0], h, d)
         zi = z[:, i].reshape(b, t, h, d)
@@ -358,9 +358,10 @@ def head_contributions(
 
 def rms_gain(norm: nn.Module, x: torch.Tensor, offset: float) -> torch.Tensor:
     """``(offset + weight) / rms(x)`` of an RMSNorm for input ``x [B, T, d]`` -> ``[B, T, d]``."""
-    eps = getattr(norm, "eps", None)
+    eps: float | None = getattr(norm, "eps", None)
     if eps is None:
         eps = getattr(norm, "variance_epsilon", 1e-6)
     xf = x.float()
     inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (inv * (offset + norm.weight.float())).to(x.dtype)
+    weight = cast(torch.Tensor, norm.weight)  # nn.Module.__getattr__ is typed Tensor | Module
+    return (inv * (offset + weight.float())).to(x.dtype)

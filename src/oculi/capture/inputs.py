@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 
@@ -68,9 +68,8 @@ def prepare_batch(
             the model's context, a padded batch without a mask, or masks of the wrong shape.
     """
     mask_given = attention_mask is not None
-    if isinstance(inputs, str) or (
-        isinstance(inputs, Sequence) and len(inputs) > 0 and all(isinstance(s, str) for s in inputs)
-    ):
+    mask: torch.Tensor | None
+    if _is_text(inputs):
         ids, mask = _tokenize(inputs, tokenizer)
         mask_given = True
     elif isinstance(inputs, Mapping):
@@ -153,6 +152,13 @@ def prepare_batch(
     )
 
 
+def _is_text(inputs: Inputs) -> TypeGuard[str | Sequence[str]]:
+    """One string, or a non-empty sequence of strings."""
+    return isinstance(inputs, str) or (
+        isinstance(inputs, Sequence) and len(inputs) > 0 and all(isinstance(s, str) for s in inputs)
+    )
+
+
 def _tokenize(prompts: str | Sequence[str], tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask ``[B, T]`` of one string or a list of them.
 
@@ -201,10 +207,10 @@ def _check_content(texts: list[str], ids: torch.Tensor, mask: torch.Tensor, toke
     """
     special = set(getattr(tokenizer, "all_special_ids", None) or [])
     special.discard(getattr(tokenizer, "unk_token_id", None))
-    special = torch.tensor(sorted(special), dtype=torch.long)
-    if special.numel() == 0:
+    special_ids = torch.tensor(sorted(special), dtype=torch.long)
+    if special_ids.numel() == 0:
         return  # rows with no tokens at all are found by prepare_batch
-    content = mask.bool() & ~torch.isin(ids, special)
+    content = mask.bool() & ~torch.isin(ids, special_ids)
     for row in (~content.any(dim=1)).nonzero()[:, 0].tolist():
         pieces = tokenizer.convert_ids_to_tokens(ids[row][mask[row].bool()].tolist())
         got = f"only the special tokens {pieces}" if pieces else "no tokens"

@@ -69,10 +69,8 @@ HEADER_KEY = "oculi_capture"
 FORMATS = ("safetensors", "npz", "hdf5", "json", "pickle")
 
 Capture = AttentionCapture | ResidualCapture | MLPCapture | LogitCapture | FullCapture
-_STRUCTURES: dict[str, type] = {
-    cls.__name__: cls
-    for cls in (AttentionCapture, ResidualCapture, MLPCapture, LogitCapture, FullCapture)
-}
+_CAPTURE_TYPES = (AttentionCapture, ResidualCapture, MLPCapture, LogitCapture, FullCapture)
+_STRUCTURES: dict[str, type] = {cls.__name__: cls for cls in _CAPTURE_TYPES}
 _PARTS = {
     "attention": AttentionCapture,
     "residual": ResidualCapture,
@@ -121,7 +119,9 @@ _WIDENED = {torch.bfloat16} | {
 
 
 # -- saving ------------------------------------------------------------------------------
-def save_capture(capture: Capture, path: str | os.PathLike, *, format: str = "safetensors") -> None:
+def save_capture(
+    capture: Capture | _Capture, path: str | os.PathLike, *, format: str = "safetensors"
+) -> None:
     """Write ``capture`` to ``path`` (the file is written whole, then moved into place).
 
     Args:
@@ -170,7 +170,7 @@ def save_capture(capture: Capture, path: str | os.PathLike, *, format: str = "sa
         tmp.unlink(missing_ok=True)
 
 
-def capture_to_numpy(capture: Capture) -> dict[str, np.ndarray]:
+def capture_to_numpy(capture: Capture | _Capture) -> dict[str, np.ndarray]:
     """The arrays a saved file would hold, by the same names (bf16/fp8 widened to float32)."""
     return {key: _numpy(t) for key, t in _to_cpu(_encode(capture, "")[1]).items()}
 
@@ -178,7 +178,8 @@ def capture_to_numpy(capture: Capture) -> dict[str, np.ndarray]:
 def _encode(capture: Any, prefix: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(JSON node, tensors by file key)`` for one structure."""
     if isinstance(capture, FullCapture):
-        parts, tensors = {}, {}
+        parts: dict[str, dict[str, Any] | None] = {}
+        tensors: dict[str, torch.Tensor] = {}
         for name in _PARTS:
             part = getattr(capture, name)
             parts[name] = None
@@ -210,9 +211,9 @@ def _encode(capture: Any, prefix: str) -> tuple[dict[str, Any], dict[str, torch.
             f"save_capture takes an oculi capture structure ({', '.join(_STRUCTURES)}), "
             f"got {type(capture).__name__}"
         )
-    values = {name: t for name, t in values.items() if t is not None}
+    present = {name: t for name, t in values.items() if t is not None}
     batched = not capture.metadata.get("single", True)
-    problem = _shape_problem(structure, values, capture.layers, attrs, batched=batched)
+    problem = _shape_problem(structure, present, capture.layers, attrs, batched=batched)
     if problem:
         where = f"the {prefix[:-1]} part's " if prefix else ""
         raise InputError(f"cannot save this capture: {where}{problem}")
@@ -221,9 +222,9 @@ def _encode(capture: Any, prefix: str) -> tuple[dict[str, Any], dict[str, torch.
         "layers": [int(layer) for layer in capture.layers],
         "attrs": attrs,
         "metadata": capture.metadata,
-        "tensors": list(values),
+        "tensors": list(present),
     }
-    return node, {prefix + name: t for name, t in values.items()}
+    return node, {prefix + name: t for name, t in present.items()}
 
 
 def _tensor_fields(cls: type) -> list[str]:
@@ -287,7 +288,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _crc32(t: torch.Tensor) -> int:
     if t.numel() == 0:
         return 0
-    return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy())
+    # numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12
+    return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -303,7 +305,8 @@ def _write_safetensors(tmp: Path, text: str, tensors: dict[str, torch.Tensor]) -
 def _write_npz(tmp: Path, text: str, tensors: dict[str, torch.Tensor]) -> None:
     arrays = {key: _numpy(t) for key, t in tensors.items()}
     with open(tmp, "wb") as fh:  # a file object: np.savez would append ".npz" to a name
-        np.savez(fh, __meta__=np.array(text), **arrays)
+        # mypy matches **arrays against savez's allow_pickle: bool; the keys are tensor names
+        np.savez(fh, __meta__=np.array(text), **arrays)  # type: ignore[arg-type]
 
 
 def _write_hdf5(tmp: Path, text: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -496,7 +499,7 @@ def _load_pickle(path: Path, kind: str) -> Capture:
                 payload = pickle.load(fh)
     except Exception as exc:
         raise _error(path, f"corrupt or truncated pickle ({type(exc).__name__}: {exc})") from None
-    if isinstance(payload, tuple(_STRUCTURES.values())):
+    if isinstance(payload, _CAPTURE_TYPES):
         return payload
     if not (isinstance(payload, dict) and HEADER_KEY in payload and "tensors" in payload):
         raise _error(path, f"the pickle holds a {type(payload).__name__}, not an oculi capture")
@@ -604,7 +607,7 @@ def _decode(
             path,
             f"{where}: a {structure} has attributes among {', '.join(allowed_attrs)}, got {attrs!r}",
         )
-    values = {}
+    values: dict[str, Any] = {}  # keyword arguments of cls, checked against its fields above
     for name in names:
         if prefix + name not in tensors:
             raise _error(path, f"{where}: tensor {prefix + name!r} is missing")

@@ -202,12 +202,17 @@ class LogitCapture(LayerIndexed):
                 best_v, best_i, run_max = v, i, block_max
                 run_sum = _sum_exp_(logits, block_max)
                 continue
+            # all four are set together on the first block
+            assert best_i is not None and run_max is not None and run_sum is not None
             both_v, both_i = torch.cat([best_v, v], 1), torch.cat([best_i, i], 1)
             best_v, order = torch.topk(both_v, min(k, both_v.shape[1]), dim=-1)
             best_i = both_i.gather(1, order)
             new_max = torch.maximum(run_max, block_max)
             run_sum = run_sum * torch.exp(run_max - new_max) + _sum_exp_(logits, new_max)
             run_max = new_max
+        # the vocabulary is not empty, so the first block set all four
+        assert best_v is not None and best_i is not None
+        assert run_max is not None and run_sum is not None
         return best_v, best_i, (run_sum.log() + run_max)[:, 0]
 
     @property

@@ -99,7 +99,7 @@ class HeadAblation(Intervention):
     def bind(self, adapter: Adapter) -> Binding:
         layer = adapter.resolve_layer(self.layer)
         head = adapter.resolve_head(self.head, "z")
-        kw = dict(mode="replace", head=head, position=self.positions, owner=self)
+        kw: dict[str, Any] = dict(mode="replace", head=head, position=self.positions, owner=self)
         if self.method == "zero":
             w = SiteWrite(adapter, "z", layer, 0.0, **kw)
             return Binding(edits=[w.edit()], begins=[w.begin])
@@ -111,10 +111,13 @@ class HeadAblation(Intervention):
     def _bind_captured(self, adapter: Adapter, layer: int, head: int, kw: dict) -> Binding:
         """Mean over a reference set, or resampling: values captured when the context opens."""
         holder: dict[str, SiteWrite] = {}
+        source_len: dict[str, int] = {}  # "n": the resampling source's token length
         what = repr(self)
 
         def prepare() -> None:
             inputs = self.reference if self.method == "mean" else self.source
+            # resample: __init__ requires source=; mean: bind comes here only with reference=
+            assert inputs is not None
             batch = adapter.prepare(inputs)
             z = record(adapter, batch, {"z": (layer,)})["z"][1][:, 0, head]  # [B, T, D]
             if self.method == "mean":
@@ -122,7 +125,7 @@ class HeadAblation(Intervention):
                 value = (z * m).sum(dim=(0, 1)) / m.sum()
                 holder["w"] = SiteWrite(adapter, "z", layer, value, **kw)
                 return
-            holder["n"] = z.shape[1]
+            source_len["n"] = z.shape[1]
             value = z
             if self.positions is not None:
                 fake = Session(prompt_len=z.shape[1], batch=z.shape[0], mask=None, ids=None)
@@ -133,9 +136,9 @@ class HeadAblation(Intervention):
             holder["w"] = SiteWrite(adapter, "z", layer, value, **kw)
 
         def begin(session: Session) -> None:
-            if self.method == "resample" and session.prompt_len != holder["n"]:
+            if self.method == "resample" and session.prompt_len != source_len["n"]:
                 raise ValueError(
-                    f"{what}: the source has {holder['n']} tokens but the input has "
+                    f"{what}: the source has {source_len['n']} tokens but the input has "
                     f"{session.prompt_len}; resampling takes z at the same positions, so both "
                     "need the same token length (pad them together, or check for a BOS added "
                     "to one)"

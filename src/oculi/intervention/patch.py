@@ -56,7 +56,8 @@ class SiteWrite:
         adapter: the model.
         kind: a writable site kind.
         layer: a layer index (negatives count from the end).
-        value: a tensor broadcastable to the selected slice (see the module docstring).
+        value: a tensor broadcastable to the selected slice (see the module docstring), or a
+            number.
         mode: ``"replace"``, ``"add"``, or ``"mul"`` (multiply, e.g. Q scaling).
         head: one head of a per-head site, or ``None`` for all heads.
         position: prompt positions (see :mod:`oculi.intervention.state`), ``None``: all.
@@ -73,7 +74,7 @@ class SiteWrite:
         adapter: Adapter,
         kind: str,
         layer: int,
-        value: torch.Tensor,
+        value: torch.Tensor | float,
         *,
         mode: Mode = "replace",
         head: int | None = None,
@@ -176,7 +177,7 @@ class SiteWrite:
             return slice(0, span.length), None  # every column (the common case)
         local: list[int] = []
         vidx: list[int] = []
-        steps = None if self.steps in (None, "all") else self.steps
+        steps = None if self.steps is None or self.steps == "all" else self.steps
         if steps is None or 0 in steps:
             if cols is None:
                 lo, hi = max(start, 0), min(end, n)
@@ -236,6 +237,7 @@ class SiteWrite:
             torch.arange(x.shape[-2])[local] if not isinstance(local, list) else torch.tensor(local)
         )
         rows, loc = rows.to(x.device), loc.to(x.device)
+        idx: tuple[torch.Tensor, ...]
         if per_head:
             heads = torch.arange(x.shape[1]) if self.head is None else torch.tensor([self.head])
             idx = (rows[:, None, None], heads.to(x.device)[None, :, None], loc[None, None, :])

@@ -110,6 +110,7 @@ class Tracker:
             session.last_len = past + length
             return
         if past == 0 and generating and after_generate and self._continues(ids, batch, length):
+            assert session is not None  # _continues is False without a session
             self.frame = Frame(offset=0, length=length, session=session)
             session.last_len = length
             return

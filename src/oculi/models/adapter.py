@@ -16,7 +16,7 @@ disagree.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -66,7 +66,10 @@ class Adapter:
         self.anatomy = found
         self.model = model
         self.tokenizer = tokenizer
-        self.layer_modules: list[nn.Module] = list(get_path(model, found.layers))
+        # the layers path names a ModuleList; get_path is typed for any module
+        self.layer_modules: list[nn.Module] = list(
+            cast(nn.ModuleList, get_path(model, found.layers))
+        )
         self.decoder: nn.Module = get_path(model, found.decoder)
         self._read_sizes()
         self._check_tokenizer()
@@ -84,15 +87,17 @@ class Adapter:
         return get_path(self.layer_modules[layer], path)
 
     def _read_sizes(self) -> None:
-        cfg, anat = self.model.config, self.anatomy
+        cfg: Any = self.model.config  # a transformers config: attributes vary by family
+        anat = self.anatomy
         self.n_layers = len(self.layer_modules)
         self.n_heads = int(cfg.num_attention_heads)
         self.n_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
         self.d_model = int(cfg.hidden_size)
         self.d_head = int(getattr(cfg, "head_dim", None) or self.d_model // self.n_heads)
-        down = self.part(0, f"{anat.mlp}.{anat.down_proj}").weight
+        # nn.Module.__getattr__ is typed Tensor | Module; a projection's weight is a tensor
+        down = cast(torch.Tensor, self.part(0, f"{anat.mlp}.{anat.down_proj}").weight)
         self.d_mlp = int(down.shape[0] if anat.conv1d else down.shape[1])
-        w_u = get_path(self.model, anat.unembed).weight
+        w_u = cast(torch.Tensor, get_path(self.model, anat.unembed).weight)
         self.d_vocab = int(w_u.shape[0])
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
 
@@ -124,7 +129,9 @@ class Adapter:
         head = get_path(self.model, self.anatomy.unembed)
         attr = self.anatomy.final_softcap_attr
         cap = getattr(self.model.config, attr, None) if attr else None
-        return head.weight.detach(), (head.bias.detach() if head.bias is not None else None), cap
+        # nn.Module.__getattr__ is typed Tensor | Module; these are the head's parameters
+        weight, bias = cast(torch.Tensor, head.weight), cast("torch.Tensor | None", head.bias)
+        return weight.detach(), (bias.detach() if bias is not None else None), cap
 
     # -- validation ----------------------------------------------------------------------
     def resolve_layer(self, layer: int) -> int:
@@ -256,7 +263,8 @@ class Adapter:
         if pad_id is None:
             pad_id = getattr(self.tokenizer, "eos_token_id", None)
         with torch.no_grad():
-            out = self.model.generate(
+            # generate comes from transformers' GenerationMixin, not nn.Module
+            out = cast(Any, self.model).generate(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,
                 max_new_tokens=max_new_tokens,

@@ -135,7 +135,7 @@ class Anatomy:
             )
 
 
-def _rope_types(config: Any) -> set[str]:
+def _rope_types(config: Any) -> set[str | None]:
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
     if not isinstance(params, dict):
         return set()
@@ -151,7 +151,7 @@ def _rope_types(config: Any) -> set[str]:
 
 def _generic_config_problems(config: Any) -> list[str]:
     problems = []
-    unknown = _rope_types(config) - KNOWN_ROPE_TYPES - {None}
+    unknown = {t for t in _rope_types(config) if t is not None} - KNOWN_ROPE_TYPES
     if unknown:
         problems.append(
             f"rope type {sorted(unknown)} (known: {', '.join(sorted(KNOWN_ROPE_TYPES))})"

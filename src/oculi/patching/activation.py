@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -139,6 +139,15 @@ def _single(adapter: Adapter, prompt: Any, what: str) -> Batch:
             "a next-token metric needs at least one token of content"
         )
     return batch
+
+
+def prompt_tokens(adapter: Adapter, batch: Batch) -> list[str]:
+    """The tokens of a one-prompt batch (see :func:`_single`) as strings, ``[]`` without a
+    tokenizer."""
+    if adapter.tokenizer is None:
+        return []
+    # one row, so to_str_tokens returns a single list of tokens rather than a list per row
+    return cast("list[str]", adapter.to_str_tokens(batch.input_ids))
 
 
 def check_read_position(metric: Metric, batch: Batch, what: str) -> None:
@@ -260,7 +269,7 @@ def activation_patching(
 
     if per_head:
         n_heads = adapter.n_kv_heads if kind.kv else adapter.n_heads
-        items = list(range(n_heads))
+        items: list[int | None] = list(range(n_heads))
         axis: str | None = "head"
     elif per_position:
         items = (
@@ -285,8 +294,11 @@ def activation_patching(
             if not _no_op(kind, clean_acts[layer], corrupt_acts[layer], axis, item, read_pos)
         ]
         if late:
+            # late only on the position axis, where every item is a position (an int)
+            positioned = cast("list[tuple[int, int]]", live)
             jobs += [
-                (li, layer, start, chunk) for start, chunk in _position_groups(live, t, batch_size)
+                (li, layer, start, chunk)
+                for start, chunk in _position_groups(positioned, t, batch_size)
             ]
         else:
             jobs += [(li, layer, 0, chunk) for chunk in _chunks(live, batch_size or len(live) or 1)]
@@ -313,7 +325,7 @@ def activation_patching(
         li_idx, col_idx = (torch.tensor(ix) for ix in zip(*cells))
         out[li_idx, col_idx] = evaluate(adapter, metric, torch.cat(rows))
     values = out if axis is not None else out[:, 0]
-    tokens = adapter.to_str_tokens(kb.input_ids) if adapter.tokenizer is not None else []
+    tokens = prompt_tokens(adapter, kb)
     return PatchingResult(
         values, clean_value, corrupt_value, layer_list, axis, site, metric.name, tokens
     )

@@ -11,10 +11,11 @@ training step. It is exact for sites the metric depends on linearly and a guide 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from oculi.capture.hooks import HookSet, first_tensor
 from oculi.capture.inputs import Batch
@@ -27,6 +28,7 @@ from oculi.patching.activation import (
     _with_reference,
     check_aligned,
     check_read_position,
+    prompt_tokens,
 )
 from oculi.patching.metrics import Metric
 from oculi.patching.resume import unembed
@@ -96,7 +98,7 @@ def attribution_patching(
     else:
         values = corrupt_value + contrib.sum(-1)
         axis = "position"
-    tokens = adapter.to_str_tokens(kb.input_ids) if adapter.tokenizer is not None else []
+    tokens = prompt_tokens(adapter, kb)
     return PatchingResult(
         values.detach().cpu(),
         clean_value,
@@ -125,37 +127,43 @@ def _metric_and_grads(
     def keep(layer: int, x: torch.Tensor) -> None:
         acts[layer] = x
 
+    def keep_arg(layer: int) -> Callable[[nn.Module, tuple], None]:
+        return lambda _m, a: keep(layer, a[0])
+
+    def keep_output(layer: int) -> Callable[[nn.Module, Any, Any], None]:
+        return lambda _m, _a, o: keep(layer, first_tensor(o))
+
+    def keep_hidden(layer: int) -> Callable[[nn.Module, tuple, dict], None]:
+        return lambda _m, a, kw: keep(layer, a[0] if a else kw["hidden_states"])
+
     with HookSet() as hooks, torch.enable_grad():
         for layer in layers:
             block = adapter.layer_modules[layer]
             if site == "resid_pre":
-                hooks.forward_pre(block, lambda _m, a, layer=layer: keep(layer, a[0]))
+                hooks.forward_pre(block, keep_arg(layer))
             elif site == "resid_post":
-                hooks.forward(block, lambda _m, _a, o, layer=layer: keep(layer, first_tensor(o)))
+                hooks.forward(block, keep_output(layer))
             elif site == "attn_out":
                 src = (
                     adapter.part(layer, anat.attn_out_norm)
                     if anat.attn_out_norm
                     else adapter.part(layer, anat.attn)
                 )
-                hooks.forward(src, lambda _m, _a, o, layer=layer: keep(layer, first_tensor(o)))
+                hooks.forward(src, keep_output(layer))
             elif site == "mlp_out":
                 src = (
                     adapter.part(layer, anat.mlp_out_norm)
                     if anat.mlp_out_norm
                     else adapter.part(layer, anat.mlp)
                 )
-                hooks.forward(src, lambda _m, _a, o, layer=layer: keep(layer, first_tensor(o)))
+                hooks.forward(src, keep_output(layer))
             else:
                 path = {
                     "mlp_in": anat.mlp,
                     "mlp_post": f"{anat.mlp}.{anat.down_proj}",
                     "z": f"{anat.attn}.{anat.o_proj}",
                 }[site]
-                hooks.forward_pre_kwargs(
-                    adapter.part(layer, path),
-                    lambda _m, a, kw, layer=layer: keep(layer, a[0] if a else kw["hidden_states"]),
-                )
+                hooks.forward_pre_kwargs(adapter.part(layer, path), keep_hidden(layer))
         # the embedding output is the leaf that makes every later activation require grad
         embed = get_path(adapter.model, anat.embed)
         hooks.forward(embed, lambda _m, _a, o: o.detach().requires_grad_(need_grad))
@@ -167,5 +175,6 @@ def _metric_and_grads(
             return float(value.detach()), stacked, torch.zeros_like(stacked)
         # autograd.grad, not backward(): nothing accumulates in the parameters' .grad
         grads = torch.autograd.grad(value, [acts[layer] for layer in layers], allow_unused=True)
-    grads = [torch.zeros_like(acts[layer]) if g is None else g for layer, g in zip(layers, grads)]
-    return float(value.detach()), stacked, torch.stack([g[0] for g in grads]).detach()
+    # allow_unused: a layer the metric does not depend on has no gradient (None)
+    filled = [torch.zeros_like(acts[layer]) if g is None else g for layer, g in zip(layers, grads)]
+    return float(value.detach()), stacked, torch.stack([g[0] for g in filled]).detach()

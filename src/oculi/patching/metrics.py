@@ -60,10 +60,10 @@ class Metric:
             return logits[:, 0]
         assert self.token_ids is not None or self.kind == "kl"
         logp = torch.log_softmax(logits, dim=-1)
-        if self.kind == "probability":
-            return logp[:, self.token_ids[0]].exp()
-        if self.kind == "log_prob":
-            return logp[:, self.token_ids[0]]
+        if self.kind in ("probability", "log_prob"):
+            assert self.token_ids is not None  # the check above, for these kinds
+            answer = logp[:, self.token_ids[0]]
+            return answer.exp() if self.kind == "probability" else answer
         if self.kind == "kl":
             if self.reference is None:
                 raise ValueError("kl needs reference log-probabilities (the clean run's)")

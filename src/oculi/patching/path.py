@@ -34,9 +34,10 @@ from oculi.patching.activation import (
     check_aligned,
     check_read_position,
     metric_of,
+    prompt_tokens,
 )
 from oculi.patching.metrics import Metric
-from oculi.patching.resume import ResumableRun, unembed
+from oculi.patching.resume import LayerPatchers, ResumableRun, unembed
 from oculi.patching.writers import PatchSpec, patchers_for
 
 if TYPE_CHECKING:
@@ -132,7 +133,7 @@ def path_patching(
         out[layer, heads] = metric(unembed(adapter, normed, metric.columns())).cpu()
         bar.update(1)
     bar.close()
-    tokens = adapter.to_str_tokens(cb.input_ids) if adapter.tokenizer is not None else []
+    tokens = prompt_tokens(adapter, cb)
     name = "logits" if not recv else f"{receiver_input} of {recv}"
     return PatchingResult(
         out,
@@ -173,7 +174,7 @@ def _run_with_receivers(adapter, run: ResumableRun, inputs, recv, kind, read) ->
     """Step 2: the clean run with only the receivers' inputs replaced."""
     rows = next(iter(inputs.values())).shape[0]
     group = adapter.n_heads // adapter.n_kv_heads
-    patchers = {}
+    patchers: LayerPatchers = {}
     for rl in sorted(inputs):
         heads = sorted({hd if kind == "q" else hd // group for layer, hd in recv if layer == rl})
 

@@ -35,6 +35,7 @@ from oculi.patching.activation import (
     _single,
     check_aligned,
     evaluate,
+    prompt_tokens,
 )
 from oculi.patching.metrics import probability
 from oculi.patching.resume import ResumableRun, unembed
@@ -233,6 +234,7 @@ def causal_tracing(
                         start,
                     )
                 else:
+                    assert clean_acts is not None  # recorded for every kind but resid
                     # ROME's window: layers [l - w//2, l - w//2 + w), clipped to the model
                     lo = max(0, layer - window // 2)
                     hi = min(n, layer - window // 2 + window)
@@ -262,7 +264,7 @@ def causal_tracing(
             grid[li_idx, pos_idx] = evaluate(adapter, metric, torch.cat(rows))
         total += grid
     bar.close()
-    tokens = adapter.to_str_tokens(clean.input_ids) if adapter.tokenizer is not None else []
+    tokens = prompt_tokens(adapter, clean)
     return TracingResult(
         total / len(runs), clean_prob, corrupt_prob, kind, window, tokens, positions
     )

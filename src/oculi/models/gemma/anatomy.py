@@ -18,11 +18,13 @@ q/k RMSNorm (applied to ``[B, H, T, D]``), and for the 270M model has 18 layers,
 heads sharing 1 KV head, ``d_head`` 256 and a 262,144-token vocabulary.
 """
 
+from typing import Any
+
 from oculi.models.anatomy import Anatomy, register_anatomy
 
 GEMMA = register_anatomy(Anatomy(family="gemma", model_types=("gemma",), norm_offset=1.0))
 
-_SANDWICH = dict(
+_SANDWICH: dict[str, Any] = dict(
     attn_out_norm="post_attention_layernorm",
     mlp_norm="pre_feedforward_layernorm",
     mlp_out_norm="post_feedforward_layernorm",
