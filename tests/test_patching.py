@@ -617,3 +617,25 @@ def test_results_render_as_text_and_heatmaps():
         adapter.n_layers,
         len(tr.tokens),
     )
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gpt2", "neox_parallel"])
+@pytest.mark.parametrize("site", ["resid_pre", "attn_out", "z", "k", "pattern", "mlp_post"])
+def test_long_prompt_sweeps_in_several_suffix_batches_match_the_plain_sweep(
+    family, site, monkeypatch
+):
+    """A 40-token prompt corrupted at position 2: the sweep runs copies in batches starting at
+    positions 2, 22 and 38 (activation._position_groups); numbers equal the plain sweep."""
+    adapter = oculi.attach(tiny_model(family))
+    clean = prompt_ids(40, seed=5).unsqueeze(0)
+    corrupt = clean.clone()
+    corrupt[0, 2] = (corrupt[0, 2] + 7) % 90 + 3
+    live = [(p, p) for p in range(2, 40)]
+    assert [s for s, _ in activation._position_groups(live, 40, None)] == [2, 22, 38]
+    kwargs = dict(site=site, metric=patching.logit_diff(CORRECT, WRONG), progress=False)
+    fast = patching.activation_patching(adapter, clean, corrupt, **kwargs)
+    monkeypatch.setattr(activation, "_no_op", lambda *a: False)
+    monkeypatch.setattr(ResumableRun, "can_start_late", lambda self: False)
+    plain = patching.activation_patching(adapter, clean, corrupt, **kwargs)
+    torch.testing.assert_close(fast.values, plain.values, atol=TOL, rtol=0)
+    assert (plain.values[:, 2:] - plain.corrupt_metric).abs().max() > 1e-3

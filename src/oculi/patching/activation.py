@@ -359,6 +359,9 @@ def _no_op(kind, clean: torch.Tensor, corrupt: torch.Tensor, axis, item, read_po
     return torch.equal(clean, corrupt)
 
 
+_MIN_SAVED = 16
+
+
 def _position_groups(
     live: list[tuple[int, int]], t: int, batch_size: int | None
 ) -> list[tuple[int, list[tuple[int, int]]]]:
@@ -366,15 +369,17 @@ def _position_groups(
 
     Copies patched at position ``p`` equal the corrupt run before ``p``, so a batch whose
     earliest patch is at ``s`` runs positions ``s..T-1`` only. A new batch starts when the
-    next position would run on less than half of the current batch's length (so few tokens
-    are computed that the patch could not change), or when the batch is full.
+    next position would run on less than half of the current batch's length and starting
+    there saves at least ``_MIN_SAVED`` positions per copy (below that, an extra batch costs
+    more in per-call overhead than the positions it skips: on a 15-token prompt one batch
+    is fastest), or when the batch is full.
     """
     groups: list[tuple[int, list[tuple[int, int]]]] = []
     for col, p in sorted(live, key=lambda cp: cp[1]):
         if groups:
             start, chunk = groups[-1]
             full = batch_size is not None and len(chunk) >= batch_size
-            if not full and 2 * (t - p) >= t - start:
+            if not full and (2 * (t - p) >= t - start or p - start < _MIN_SAVED):
                 chunk.append((col, p))
                 continue
         groups.append((p, [(col, p)]))
