@@ -28,7 +28,9 @@ from oculi import patching  # noqa: E402
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
-FACT, SUBJECT, TARGET = "The Eiffel Tower is located in the city of", "The Eiffel Tower", " Paris"
+# 15 tokens with BOS, the prompt length the tracing target is stated for.
+FACT = "The Eiffel Tower is a famous tower that is located in the city of"
+SUBJECT, TARGET = "The Eiffel Tower", " Paris"
 
 
 def naive_resid_pre_sweep(adapter, clean_ids, corrupt_ids, correct, wrong) -> torch.Tensor:
