@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from oculi.capture.places import LOCATORS, Location, ModelParts
 from oculi.errors import UnknownSiteError, did_you_mean
 
 
@@ -30,6 +31,9 @@ class SiteKind:
         kv: its heads are key/value heads (``H_kv`` of them).
         width: what the last dimension is: ``"d_model"``, ``"d_head"``, ``"d_mlp"`` or ``"pos"``.
         doc: one line on what it is.
+
+    Where a kind lives in a given model (module, input or output, view) is its locator,
+    :meth:`locate` (see :mod:`oculi.capture.places`).
     """
 
     name: str
@@ -37,6 +41,10 @@ class SiteKind:
     kv: bool
     width: str
     doc: str
+
+    def locate(self, m: ModelParts) -> Location:
+        """Where this kind is read and written in ``m`` (an adapter)."""
+        return LOCATORS[self.name](m)
 
 
 SITE_KINDS: dict[str, SiteKind] = {
