@@ -71,6 +71,12 @@ SITE_KINDS: dict[str, SiteKind] = {
     ]
 }
 
+#: kinds stored heads-first, ``[B, H, T, ·]``
+PER_HEAD = tuple(k for k, kind in SITE_KINDS.items() if kind.per_head)
+#: kinds with a tensor of their own to write (in models that have them; see ``locate``):
+#: all but ``head_out``, which is derived from ``z``
+WRITABLE = tuple(k for k in SITE_KINDS if k != "head_out")
+
 # TransformerLens name (after "blocks.{l}.") -> oculi kind. TL's hook_q/hook_k are pre-rotary
 # and hook_rot_q/hook_rot_k post-rotary; oculi keeps that meaning. TL's hook_mlp_in is the MLP
 # block's input *before* its layer norm: resid_mid for sequential blocks, resid_pre for
