@@ -158,7 +158,7 @@ class HarvestPlan:
 def array_specs(adapter: Adapter, sites: Sequence[str], layers: Sequence[int]) -> list[ArraySpec]:
     """The ``(site, layer)`` arrays and their widths, read from the adapter's sizes."""
     widths = {"d_model": adapter.d_model, "d_mlp": adapter.d_mlp, "d_head": adapter.d_head}
-    out = []
+    out: list[ArraySpec] = []
     for site in sites:
         kind = SITE_KINDS[site]
         heads = (adapter.n_kv_heads if kind.kv else adapter.n_heads) if kind.per_head else None

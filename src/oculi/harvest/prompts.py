@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -176,7 +176,7 @@ def assign_splits(n_prompts: int, split: float | Sequence[str], seed: int) -> np
         test = np.random.default_rng(seed).permutation(n_prompts)[:n_test]
         labels[test] = "test"
         return labels
-    labels = np.asarray(list(split), dtype=object)
+    labels = np.asarray(list(cast(Sequence[str], split)), dtype=object)
     if len(labels) != n_prompts:
         raise InputError(f"split has {len(labels)} labels for {n_prompts} prompts (one per prompt)")
     for i, s in enumerate(labels):

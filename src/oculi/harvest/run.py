@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -182,7 +182,7 @@ def _split_key(split: float | Sequence[str]) -> float | str:
         return float(split)
     if isinstance(split, str):
         raise InputError(f"split must be a fraction or one label per prompt, got {split!r}")
-    blob = json.dumps([str(s) for s in split]).encode()
+    blob = json.dumps([str(s) for s in cast(Sequence[str], split)]).encode()
     return "labels:" + hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -202,7 +202,7 @@ def _executor(executor: Any, progress: bool):
 
 def model_identity(adapter: Adapter) -> dict[str, Any]:
     """What must match for two harvests to be the same model (compared on resume)."""
-    cfg = adapter.model.config.to_dict()
+    cfg = cast(Any, adapter.model).config.to_dict()
     for key in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
         cfg.pop(key, None)
     blob = json.dumps(cfg, sort_keys=True, default=str).encode()

@@ -129,8 +129,9 @@ def iter_shuffled(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="oculi-shuffle") as pool:
         future = pool.submit(read, windows[0]) if windows else None
         for i in range(len(windows)):
-            order, data = future.result()
-            future = pool.submit(read, windows[i + 1]) if i + 1 < len(windows) else None
+            order, data = future.result()  # type: ignore[union-attr]  # set when windows exist
+            if i + 1 < len(windows):
+                future = pool.submit(read, windows[i + 1])  # read ahead while serving this one
             carry_rows.append(order)
             for k in keys:
                 carry[k].append(data[k])

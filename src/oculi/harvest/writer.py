@@ -98,7 +98,7 @@ def write_unit(
         # a leftover shard of a failed attempt may be torn: zarr would read it back to merge
         shard_path(root, spec.name, unit.index).unlink(missing_ok=True)
         arrays[spec.name][unit.start : unit.stop] = data
-        crc[spec.name] = zlib.crc32(data)
+        crc[spec.name] = zlib.crc32(data.data)
         nbytes[spec.name] = shard_path(root, spec.name, unit.index).stat().st_size
     worker = f"{socket.gethostname()}:{os.getpid()}"
     return UnitResult(
@@ -146,7 +146,7 @@ def unit_checksums_match(arrays: dict[str, Any], rec: dict[str, Any]) -> bool:
             data = np.ascontiguousarray(arrays[name][start:stop])
         except Exception:  # a damaged chunk (zarr's CRC-32C, a torn shard): redo the unit
             return False
-        if zlib.crc32(data) != want:
+        if zlib.crc32(data.data) != want:
             return False
     return True
 
