@@ -33,7 +33,7 @@ import torch
 
 from oculi.capture.engine import record
 from oculi.capture.inputs import Batch
-from oculi.capture.sites import check_kind
+from oculi.capture.sites import PER_HEAD, WRITABLE
 from oculi.errors import InputError
 from oculi.patching._common import (
     Strategy,
@@ -54,16 +54,13 @@ from oculi.patching._common import (
 )
 from oculi.patching.metrics import Metric
 from oculi.patching.resume import Join, LayerPatchers, ResumableRun, run_joined, unembed
-from oculi.patching.writers import PatchSpec, patchers_for
+from oculi.patching.writers import PatchSpec, check_patchable, patchers_for
 from oculi.viz import heatmap, text_grid
 
 if TYPE_CHECKING:
     from oculi.models.adapter import Adapter
 
-PATCHABLE = (
-    "resid_pre", "attn_in", "q", "k", "v", "pattern", "z", "attn_out", "resid_mid", "mlp_in",
-    "mlp_gate", "mlp_up", "mlp_post", "mlp_out", "resid_post",
-)  # fmt: skip
+PATCHABLE = WRITABLE
 
 
 @dataclass
@@ -226,17 +223,10 @@ def activation_patching(
 
 def _check_site(adapter: Adapter, site: str, per_head: bool):
     """The site's kind, refusing sites that cannot be patched (as asked) in this model."""
-    kind = check_kind(site)
-    if site not in PATCHABLE:
-        raise InputError(
-            f"site {site!r} cannot be patched; patchable sites: {', '.join(PATCHABLE)}"
-        )
+    kind = check_patchable(adapter, site)
     if per_head and not kind.per_head:
-        raise InputError(f"per_head=True needs a per-head site (z, q, k, v, pattern), got {site!r}")
-    if site == "resid_mid" and adapter.anatomy.is_parallel(adapter.model.config):
         raise InputError(
-            "resid_mid is not a state of parallel-attention models (attention and MLP read the "
-            "same input); patch attn_out or resid_pre instead"
+            f"per_head=True needs a per-head site ({', '.join(PER_HEAD)}), got {site!r}"
         )
     return kind
 
