@@ -10,6 +10,7 @@
 
 from oculi import intervention as intervention
 from oculi import patching as patching
+from oculi import probe as probe
 from oculi.analysis.logit_lens import logit_lens
 from oculi.capture import (
     AttentionCapture,
@@ -61,6 +62,7 @@ __all__ = [
     "logit_lens",
     "open_harvest",
     "patching",
+    "probe",
     "register_anatomy",
     "supported_model_types",
 ]
