@@ -239,7 +239,10 @@ def _fit_torch(
     key = (site, layer)
     n_out = 1 if len(classes) == 2 else len(classes)
     # streaming pass 1: feature mean and scale of the training rows
-    total, sq, n = 0.0, 0.0, 0
+    width = store[key].shape[1]
+    total = torch.zeros(width, dtype=torch.float64)
+    sq = torch.zeros(width, dtype=torch.float64)
+    n = 0
     for batch in store.shuffled(seed, batch_rows, keys=[key], rows=train):
         x = torch.from_numpy(batch[key]).double()
         total, sq, n = total + x.sum(0), sq + (x * x).sum(0), n + len(x)
@@ -247,7 +250,7 @@ def _fit_torch(
     scale = ((sq / n - mean * mean).clamp_min(0).sqrt() + 1e-12).float()
     mean = mean.float()
     gen = torch.Generator().manual_seed(seed)
-    linear = torch.nn.Linear(store[key].shape[1], n_out)
+    linear = torch.nn.Linear(width, n_out)
     torch.nn.init.normal_(linear.weight, std=1e-3, generator=gen)
     opt = torch.optim.Adam(linear.parameters(), lr=lr, weight_decay=1.0 / (C * len(train)))
     for epoch in range(epochs):
