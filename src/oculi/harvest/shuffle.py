@@ -6,7 +6,7 @@
         x = batch["resid_post", 6]      # [4096, d_model]; batch.rows are their row numbers
 
 The order is computed from the row numbers alone (nothing is loaded to shuffle): the chunks
-are permuted, taken a window at a time (``window_bytes`` of data, a few hundred MB), and the
+are permuted, taken a window at a time (``window_bytes`` of data, 128 MB by default), and the
 rows of each window are permuted. Each epoch visits every row exactly once, the same seed and
 epoch give the same order, and every read is whole chunks in file order, so the store streams
 at disk speed while batches mix rows from many places in the data set (a window holds
@@ -106,51 +106,50 @@ def iter_shuffled(
     windows = windows[shard[0] :: shard[1]]
 
     def read(window: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, dict[Key, np.ndarray]]:
+        """The window's rows in served order: each run of chunks is read once, in file
+        order, and its rows scattered straight to their served places (one copy)."""
         chunks, order = window
         if wanted is not None:
             order = order[wanted[order]]
-        base = chunks * chunk_rows  # first row of each chunk, sorted
+        runs = [(a * chunk_rows, min(b * chunk_rows, store.n_rows)) for a, b in _runs(chunks)]
+        firsts = np.array([a for a, _ in runs])
+        which = np.searchsorted(firsts, order, side="right") - 1  # the run each row is in
+        sorter = np.argsort(which, kind="stable")
+        bounds = np.searchsorted(which[sorter], np.arange(len(runs) + 1))
         data = {}
         for key, arr in arrays.items():
-            parts = [
-                arr.zarr[a * chunk_rows : min(b * chunk_rows, store.n_rows)]
-                for a, b in _runs(chunks)
-            ]
-            block = np.concatenate(parts) if len(parts) > 1 else parts[0]
-            data[key] = block
-        # row r sits at (offset of its chunk in the window) + (r % chunk_rows)
-        local = np.searchsorted(base, order, side="right") - 1
-        starts = np.concatenate([[0], np.cumsum(np.minimum(chunk_rows, store.n_rows - base))[:-1]])
-        at = starts[local] + (order - base[local])
-        return order, {k: v[at] for k, v in data.items()}
+            out = np.empty((len(order), arr.shape[1]), dtype=arr.dtype)
+            for r, (a, b) in enumerate(runs):
+                at = sorter[bounds[r] : bounds[r + 1]]
+                if len(at):
+                    out[at] = np.asarray(arr.zarr[a:b])[order[at] - a]
+            data[key] = out
+        return order, data
 
-    carry_rows: list[np.ndarray] = []
-    carry: dict[Key, list[np.ndarray]] = {k: [] for k in keys}
+    def serve(pieces: list[tuple[np.ndarray, dict[Key, np.ndarray]]]) -> ShuffledBatch:
+        if len(pieces) == 1:
+            return ShuffledBatch(*pieces[0])
+        rows = np.concatenate([p[0] for p in pieces])
+        return ShuffledBatch(rows, {k: np.concatenate([p[1][k] for p in pieces]) for k in keys})
+
+    carry: list[tuple[np.ndarray, dict[Key, np.ndarray]]] = []  # < batch_rows rows
+    have = 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="oculi-shuffle") as pool:
         future = pool.submit(read, windows[0]) if windows else None
         for i in range(len(windows)):
             order, data = future.result()  # type: ignore[union-attr]  # set when windows exist
             if i + 1 < len(windows):
                 future = pool.submit(read, windows[i + 1])  # read ahead while serving this one
-            carry_rows.append(order)
-            for k in keys:
-                carry[k].append(data[k])
-            have = sum(len(r) for r in carry_rows)
-            if have < batch_rows:
-                continue
-            all_rows = np.concatenate(carry_rows)
-            joined = {k: np.concatenate(carry[k]) for k in keys}
-            full = (have // batch_rows) * batch_rows
-            for s in range(0, full, batch_rows):
-                yield ShuffledBatch(
-                    all_rows[s : s + batch_rows],
-                    {k: v[s : s + batch_rows] for k, v in joined.items()},
-                )
-            carry_rows = [all_rows[full:]]
-            carry = {k: [v[full:]] for k, v in joined.items()}
-    tail = np.concatenate(carry_rows) if carry_rows else np.empty(0, dtype=np.int64)
-    if len(tail) and not drop_last:
-        yield ShuffledBatch(tail, {k: np.concatenate(carry[k]) for k in keys})
+            s = 0
+            while s < len(order):
+                take = min(batch_rows - have, len(order) - s)
+                carry.append((order[s : s + take], {k: v[s : s + take] for k, v in data.items()}))
+                have, s = have + take, s + take
+                if have == batch_rows:  # batches inside a window are views, not copies
+                    yield serve(carry)
+                    carry, have = [], 0
+    if have and not drop_last:
+        yield serve(carry)
 
 
 class HarvestTorchDataset(torch.utils.data.IterableDataset):

@@ -194,7 +194,7 @@ class HarvestStore:
         split: str | None = None,
         rows: np.ndarray | None = None,
         epoch: int = 0,
-        window_bytes: int = 256 << 20,
+        window_bytes: int = 128 << 20,
         drop_last: bool = False,
         shard: tuple[int, int] = (0, 1),
     ):
