@@ -142,7 +142,7 @@ def bench_read(out: Path, rows: int, width: int = 640) -> None:
         print(f"| {window >> 20} MB | {batch} | {dt:.2f} | **{served / 2**20 / dt:,.0f}** |")
 
 
-def bench_ray(adapter, prompts, layers, batch_tokens, out: Path, units) -> None:
+def bench_ray(adapter, prompts, layers, batch_tokens, out: Path, units, free_cores: int) -> None:
     import ray
 
     from oculi.harvest import RayExecutor
@@ -168,20 +168,27 @@ def bench_ray(adapter, prompts, layers, batch_tokens, out: Path, units) -> None:
                           executor=RayExecutor(model=source, concurrency=n), **kw)  # fmt: skip
         wall = time.perf_counter() - t0
         recs = [json.loads(x) for x in (out / f"ray{n}" / "units.jsonl").read_text().splitlines()]
-        runs[n] = (wall, [r["seconds"] for r in recs], s)
+        runs[n] = (wall, recs, s)
     ray.shutdown()
-    wall1, unit1, s1 = runs[1]
+    wall1, recs1, s1 = runs[1]
+    unit1 = [r["seconds"] for r in recs1]
     startup = wall1 - sum(unit1) - driver
     c = float(np.mean(unit1))
     print(f"\n### Ray: {s1.tokens} tokens in {s1.units} units, local Ray, 1 CPU per actor\n")
-    print(
-        "| actors | wall s | per unit s (mean) | predicted wall s | tokens/s |\n| ---: | ---: | ---: | ---: | ---: |"
-    )
-    for n, (wall, units, s) in runs.items():
-        predicted = startup + -(-len(units) // n) * c + driver
-        print(
-            f"| {n} | {wall:.1f} | {np.mean(units):.2f} | {predicted:.1f} | {s.tokens / wall:,.0f} |"
-        )
+    print("| actors | wall s | per unit s (mean) | busiest actor s | start-up s (wall - busiest - d) "
+          "| predicted, P = N | predicted, P = free cores | tokens/s |\n"
+          "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")  # fmt: skip
+    for n, (wall, recs, s) in runs.items():
+        per_worker: dict[str, float] = {}
+        for r in recs:
+            per_worker[r["worker"]] = per_worker.get(r["worker"], 0.0) + r["seconds"]
+        busiest = max(per_worker.values())
+        waves = -(-len(recs) // n)
+        ideal = startup + waves * c + driver  # every actor has its own core or GPU
+        slow = n / min(n, free_cores)  # actors sharing cores: loads and units slow down alike
+        shared = startup * slow + waves * c * slow + driver
+        print(f"| {n} | {wall:.1f} | {np.mean([r['seconds'] for r in recs]):.2f} | {busiest:.1f} "
+              f"| {wall - busiest - driver:.1f} | {ideal:.1f} | {shared:.1f} | {s.tokens / wall:,.0f} |")  # fmt: skip
     print(f"\nFitted on 1 actor: start-up S = {startup:.1f} s, c_U + w_U = {c:.2f} s per unit, "
           f"driver d = {driver:.2f} s.")  # fmt: skip
 
@@ -197,6 +204,8 @@ def main() -> None:
     parser.add_argument("--unit-rows", type=int, default=512)
     parser.add_argument("--read-rows", type=int, default=1 << 19, help="rows of the read bench")
     parser.add_argument("--skip-harvest", action="store_true")
+    parser.add_argument("--free-cores", type=int, default=1,
+                        help="cores Ray actors really get (P in the scaling model)")  # fmt: skip
     parser.add_argument("--ray", action="store_true", help="also run the Ray 1- vs 2-actor runs")
     args = parser.parse_args()
     adapter = oculi.load(args.model, device="cpu")
@@ -209,9 +218,10 @@ def main() -> None:
             bench_harvest(
                 adapter, prompts, layers, args.batch_tokens, args.repeats, tmp / "store", units
             )
-        bench_read(tmp / "read", args.read_rows)
+        if args.read_rows:
+            bench_read(tmp / "read", args.read_rows)
         if args.ray:
-            bench_ray(adapter, prompts, layers, args.batch_tokens, tmp, units)
+            bench_ray(adapter, prompts, layers, args.batch_tokens, tmp, units, args.free_cores)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

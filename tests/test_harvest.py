@@ -95,7 +95,7 @@ def test_store_layout_is_plain_zarr_and_parquet(adapter, tmp_path):
     np.testing.assert_allclose(store["resid_post", 1][store.rows_of(prompt_ids=[3])],
                                ref.half().numpy(), atol=1e-3)  # fmt: skip
     # split: 6 of 30 prompts held out, whole prompts only
-    index = store.index.to_pandas() if False else store.index.to_pydict()
+    index = store.index.to_pydict()
     split_of = {}
     for pid, s in zip(index["prompt_id"], index["split"]):
         assert split_of.setdefault(pid, s) == s

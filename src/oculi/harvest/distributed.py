@@ -17,27 +17,29 @@ of any part loses at most the units in flight.
 
 Scaling model
 -------------
-For ``N`` GPU actors spread over ``M`` nodes, a harvest of ``T`` tokens in units of ``U`` rows
-(``u = ceil(T / U)`` units) takes about::
+For ``N`` actors spread over ``M`` nodes (``n = N / M`` per node), a harvest of ``T`` tokens
+in ``u = ceil(T / U)`` units of ``U`` rows takes about::
 
-    wall ≈ S + ceil(u / N) * (c_U + w_U) + d
+    wall ≈ s·S_1 + ceil(u / N)·s·(c_U + w_U) + d,        s = n / min(n, P)
 
-* ``S``: start-up, paid once and in parallel on every actor: Ray cluster/actor start and one
-  model load per actor (seconds; independent of ``N`` unless ``M`` nodes fetch weights from
-  one server, then ~``M * weights / bandwidth``).
-* ``c_U``: compute of one unit on one actor, ``U / r`` with ``r`` the actor's tokens/s (the
-  local executor's rate on the same device, about the bare forward's rate).
-* ``w_U``: the part of writing a unit's shards (``U * row_bytes``) not hidden behind compute;
-  all actors on a node share its disk or network link of bandwidth ``B_node``, so writing is
-  the bottleneck once ``(N / M) * r * row_bytes > B_node``.
-* ``d``: driver work, tokenising and writing the index (~``T / 10^6`` s), and per-unit
-  commits (a line each, milliseconds).
+* ``S_1``: one actor's start-up (Ray worker start, imports, one model load), paid by all
+  actors at once.
+* ``c_U``: compute of one unit on one actor with its own device, ``U / r`` with ``r`` the
+  local executor's tokens/s on that device (about the bare forward's rate).
+* ``w_U``: the part of writing a unit's shards (``U · row_bytes``) not hidden behind compute.
+  The actors of a node share its disk or network link (``B_node`` bytes/s), so writing caps
+  throughput once ``n · r · row_bytes > B_node``.
+* ``d``: driver work: tokenising, writing the index (seconds per 10^6 tokens), a log line per
+  unit.
+* ``P``: how many of a node's actors have a device of their own (GPUs, or free CPU cores).
+  ``s`` is the slow-down when actors share devices: with one GPU per actor ``s = 1`` and
+  throughput is linear, ``N · r`` tokens/s, until ``M · B_node / row_bytes`` caps it; ``n``
+  CPU actors on ``P < n`` free cores each run ``n / P`` times slower, loads included, so
+  adding them gains nothing.
 
-Throughput therefore scales linearly, ``N * r`` tokens/s, until the per-node write bandwidth
-``M * B_node / row_bytes`` caps it; units should be many more than actors (``u >> N``) so the
-last wave (``ceil(u / N)``) does not leave actors idle. ``bench/bench_harvest.py`` measures
-``S``, ``c_U`` and ``w_U`` with 1 and 2 workers and checks the prediction for 2 from the
-1-worker numbers (see the README's harvesting section for the numbers on this machine).
+Units should far outnumber actors (``u >> N``) so the last wave, ``ceil(u / N)``, leaves no
+actor idle for long. ``bench/bench_harvest.py --ray`` fits ``S_1`` and ``c_U + w_U`` on a
+1-actor run and checks the prediction on a 2-actor run (numbers in the README).
 """
 
 from __future__ import annotations
