@@ -134,3 +134,42 @@ def test_free_memory_probes(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (123, 456))
     assert memory.free_bytes("cuda:0") == 123
     assert memory.free_bytes("meta") is None
+
+
+def test_only_a_cuda_forward_streams_into_pinned_host_buffers():
+    from oculi.capture.engine import streams_to_host
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert streams_to_host(cuda, cpu)
+    assert not streams_to_host(cpu, cpu) and not streams_to_host(cuda, cuda)
+    # on the CPU the buffers are plain (pinning needs CUDA) and hold exactly the forward's
+    adapter = oculi.attach(tiny_model("llama_gqa"))
+    ids = prompt_ids(9).unsqueeze(0)
+    res = adapter.capture_residual(ids, ResidualConfig(storage_device="cpu"))
+    assert not res.pre_attn.is_pinned()
+    with torch.no_grad():
+        hidden = adapter.model(ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(res.pre_attn[1], hidden[1][0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("strategy", ["fused", "layered"])
+def test_sweeps_split_into_copies_that_fit_with_equal_numbers(strategy, monkeypatch):
+    from oculi import patching
+    from test_patching import CORRECT, WRONG, _pair
+
+    adapter, clean, corrupt = _pair("llama_gqa")
+    metric = patching.logit_diff(CORRECT, WRONG)
+    kwargs = dict(metric=metric, strategy=strategy, progress=False)
+    whole = patching.activation_patching(adapter, clean, corrupt, batch_size=None, **kwargs)
+    per_copy = memory.forward_bytes(adapter, clean.shape[1], eager_layers=True)
+    assert memory.plan_sweep(adapter, 9, None, 27, free=int(3 * per_copy / memory.SHARE)) == 3
+    monkeypatch.setattr(memory, "free_bytes", lambda device: int(3 * per_copy / memory.SHARE))
+    split = patching.activation_patching(adapter, clean, corrupt, batch_size=None, **kwargs)
+    torch.testing.assert_close(split.values, whole.values, atol=1e-5, rtol=0)
+    monkeypatch.setattr(memory, "free_bytes", lambda device: per_copy // 2)
+    with pytest.raises(
+        MemoryPlanError,
+        match=r"one patched copy of this 9-token prompt needs about [\d.]+ KiB on cpu, "
+        r"[\d.]+ KiB free .*shorter prompt",
+    ):
+        patching.activation_patching(adapter, clean, corrupt, **kwargs)

@@ -25,7 +25,13 @@ from typing import Protocol
 
 import torch
 
-from oculi.capture.engine import INTERNAL_KINDS, expand_requests, record
+from oculi.capture.engine import (
+    IN_FLIGHT_BYTES,
+    INTERNAL_KINDS,
+    expand_requests,
+    record,
+    streams_to_host,
+)
 from oculi.capture.inputs import Batch
 from oculi.capture.places import ModelParts
 from oculi.capture.sites import SITE_KINDS
@@ -154,6 +160,9 @@ def plan_capture(
             d: b * result.get(d, 0) + (rows * result.get(d, 0) if rows < b else 0) for d in devices
         }
         out[compute] += rows * per_row_forward
+        for d in devices:  # snapshots waiting for their copy to pinned host buffers
+            if streams_to_host(torch.device(compute), torch.device(d)):
+                out[compute] += min(IN_FLIGHT_BYTES, rows * result.get(d, 0))
         return out
 
     def fits(rows: int) -> bool:
@@ -229,3 +238,35 @@ def _rows(batch: Batch, r0: int, r1: int) -> Batch:
         position_ids=batch.position_ids[r0:r1],
         single=batch.single,
     )
+
+
+def plan_sweep(
+    adapter: Adapter,
+    t: int,
+    wanted: int | None,
+    copies: int,
+    *,
+    free: int | None = None,
+) -> int:
+    """Patched copies per forward for a sweep over a ``t``-token prompt: ``wanted`` (``None``:
+    all ``copies``), lowered to what fits in the compute device's free memory.
+
+    A copy holds its ``[t, d]`` residual through every layer, one layer's activations at a
+    time and, in patched layers, eager attention scores.
+
+    Raises:
+        MemoryPlanError: not even one copy fits.
+    """
+    want = max(1, min(wanted or copies, copies))
+    per_copy = forward_bytes(adapter, t, eager_layers=True)
+    free = free_bytes(adapter.device) if free is None else free
+    if free is None:
+        return want
+    fit = int(SHARE * free) // per_copy
+    if fit < 1:
+        raise MemoryPlanError(
+            f"one patched copy of this {t}-token prompt needs about {_size(per_copy)} on "
+            f"{adapter.device}, {_size(free)} free (the plan uses at most {SHARE:.0%} of it); "
+            "use a shorter prompt or free memory on the device (`batch_size` is already 1)"
+        )
+    return min(want, fit)
