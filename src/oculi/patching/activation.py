@@ -32,20 +32,17 @@ import torch
 
 from oculi.capture.engine import record
 from oculi.capture.inputs import Batch
-from oculi.capture.sites import check_kind
+from oculi.capture.sites import PER_HEAD, WRITABLE
 from oculi.errors import InputError
 from oculi.patching.metrics import Metric
 from oculi.patching.resume import ResumableRun, unembed
-from oculi.patching.writers import PatchSpec, offset_index, patchers_for
+from oculi.patching.writers import PatchSpec, check_patchable, offset_index, patchers_for
 from oculi.viz import heatmap, text_grid
 
 if TYPE_CHECKING:
     from oculi.models.adapter import Adapter
 
-PATCHABLE = (
-    "resid_pre", "attn_in", "q", "k", "v", "pattern", "z", "attn_out", "resid_mid", "mlp_in",
-    "mlp_gate", "mlp_up", "mlp_post", "mlp_out", "resid_post",
-)  # fmt: skip
+PATCHABLE = WRITABLE
 
 
 @dataclass
@@ -239,17 +236,10 @@ def activation_patching(
         :class:`PatchingResult`; ``values`` is ``[n_layers, T]`` (positions), ``[n_layers,
         n_heads]`` (heads) or ``[n_layers]``.
     """
-    kind = check_kind(site)
-    if site not in PATCHABLE:
-        raise InputError(
-            f"site {site!r} cannot be patched; patchable sites: {', '.join(PATCHABLE)}"
-        )
+    kind = check_patchable(adapter, site)
     if per_head and not kind.per_head:
-        raise InputError(f"per_head=True needs a per-head site (z, q, k, v, pattern), got {site!r}")
-    if site == "resid_mid" and adapter.anatomy.is_parallel(adapter.model.config):
         raise InputError(
-            "resid_mid is not a state of parallel-attention models (attention and MLP read the "
-            "same input); patch attn_out or resid_pre instead"
+            f"per_head=True needs a per-head site ({', '.join(PER_HEAD)}), got {site!r}"
         )
     cb, kb = _single(adapter, clean, "clean"), _single(adapter, corrupt, "corrupt")
     check_aligned(adapter, cb, kb)
