@@ -179,3 +179,36 @@ def test_patching_and_tracing_plots_through_the_old_viz_alias(tiny):
     np.testing.assert_allclose(_image(res.plot()), res.normalized().double().numpy(), atol=1e-6)
     tr = oculi.causal_tracing(tiny, PROMPT, "cat", "tree", samples=2, progress=False)
     np.testing.assert_allclose(_image(tr.plot()), tr.values.double().numpy(), atol=1e-6)
+
+
+def _data_v(html: str) -> list[float]:
+    import re
+
+    return [float(v) for v in re.findall(r'<td[^>]* data-v="([^"]+)"', html)]
+
+
+def test_results_render_in_jupyter_with_their_numbers(tiny):
+    import json
+    import re
+
+    tr = oculi.causal_tracing(tiny, PROMPT, "cat", "tree", samples=2, progress=False)
+    assert _data_v(tr._repr_html_()) == tr.values.flatten().double().tolist()
+    res = patching.activation_patching(
+        tiny, "the cat sat on the tree", "the dog sat on the tree", site="z", per_head=True,
+        metric=patching.logit_diff("tree", "dog"), progress=False,
+    )  # fmt: skip
+    np.testing.assert_allclose(_data_v(res._repr_html_()), res.normalized().flatten(), atol=1e-6)
+    lens = oculi.logit_lens(tiny, PROMPT, "tree")
+    assert _data_v(lens._repr_html_()) == lens.probs.double().tolist()
+    cap = tiny.capture(PROMPT)
+    html = cap._repr_html_()
+    payload = json.loads(re.search(r'class="oc-data">(.*?)</script>', html).group(1))
+    assert [h["key"] for h in payload["heads"]][:5] == ["0.0", "0.1", "0.2", "0.3", "1.0"]
+    pattern = cap.patterns[1, 2]
+    rows = payload["heads"][6]["pattern"]  # L1 H2, lower triangle rounded to 3 decimals
+    for i, row in enumerate(rows):
+        np.testing.assert_allclose(row, pattern[i, : i + 1].numpy(), atol=5e-4)
+    assert "<script>" in html  # the picker and hover come with the output
+    n = cap.patterns.shape[-1]
+    small = visualize.views.capture_attention_view(cap, max_values=3 * n * (n + 1) // 2)
+    assert "3 of 12 heads shown" in small
