@@ -38,6 +38,15 @@ class CaptureFileError(OculiError, ValueError):
     """A capture file that is missing, corrupt, truncated, or of a format not loaded silently."""
 
 
+class FileWriteError(OculiError, OSError):
+    """A file that cannot be written where asked: a missing or read-only folder, a folder in
+    the way, or a refused write. The message names the path as the user gave it."""
+
+
+class OutputExistsError(FileWriteError, FileExistsError):
+    """The target file exists and the caller passed ``overwrite=False``."""
+
+
 class ModelLoadError(OculiError, OSError):
     """A model that could not be loaded: unreachable hub, missing folder or file, no tokenizer."""
 

@@ -18,6 +18,7 @@ a loaded capture keeps its top-k and can compute the rest after :meth:`attach_un
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,14 +116,16 @@ class LogitCapture(LayerIndexed):
         self.unembed, self.unembed_bias, self.softcap = adapter.unembedding()
         return self
 
-    def save(self, path: str, *, format: str = "safetensors") -> None:
+    def save(
+        self, path: str | os.PathLike, *, format: str = "safetensors", overwrite: bool = True
+    ) -> None:
         """Save with the top-k (computed first if needed), without the unembedding.
 
         See :mod:`oculi.capture.io`.
         """
         from oculi.capture.io import save_capture
 
-        save_capture(self, path, format=format)
+        save_capture(self, path, format=format, overwrite=overwrite)
 
     def to_numpy(self) -> dict[str, Any]:
         """``normalized``, ``final_normalized`` and the top-k as NumPy arrays, as saved."""
