@@ -216,6 +216,10 @@ def _hand_write_place(adapter, place, ids, patch) -> torch.Tensor:
 
 
 # -- activation patching --------------------------------------------------------------------
+def _nothing_skipped(kind, clean, corrupt, layers, axis, items, read_pos):
+    return [[False] * len(items) for _ in layers]
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_activation_patching_agrees_with_activation_patch(family, kind, monkeypatch):
@@ -227,10 +231,14 @@ def test_activation_patching_agrees_with_activation_patch(family, kind, monkeypa
         with pytest.raises(InputError, match=word):
             patching.activation_patching(adapter, clean, corrupt, **kw)
         return
-    monkeypatch.setattr(activation, "_no_op", lambda *a: False)  # every cell really runs
+    # every cell really runs (no cell is skipped as a no-op)
+    monkeypatch.setattr(activation, "_no_op_mask", _nothing_skipped)
     same = patching.activation_patching(adapter, clean, clean, **kw)
     torch.testing.assert_close(same.values, torch.full_like(same.values, same.clean_metric))
-    sweep = patching.activation_patching(adapter, clean, corrupt, positions=[4, 8], **kw)
+    sweeps = [
+        patching.activation_patching(adapter, clean, corrupt, positions=[4, 8], strategy=s, **kw)
+        for s in ("layered", "fused")
+    ]
     whole = patching.activation_patching(adapter, clean, corrupt, per_position=False, **kw)
     site = _recorded(adapter, clean, kind)[0]  # [T, W] or [H, T, W]
 
@@ -241,7 +249,8 @@ def test_activation_patching_agrees_with_activation_patch(family, kind, monkeypa
 
     for col, p in enumerate([4, 8]):
         ref = by_intervention(p, site[..., p, :])
-        assert float(sweep.values[0, col]) == pytest.approx(ref, abs=1e-4)
+        for sweep in sweeps:
+            assert float(sweep.values[0, col]) == pytest.approx(ref, abs=1e-4)
     assert float(whole.values[0]) == pytest.approx(by_intervention(None, site), abs=1e-4)
 
 
