@@ -18,14 +18,13 @@ a loaded capture keeps its top-k and can compute the rest after :meth:`attach_un
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from oculi.capture.structures import LayerIndexed
+from oculi.capture.structures import LayerIndexed, Storable
 from oculi.errors import InputError
 
 _CHUNK_BYTES = 64 * 2**20
@@ -75,7 +74,7 @@ def _sum_exp_(logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class LogitCapture(LayerIndexed):
+class LogitCapture(LayerIndexed, Storable):
     """Lazy layer-wise logits.
 
     Attributes:
@@ -114,23 +113,6 @@ class LogitCapture(LayerIndexed):
         """Reconnect a loaded capture to its model's unembedding so lazy methods work again."""
         self.unembed, self.unembed_bias, self.softcap = adapter.unembedding()
         return self
-
-    def save(
-        self, path: str | os.PathLike, *, format: str = "safetensors", overwrite: bool = True
-    ) -> None:
-        """Save with the top-k (computed first if needed), without the unembedding.
-
-        See :mod:`oculi.capture.io`.
-        """
-        from oculi.capture.io import save_capture
-
-        save_capture(self, path, format=format, overwrite=overwrite)
-
-    def to_numpy(self) -> dict[str, Any]:
-        """``normalized``, ``final_normalized`` and the top-k as NumPy arrays, as saved."""
-        from oculi.capture.io import capture_to_numpy
-
-        return capture_to_numpy(self)
 
     def _w(self) -> torch.Tensor:
         if self.unembed is None:
