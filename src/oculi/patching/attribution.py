@@ -23,14 +23,14 @@ from oculi.capture.inputs import Batch
 from oculi.capture.places import add_replacer
 from oculi.capture.sites import PER_HEAD, SITE_KINDS
 from oculi.errors import InputError
-from oculi.patching.activation import (
-    PatchingResult,
-    _single,
-    _with_reference,
+from oculi.patching._common import (
     check_aligned,
     check_read_position,
     prompt_tokens,
+    single_prompt,
+    with_reference,
 )
+from oculi.patching.activation import PatchingResult
 from oculi.patching.metrics import Metric
 from oculi.patching.resume import unembed
 from oculi.patching.writers import check_patchable
@@ -72,13 +72,13 @@ def attribution_patching(
         raise InputError(
             f"per_head=True needs a per-head site ({', '.join(PER_HEAD)}), got {site!r}"
         )
-    cb, kb = _single(adapter, clean, "clean"), _single(adapter, corrupt, "corrupt")
+    cb, kb = single_prompt(adapter, clean, "clean"), single_prompt(adapter, corrupt, "corrupt")
     check_aligned(adapter, cb, kb)
     metric = metric.bind(adapter)
     check_read_position(metric, cb, "clean")
     if metric.kind == "kl":
         pos = int(cb.attention_mask[0].nonzero()[:, 0][metric.position])
-        metric = _with_reference(metric, adapter.forward(cb.input_ids)[pos])
+        metric = with_reference(metric, adapter.forward(cb.input_ids)[pos])
     layer_list = adapter.resolve_layers(layers)
     clean_value, clean_rec, _ = _metric_and_grads(
         adapter, cb, metric, site, layer_list, need_grad=False
