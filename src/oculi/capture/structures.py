@@ -132,6 +132,14 @@ class AttentionCapture(_Capture):
     head_dim: int = 0
     qk_stage: str = "post_rope"
 
+    def _repr_html_(self) -> str | None:
+        """Jupyter's view of captured patterns: head picker and token hover, as in the report."""
+        if self.patterns is None or self.patterns.dim() != 4:
+            return None  # nothing to draw for q/k/v-only or batched captures: plain repr
+        from oculi.visualize.views import capture_attention_view, notebook
+
+        return notebook(capture_attention_view(self), interactive=True)
+
     @property
     def n_tokens(self) -> int:
         """Sequence length ``T``: every field has it second to last (0 if nothing is held)."""
@@ -228,6 +236,10 @@ class FullCapture(Storable):
     mlp: MLPCapture | None = None
     logits: Any = None  # LogitCapture
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    def _repr_html_(self) -> str | None:
+        """Jupyter's view: the attention part's head picker (when patterns were captured)."""
+        return self.attention._repr_html_() if self.attention is not None else None
 
     def __getitem__(self, name: str) -> torch.Tensor:
         """The tensor a TransformerLens hook name refers to, for one layer.
