@@ -59,6 +59,10 @@ def test_tutorial_notebook_executes(gemma, tmp_path):
     clean_p = float(re.search(r"clean p = (\S+), corrupted", text).group(1))
     assert clean_p == pytest.approx(float(final[gemma.to_single_token(" Paris")]), abs=2e-3)
 
+    paris = gemma.to_single_token(" Paris")
+    logit = float(re.search(r"logit (\S+) = embedding", text).group(1))
+    assert logit == pytest.approx(float(gemma.forward(fact)[-1][paris]), abs=2e-3)
+
     # the interactive views and the report came out
     assert 'data-oculi="attention"' in text and 'class="oc-tracing"' in text
     report = tmp_path / "report.html"
