@@ -32,6 +32,7 @@ from oculi.errors import (
     UnknownSiteError,
     UnsupportedArchitectureError,
 )
+from oculi.harvest import harvest, open_harvest
 from oculi.models import Adapter, Anatomy, attach, load, register_anatomy, supported_model_types
 from oculi.patching import causal_tracing
 
@@ -58,9 +59,11 @@ __all__ = [
     "UnsupportedArchitectureError",
     "attach",
     "causal_tracing",
+    "harvest",
     "load",
     "load_capture",
     "logit_lens",
+    "open_harvest",
     "patching",
     "register_anatomy",
     "supported_model_types",

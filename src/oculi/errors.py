@@ -92,3 +92,7 @@ def require_extra(module: str, extra: str):
         raise MissingExtraError(
             f"{module} is not installed; install it with `pip install 'oculi[{extra}]'`"
         ) from exc
+
+
+class MemoryPlanError(OculiError, MemoryError):
+    """A capture or sweep whose estimated peak memory exceeds what the device has free."""
