@@ -663,7 +663,7 @@ def test_strings_need_no_pad_token(a):
 def test_row22_contexts_closed_out_of_order(a):
     """c1 then c2 opened, c1 closed first: c2 still applies alone; the model is restored at
     the last close (before: c2 stopped applying and the model stayed on "oculi")."""
-    ids, impls = a.prepare(PROMPT).input_ids[0], _impls(a)
+    ids, impls, hooks = a.prepare(PROMPT).input_ids[0], _impls(a), _hooks(a.model)
     steer, scale = SteeringVector(vec(), 0, coefficient=3.0), SpectraScaler(1, 0, 4.0)
     with InterventionContext(a, [steer]):
         want = a.forward(ids)  # steering alone
@@ -676,7 +676,7 @@ def test_row22_contexts_closed_out_of_order(a):
     finally:
         c2.__exit__(None, None, None)
     assert _impls(a) == impls and not bridge._ACTIVE
-    assert _hooks(a.model) == 0
+    assert _hooks(a.model) == hooks
 
 
 # -- 23 -------------------------------------------------------------------------------------
@@ -738,6 +738,7 @@ def test_row25_padded_batch_wider_than_the_context(a):
 
 # -- 26 -------------------------------------------------------------------------------------
 def test_row26_an_intervention_that_overflows(a):
+    hooks = _hooks(a.model)
     huge = SpectraScaler(1, 0, 1e38)
     with (
         pytest.raises(
@@ -752,7 +753,7 @@ def test_row26_an_intervention_that_overflows(a):
         InterventionContext(a, [SteeringVector(vec(), 0, coefficient=1e38)]),
     ):
         pass
-    assert _hooks(a.model) == 0 and not bridge._ACTIVE
+    assert _hooks(a.model) == hooks and not bridge._ACTIVE
 
 
 # -- 27 -------------------------------------------------------------------------------------
