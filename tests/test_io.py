@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import sys
 import zlib
 from dataclasses import fields
 
@@ -408,7 +409,7 @@ def test_save_rejects_an_unknown_format_and_unserialisable_metadata(full, tmp_pa
         save_capture({"queries": torch.zeros(1)}, tmp_path / "dict.safetensors")
 
 
-# -- bad files ---------------------------------------------------------------------------
+# -- bad files (BAD_INPUTS row 21: corrupt, truncated, foreign, pickled) ------------------
 def _saved(capture, tmp_path, name="good.safetensors", format="safetensors"):
     path = tmp_path / name
     capture.save(path, format=format)
@@ -869,3 +870,19 @@ def test_overwrite_false_refuses_an_existing_file(tmp_path):
     second.save(path)  # the default replaces it
     assert_same(second, oculi.load_capture(path))
     assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary_file(tmp_path, monkeypatch):
+    """The writer fails after the temporary file exists (HDF5 without h5py): the previous file
+    is untouched and nothing else is left in the folder."""
+    from oculi.errors import MissingExtraError
+
+    path = tmp_path / "x.h5"
+    first = _small(1)
+    first.save(path, format="hdf5")
+    before = path.read_bytes()
+    monkeypatch.setitem(sys.modules, "h5py", None)  # `import h5py` now fails
+    with pytest.raises(MissingExtraError, match=r"pip install 'oculi\[export\]'"):
+        _small(2).save(path, format="hdf5")
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["x.h5"]
