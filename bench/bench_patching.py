@@ -199,11 +199,21 @@ def bench_sweep(adapter, args, report: Report) -> None:
         device=device,
     )
     report.add(naive, naive)
+
+    def sweep() -> patching.PatchingResult:
+        return patching.activation_patching(
+            adapter,
+            CLEAN,
+            CORRUPT,
+            site="resid_pre",
+            metric=metric,
+            progress=False,
+            strategy=args.strategy,
+        )
+
     fast = measure(
         "oculi activation_patching",
-        lambda: patching.activation_patching(
-            adapter, CLEAN, CORRUPT, site="resid_pre", metric=metric, progress=False
-        ),
+        sweep,
         repeats=args.repeats,
         warmup=1,
         device=device,
@@ -220,15 +230,7 @@ def bench_sweep(adapter, args, report: Report) -> None:
     try:
         every = measure(
             "oculi, every cell computed (no skipping)",
-            lambda: patching.activation_patching(
-                adapter,
-                CLEAN,
-                CORRUPT,
-                site="resid_pre",
-                metric=metric,
-                progress=False,
-                strategy=args.strategy,
-            ),
+            sweep,
             repeats=args.repeats,
             warmup=1,
             device=device,
@@ -239,15 +241,7 @@ def bench_sweep(adapter, args, report: Report) -> None:
     diff = (
         (
             naive_resid_pre_sweep(adapter, clean_ids, corrupt_ids, correct, wrong).cpu()
-            - patching.activation_patching(
-                adapter,
-                CLEAN,
-                CORRUPT,
-                site="resid_pre",
-                metric=metric,
-                progress=False,
-                strategy=args.strategy,
-            ).values.cpu()
+            - sweep().values.cpu()
         )
         .abs()
         .max()
