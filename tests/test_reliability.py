@@ -314,12 +314,15 @@ def assert_same_capture(got: object, want: object) -> None:
         assert torch.equal(a[name], b[name]), name
 
 
-@pytest.mark.parametrize("n_threads", [2, 4])
-def test_threads_capturing_different_prompts_get_single_thread_results(n_threads):
+@pytest.mark.parametrize(("n_threads", "lengths"), [(2, "equal"), (2, "different"), (4, "mixed")])
+def test_threads_capturing_different_prompts_get_single_thread_results(n_threads, lengths):
+    """Before: different lengths crashed or gave patterns off by 1.0; equal lengths gave
+    residuals off by thousands with no error."""
     model = tiny_model("gemma3")
     before = snapshot(model)
     a = oculi.attach(model)
-    prompts = [prompt_ids(length=6 + 3 * i, seed=i) for i in range(n_threads)]
+    sizes = {"equal": [9, 9], "different": [6, 12], "mixed": [6, 9, 9, 12]}[lengths]
+    prompts = [prompt_ids(length=n, seed=i) for i, n in enumerate(sizes)]
     single = [a.capture_full(p) for p in prompts]
     results = run_threads([lambda p=p: a.capture_full(p) for p in prompts], repeats=8)
     for want, got in zip(single, results):
@@ -382,6 +385,34 @@ def test_threads_with_their_own_contexts_see_only_their_own(llama):
     for name, got in zip([*names, None], results):
         want = reference_logits(a.model, ids, [name] if name else [])
         for logits in got:
+            torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_asyncio_tasks_interleaving_see_only_their_own_contexts(llama):
+    """Contexts follow contextvars: tasks that interleave at awaits on one thread do not see
+    each other's open contexts."""
+    import asyncio
+
+    a, ids = llama, prompt_ids()
+    refs = all_references(a.model, ids)
+    ivs = interventions()
+
+    async def task(name: str | None) -> list[torch.Tensor]:
+        out = []
+        with ExitStack() as stack:
+            if name:
+                stack.enter_context(InterventionContext(a, [ivs[name]]))
+            for _ in range(3):
+                await asyncio.sleep(0)  # the other tasks run (and open theirs) here
+                out.append(a.forward(ids))
+        return out
+
+    async def main() -> list[list[torch.Tensor]]:
+        return await asyncio.gather(task("steer"), task("scale"), task(None))
+
+    for name, got in zip(["steer", "scale", None], asyncio.run(main())):
+        for logits in got:
+            want = refs[frozenset([name] if name else [])]
             torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
 
 
