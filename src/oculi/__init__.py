@@ -6,37 +6,93 @@
     adapter = oculi.load()                       # Gemma 3 270M, embedded and cached
     full = adapter.capture_full("The Eiffel Tower is located in the city of")
     full.logits.top_k_indices[:, -1, 0]          # each layer's top prediction
+
+The names below are imported on first use (PEP 562), so ``import oculi`` and the ``oculi``
+command's ``--help`` stay fast: torch and transformers load only when a name needs them.
 """
 
-from oculi import intervention as intervention
-from oculi import patching as patching
-from oculi.analysis.logit_lens import logit_lens
-from oculi.capture import (
-    AttentionCapture,
-    CaptureConfig,
-    FullCapture,
-    LogitCapture,
-    LogitConfig,
-    MLPCapture,
-    MLPConfig,
-    ResidualCapture,
-    ResidualConfig,
-)
-from oculi.capture.io import load_capture
-from oculi.errors import (
-    InputError,
-    LayerIndexError,
-    OculiError,
-    UnknownSiteError,
-    UnsupportedArchitectureError,
-)
-from oculi.models import Adapter, Anatomy, attach, load, register_anatomy, supported_model_types
-from oculi.patching import causal_tracing
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+# public name -> the module that defines it (a submodule itself when the name is the module)
+_EXPORTS: dict[str, str] = {
+    "intervention": "oculi.intervention",
+    "patching": "oculi.patching",
+    "logit_lens": "oculi.analysis.logit_lens",
+    "AttentionCapture": "oculi.capture",
+    "CaptureConfig": "oculi.capture",
+    "FullCapture": "oculi.capture",
+    "LogitCapture": "oculi.capture",
+    "LogitConfig": "oculi.capture",
+    "MLPCapture": "oculi.capture",
+    "MLPConfig": "oculi.capture",
+    "ResidualCapture": "oculi.capture",
+    "ResidualConfig": "oculi.capture",
+    "load_capture": "oculi.capture.io",
+    "InputError": "oculi.errors",
+    "LayerIndexError": "oculi.errors",
+    "OculiError": "oculi.errors",
+    "UnknownSiteError": "oculi.errors",
+    "UnsupportedArchitectureError": "oculi.errors",
+    "Adapter": "oculi.models",
+    "Anatomy": "oculi.models",
+    "attach": "oculi.models",
+    "load": "oculi.models",
+    "register_anatomy": "oculi.models",
+    "supported_model_types": "oculi.models",
+    "causal_tracing": "oculi.patching",
+    "ModelAnalyzer": "oculi.analyzer",
+}
+
+if TYPE_CHECKING:  # static checkers and IDEs see the real imports
+    from oculi import intervention as intervention
+    from oculi import patching as patching
+    from oculi.analysis.logit_lens import logit_lens
+    from oculi.analyzer import ModelAnalyzer
+    from oculi.capture import (
+        AttentionCapture,
+        CaptureConfig,
+        FullCapture,
+        LogitCapture,
+        LogitConfig,
+        MLPCapture,
+        MLPConfig,
+        ResidualCapture,
+        ResidualConfig,
+    )
+    from oculi.capture.io import load_capture
+    from oculi.errors import (
+        InputError,
+        LayerIndexError,
+        OculiError,
+        UnknownSiteError,
+        UnsupportedArchitectureError,
+    )
+    from oculi.models import Adapter, Anatomy, attach, load, register_anatomy, supported_model_types
+    from oculi.patching import causal_tracing
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'oculi' has no attribute {name!r}")
+    mod = importlib.import_module(module)
+    value = mod if module == f"oculi.{name}" else getattr(mod, name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
 __all__ = [
     "Adapter",
+    "ModelAnalyzer",
     "Anatomy",
     "AttentionCapture",
     "CaptureConfig",
@@ -54,6 +110,7 @@ __all__ = [
     "UnsupportedArchitectureError",
     "attach",
     "causal_tracing",
+    "intervention",
     "load",
     "load_capture",
     "logit_lens",
