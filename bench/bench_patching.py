@@ -200,8 +200,10 @@ def bench_sweep(adapter, args) -> None:
     # already has (here: every position before the swapped name), to show what is left.
     from oculi.patching import activation
 
-    skip = activation._no_op
-    activation._no_op = lambda *a: False
+    skip = activation._no_op_mask
+    activation._no_op_mask = lambda kind, c, k, layers, axis, items, r: [  # noqa: ARG005
+        [False] * len(items) for _ in layers
+    ]
     try:
         every = measure(
             "oculi, every cell computed (no skipping)",
@@ -212,7 +214,7 @@ def bench_sweep(adapter, args) -> None:
             warmup=1,
         )
     finally:
-        activation._no_op = skip
+        activation._no_op_mask = skip
     print(every.row(naive), f"  speed-up {naive.seconds / every.seconds:.1f}x")
     diff = (
         (

@@ -33,7 +33,7 @@ from oculi import (
     ResidualConfig,
 )
 from oculi.capture.io import save_capture
-from oculi.errors import CaptureFileError
+from oculi.errors import CaptureFileError, FileWriteError, OutputExistsError
 
 LOADABLE = ("safetensors", "npz", "hdf5")
 PARTS = ("attention", "residual", "mlp", "logits")
@@ -696,3 +696,176 @@ def test_an_npz_with_object_arrays_is_refused_even_when_pickles_are_allowed(tmp_
     np.savez(path, __meta__=np.array("{}"), evil=np.array([Booby("npz")], dtype=object))
     _fails(path, r"the .npz holds pickled Python objects \(an object array\)", allow_pickle=True)
     assert ran == []
+
+
+# -- every safetensors header length -----------------------------------------------------
+def _header_length(path) -> int:
+    return int.from_bytes(path.read_bytes()[:8], "little")
+
+
+def _small(pad: int) -> oculi.ResidualCapture:
+    values = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
+    return oculi.ResidualCapture(layers=(0, 1), pre_attn=values, metadata={"pad": "x" * pad})
+
+
+def test_every_header_length_oculi_writes_loads_back(tmp_path):
+    """safetensors pads its header to a multiple of 8: 32 low bytes, 0x80 (pickle's PROTO) among
+    them. Captures of growing metadata reach each of them and must all load."""
+    path = tmp_path / "c.safetensors"
+    reached = set()
+    for pad in range(0, 8 * 40, 7):
+        capture = _small(pad)
+        capture.save(path)
+        reached.add(_header_length(path) % 256)
+        assert_same(capture, oculi.load_capture(path))
+    assert reached == set(range(0, 256, 8))
+
+
+def test_all_256_header_length_residues_load(tmp_path):
+    """Other writers need not pad (the format allows any length): an oculi header padded with
+    spaces to each of 256 consecutive lengths loads, 0x80 and 0x80 + 0x200 (PROTO 2) included."""
+    capture = _small(0)
+    data = _saved(capture, tmp_path).read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header, body = data[8 : 8 + n].rstrip(b" "), data[8 + n :]
+    start = 0x280 - 0x80  # lengths 0x200..0x2ff: 0x280 starts b"\x80\x02", a protocol-2 pickle's
+    assert len(header) < start
+    path = tmp_path / "unpadded.safetensors"
+    for length in range(start, start + 256):
+        path.write_bytes(length.to_bytes(8, "little") + header.ljust(length) + body)
+        assert _header_length(path) == length
+        assert_same(capture, oculi.load_capture(path))
+    assert path.read_bytes()[:2] != b"\x80\x02"  # the loop ended past it...
+    path.write_bytes((0x280).to_bytes(8, "little") + header.ljust(0x280) + body)
+    assert path.read_bytes()[:2] == b"\x80\x02"  # ...and passed through it
+    assert_same(capture, oculi.load_capture(path))
+
+
+def test_a_truncated_file_that_looks_like_a_pickle_is_not_unpickled(tmp_path, ran):
+    """A damaged header that begins like a pickle is refused as one: never run silently."""
+    capture = _small(0)
+    data = _saved(capture, tmp_path).read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = data[8 : 8 + n].rstrip(b" ").ljust(0x280)
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes((0x280).to_bytes(8, "little") + header[:100])
+    _fails(path, "it is a pickle file")
+    assert ran == []
+
+
+# -- paths and files (BAD_INPUTS row 28) ------------------------------------------------------
+ALL_FORMATS = (*LOADABLE, "json", "pickle")
+
+
+def test_row28_a_path_with_a_tilde_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    capture = _small(3)
+    capture.save("~/tilde.safetensors")
+    assert (tmp_path / "tilde.safetensors").is_file()
+    assert_same(capture, oculi.load_capture("~/tilde.safetensors"))
+    with pytest.raises(CaptureFileError) as info:
+        oculi.load_capture("~/nope.safetensors")
+    assert str(info.value) == (
+        f"cannot load capture file '~/nope.safetensors' ({tmp_path / 'nope.safetensors'}): "
+        "no such file"
+    )
+
+
+@pytest.mark.parametrize("format", ALL_FORMATS)
+def test_row28_a_missing_folder_is_named_not_created(tmp_path, format):
+    target = tmp_path / "runs" / "eiffel.bin"
+    with pytest.raises(FileWriteError) as info:
+        save_capture(_small(0), target, format=format)
+    assert str(info.value) == (
+        f"cannot save capture to '{target}': the folder '{tmp_path / 'runs'}' does not exist "
+        "(oculi does not create folders; make it first, e.g. os.makedirs(folder, exist_ok=True))"
+    )
+    assert isinstance(info.value, OSError)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_row28_a_file_or_folder_in_the_way(tmp_path):
+    (tmp_path / "plain").write_text("not a folder")
+    with pytest.raises(FileWriteError, match=re.escape(f"'{tmp_path / 'plain'}' is a file, not")):
+        _small(0).save(tmp_path / "plain" / "x.safetensors")
+    with pytest.raises(FileWriteError, match="it is a folder; give a file name inside it"):
+        _small(0).save(tmp_path)
+
+
+_SAVE_INTO_READ_ONLY = """
+import ctypes, os, sys
+if os.geteuid() == 0:  # root ignores permissions: drop the capabilities that let it
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+    class Data(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_uint32) for n in ("effective", "permitted", "inheritable")]
+    libc = ctypes.CDLL(None, use_errno=True)
+    header, data = Header(0x20080522, 0), (Data * 2)()
+    assert libc.capget(ctypes.byref(header), data) == 0
+    data[0].effective &= ~0b1110  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
+    assert libc.capset(ctypes.byref(header), data) == 0
+import torch, oculi
+from oculi.errors import FileWriteError
+try:
+    oculi.ResidualCapture(layers=(0,), pre_attn=torch.zeros(1, 2, 3)).save(sys.argv[1])
+except FileWriteError as exc:
+    print(exc)
+"""
+
+
+def test_row28_a_read_only_folder(tmp_path):
+    """A folder without write permission (in a subprocess that, run as root, first drops the
+    capabilities that let root write anywhere)."""
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    target = folder / "x.safetensors"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", _SAVE_INTO_READ_ONLY, str(target)],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        ).stdout.strip()
+    finally:
+        folder.chmod(0o755)
+    assert out == f"cannot save capture to '{target}': the folder '{folder}' is not writable"
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_row28_files_follow_the_umask_in_every_format(tmp_path, umask):
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        for format in ALL_FORMATS:
+            path = tmp_path / f"c.{format}"
+            save_capture(_small(0), path, format=format)
+            assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, format
+    finally:
+        os.umask(old)
+
+
+def test_overwrite_false_refuses_an_existing_file(tmp_path):
+    path = tmp_path / "x.safetensors"
+    first, second = _small(1), _small(2)
+    first.save(path, overwrite=False)  # a new file: fine
+    with pytest.raises(FileExistsError) as info:
+        second.save(path, overwrite=False)
+    assert isinstance(info.value, OutputExistsError)
+    assert str(info.value) == (
+        f"cannot save capture to '{path}': the file exists and overwrite=False; pass "
+        "overwrite=True to replace it"
+    )
+    assert_same(first, oculi.load_capture(path))  # untouched
+    second.save(path)  # the default replaces it
+    assert_same(second, oculi.load_capture(path))
+    assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]

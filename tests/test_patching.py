@@ -15,7 +15,7 @@ import oculi
 from models import prompt_ids, tiny_model, tiny_tokenizer
 from oculi import patching
 from oculi.errors import InputError, UnknownSiteError
-from oculi.patching import activation
+from oculi.patching import _common, activation
 from oculi.patching.activation import PATCHABLE
 from oculi.patching.resume import ResumableRun
 
@@ -94,10 +94,15 @@ def _skip_missing(adapter, site):
         pytest.skip("plain MLP has no gate")
 
 
+def _nothing_skipped(kind, clean, corrupt, layers, axis, items, read_pos):
+    """Stand-in for activation._no_op_mask: every cell is run."""
+    return [[False] * len(items) for _ in layers]
+
+
 @pytest.fixture
 def every_cell(monkeypatch):
     """Run every cell through the writers: no cell is skipped as a no-op."""
-    monkeypatch.setattr(activation, "_no_op", lambda *a: False)
+    monkeypatch.setattr(activation, "_no_op_mask", _nothing_skipped)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -123,7 +128,7 @@ def test_shortcuts_do_not_change_numbers(family, site, monkeypatch):
     kwargs = dict(site=site, metric=patching.logit_diff(CORRECT, WRONG), progress=False)
     assert ResumableRun(adapter, adapter.prepare(clean)).can_start_late()
     fast = patching.activation_patching(adapter, clean, corrupt, **kwargs)
-    monkeypatch.setattr(activation, "_no_op", lambda *a: False)
+    monkeypatch.setattr(activation, "_no_op_mask", _nothing_skipped)
     monkeypatch.setattr(ResumableRun, "can_start_late", lambda self: False)
     plain = patching.activation_patching(adapter, clean, corrupt, **kwargs)
     torch.testing.assert_close(fast.values, plain.values, atol=TOL, rtol=0)
@@ -467,7 +472,7 @@ def test_path_patching_into_receivers_has_no_effect_from_later_heads():
 @pytest.mark.parametrize("family", ["llama_gqa", "gpt2", "gemma3"])
 def test_attribution_patching_is_the_first_order_term_of_the_exact_patch(family):
     """AtP(l, p) − corrupt = (clean − corrupt) · grad; check it against finite differences."""
-    from oculi.patching.activation import _single
+    from oculi.patching._common import single_prompt as _single
     from oculi.patching.resume import ResumableRun, unembed
 
     adapter, clean, corrupt = _pair(family)
@@ -625,16 +630,16 @@ def test_long_prompt_sweeps_in_several_suffix_batches_match_the_plain_sweep(
     family, site, monkeypatch
 ):
     """A 40-token prompt corrupted at position 2: the sweep runs copies in batches starting at
-    positions 2, 22 and 38 (activation._position_groups); numbers equal the plain sweep."""
+    positions 2, 22 and 38 (_common.position_groups); numbers equal the plain sweep."""
     adapter = oculi.attach(tiny_model(family))
     clean = prompt_ids(40, seed=5).unsqueeze(0)
     corrupt = clean.clone()
     corrupt[0, 2] = (corrupt[0, 2] + 7) % 90 + 3
     live = [(p, p) for p in range(2, 40)]
-    assert [s for s, _ in activation._position_groups(live, 40, None)] == [2, 22, 38]
+    assert [s for s, _ in _common.position_groups(live, 40, None)] == [2, 22, 38]
     kwargs = dict(site=site, metric=patching.logit_diff(CORRECT, WRONG), progress=False)
     fast = patching.activation_patching(adapter, clean, corrupt, **kwargs)
-    monkeypatch.setattr(activation, "_no_op", lambda *a: False)
+    monkeypatch.setattr(activation, "_no_op_mask", _nothing_skipped)
     monkeypatch.setattr(ResumableRun, "can_start_late", lambda self: False)
     plain = patching.activation_patching(adapter, clean, corrupt, **kwargs)
     torch.testing.assert_close(fast.values, plain.values, atol=TOL, rtol=0)

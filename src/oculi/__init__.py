@@ -45,6 +45,8 @@ _EXPORTS: dict[str, str] = {
     "register_anatomy": "oculi.models",
     "supported_model_types": "oculi.models",
     "causal_tracing": "oculi.patching",
+    "harvest": "oculi.harvest",
+    "open_harvest": "oculi.harvest",
     "ModelAnalyzer": "oculi.analyzer",
 }
 
@@ -72,6 +74,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real imports
         UnknownSiteError,
         UnsupportedArchitectureError,
     )
+    from oculi.harvest import harvest, open_harvest
     from oculi.models import Adapter, Anatomy, attach, load, register_anatomy, supported_model_types
     from oculi.patching import causal_tracing
 
@@ -114,6 +117,7 @@ __all__ = [
     "load",
     "load_capture",
     "logit_lens",
+    "open_harvest",
     "patching",
     "register_anatomy",
     "supported_model_types",

@@ -38,6 +38,15 @@ class CaptureFileError(OculiError, ValueError):
     """A capture file that is missing, corrupt, truncated, or of a format not loaded silently."""
 
 
+class FileWriteError(OculiError, OSError):
+    """A file that cannot be written where asked: a missing or read-only folder, a folder in
+    the way, or a refused write. The message names the path as the user gave it."""
+
+
+class OutputExistsError(FileWriteError, FileExistsError):
+    """The target file exists and the caller passed ``overwrite=False``."""
+
+
 class ModelLoadError(OculiError, OSError):
     """A model that could not be loaded: unreachable hub, missing folder or file, no tokenizer."""
 
@@ -75,3 +84,7 @@ def require_extra(module: str, extra: str):
         raise MissingExtraError(
             f"{module} is not installed; install it with `pip install 'oculi[{extra}]'`"
         ) from exc
+
+
+class MemoryPlanError(OculiError, MemoryError):
+    """A capture or sweep whose estimated peak memory exceeds what the device has free."""

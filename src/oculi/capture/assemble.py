@@ -8,17 +8,15 @@ recorded buffers into the structures of :mod:`oculi.capture.structures`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from oculi.capture.configs import CaptureConfig, LogitConfig, MLPConfig, ResidualConfig
 from oculi.capture.inputs import Batch
 from oculi.capture.lens import LogitCapture
+from oculi.capture.places import ModelParts
 from oculi.capture.structures import AttentionCapture, FullCapture, MLPCapture, ResidualCapture
-
-if TYPE_CHECKING:
-    from oculi.models.adapter import Adapter
 
 Recorded = dict[str, tuple[tuple[int, ...], torch.Tensor]]
 
@@ -66,7 +64,7 @@ class CapturePlan:
             merged = old[0] + tuple(layer for layer in layers if layer not in old[0])
             self.requests[kind] = (merged, old[1] or dtype, old[2] or device)
 
-    def assemble(self, adapter: Adapter, batch: Batch, recorded: Recorded) -> FullCapture:
+    def assemble(self, adapter: ModelParts, batch: Batch, recorded: Recorded) -> FullCapture:
         meta = _metadata(adapter, batch)
         full = FullCapture(metadata=dict(meta))
         if self.attention is not None:
@@ -105,7 +103,7 @@ class CapturePlan:
 
 
 def build_full_capture(
-    adapter: Adapter,
+    adapter: ModelParts,
     attention: CaptureConfig | None,
     residual: ResidualConfig | None,
     mlp: MLPConfig | None,
@@ -159,7 +157,7 @@ def _fields(recorded, layers, table, cfg, batch, overrides=None) -> dict[str, to
     }
 
 
-def _metadata(adapter: Adapter, batch: Batch) -> dict[str, Any]:
+def _metadata(adapter: ModelParts, batch: Batch) -> dict[str, Any]:
     return {
         "model": getattr(adapter.model.config, "_name_or_path", "") or type(adapter.model).__name__,
         "family": adapter.anatomy.family,
@@ -177,10 +175,7 @@ def _metadata(adapter: Adapter, batch: Batch) -> dict[str, Any]:
 
 
 def _logit_capture(adapter, batch, recorded, layers, cfg: LogitConfig, meta) -> LogitCapture:
-    anat = adapter.anatomy
-    from oculi.models.anatomy import get_path
-
-    norm = get_path(adapter.model, anat.final_norm)
+    norm = adapter.module(adapter.anatomy.final_norm)
     have, resid = recorded["resid_post"]
     with torch.no_grad():
         normed = norm(resid.to(adapter.device, adapter.dtype))
@@ -198,6 +193,7 @@ def _logit_capture(adapter, batch, recorded, layers, cfg: LogitConfig, meta) -> 
         softcap=cap,
         top_k=cfg.top_k,
         chunk_size=cfg.chunk_size,
+        strategy=cfg.strategy,
         final_normalized=final[0] if batch.single else final,
         metadata=dict(meta),
     )

@@ -18,13 +18,21 @@ The mask: a name registered in ``AttentionInterface`` must also be registered in
 ``AttentionMaskInterface``, or transformers builds no mask and attention silently turns
 bidirectional. oculi registers the eager (additive float) mask builder, which every
 implementation accepts and which already folds in padding and sliding windows.
+
+Ownership: the switch is global to the model, so one :class:`_Owner` per model holds it. Every
+bridge registers with the owner; the first switches the configs to ``"oculi"``, the last one to
+close (in whatever order they close) restores the implementations it found. Taps are scoped to
+the thread and ``contextvars`` context that opened their bridge: a forward in a thread with no
+bridge of its own finds none and runs the model's own implementation.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,14 +70,32 @@ class LayerTaps:
         )
 
 
-@dataclass
+@dataclass(eq=False)
 class _BridgeState:
     layer_of: dict[int, int]  # id(attention module) -> layer index
     taps: dict[int, LayerTaps]
     fallback: str  # the model's own implementation name
+    live: bool = True
 
 
+@dataclass(eq=False)
+class _Owner:
+    """The one owner of a model's attention switch: every open bridge on it registers here."""
+
+    configs: list[Any]
+    originals: list[str]
+    fallback: str
+    modules: list[int]
+    count: int = 0
+
+
+# Every open bridge, all threads together (for inspection; dispatch reads _OPEN).
 _ACTIVE: list[_BridgeState] = []
+# The bridges open in the current thread / contextvars context, in the order they opened.
+_OPEN: ContextVar[tuple[_BridgeState, ...]] = ContextVar("oculi_open_bridges", default=())
+_OWNERS: dict[int, _Owner] = {}  # id(first config) -> owner, while any bridge is open
+_FALLBACK_OF: dict[int, str] = {}  # id(attention module) -> its model's own implementation
+_LOCK = threading.Lock()
 _REGISTERED = False
 
 
@@ -85,15 +111,48 @@ def _register_once() -> None:
     _REGISTERED = True
 
 
-def _taps_for(module: nn.Module) -> tuple[str, LayerTaps | None] | None:
-    """The fallback implementation and the merged taps of every active bridge for ``module``.
+def _acquire(configs: list[Any], layer_of: dict[int, int]) -> _Owner:
+    """Register one bridge with the model's owner; the first one switches to ``"oculi"``."""
+    with _LOCK:
+        owner = _OWNERS.get(id(configs[0]))
+        if owner is None:
+            originals = [c._attn_implementation for c in configs]
+            fallback = originals[0] if originals[0] in ("eager", "sdpa") else "sdpa"
+            owner = _Owner(list(configs), originals, fallback, list(layer_of))
+            _OWNERS[id(configs[0])] = owner
+            for m in owner.modules:
+                _FALLBACK_OF[m] = fallback
+            for c in configs:
+                c._attn_implementation = IMPL_NAME
+        owner.count += 1
+        return owner
 
-    Bridges nest (a capture inside an intervention context): taps of outer bridges run first,
-    so a capture records what the intervened model computes.
+
+def _release(owner: _Owner) -> None:
+    """Unregister one bridge; the last one restores the model's implementation exactly."""
+    with _LOCK:
+        owner.count -= 1
+        if owner.count > 0:
+            return
+        for c, name in zip(owner.configs, owner.originals):
+            c._attn_implementation = name
+        for m in owner.modules:
+            _FALLBACK_OF.pop(m, None)
+        _OWNERS.pop(id(owner.configs[0]), None)
+
+
+def _taps_for(module: nn.Module) -> tuple[str, LayerTaps | None] | None:
+    """The fallback implementation and the merged taps of this context's bridges for ``module``.
+
+    Bridges nest (a capture inside an intervention context): taps of bridges opened earlier
+    run first, so a capture records what the intervened model computes. Bridges of other
+    threads are invisible here.
     """
     merged: LayerTaps | None = None
     fallback = None
-    for state in _ACTIVE:
+    for state in _OPEN.get():
+        if not state.live:  # closed from another context
+            continue
         layer = state.layer_of.get(id(module))
         if layer is None:
             continue
@@ -136,8 +195,12 @@ def _bridge_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     found = _taps_for(module)
-    if found is None:  # a module of another model, or called outside any bridge
-        return _original(module, "sdpa")(module, query, key, value, attention_mask, **kwargs)
+    if found is None:
+        # No bridge of this thread taps the module (another thread switched the model, or a
+        # plain forward beside a capture): the model's own implementation. The mask was built
+        # for either name; the eager (additive) mask and sdpa's both work with either.
+        name = _FALLBACK_OF.get(id(module), "sdpa")
+        return _original(module, name)(module, query, key, value, attention_mask, **kwargs)
     fallback, taps = found
     if taps is None:
         return _original(module, fallback)(module, query, key, value, attention_mask, **kwargs)
@@ -220,22 +283,26 @@ def attention_bridge(
 ) -> Iterator[None]:
     """Route the model's attention through oculi while the block runs; always restore it.
 
+    The taps apply only in the thread (and ``contextvars`` context) that opened the bridge.
+    Bridges on one model may close in any order: the configs say ``"oculi"`` while any is
+    open and get their own implementation back exactly when the last one closes.
+
     Args:
         configs: the config objects whose ``_attn_implementation`` the attention modules read.
         layer_of: ``id(attention module) -> layer index``.
         taps: per-layer taps; layers without an entry run the original implementation.
     """
     _register_once()
-    originals = [c._attn_implementation for c in configs]
-    # Inside another bridge the config already says "oculi"; the outer bridge's fallback wins.
-    fallback = originals[0] if originals[0] in ("eager", "sdpa") else "sdpa"
-    state = _BridgeState(layer_of=layer_of, taps=taps, fallback=fallback)
-    _ACTIVE.append(state)
+    owner = _acquire(configs, layer_of)
+    state = _BridgeState(layer_of=layer_of, taps=taps, fallback=owner.fallback)
+    with _LOCK:
+        _ACTIVE.append(state)
+    _OPEN.set((*_OPEN.get(), state))
     try:
-        for c in configs:
-            c._attn_implementation = IMPL_NAME
         yield
     finally:
-        for c, name in zip(configs, originals):
-            c._attn_implementation = name
-        _ACTIVE.remove(state)
+        state.live = False
+        _OPEN.set(tuple(s for s in _OPEN.get() if s is not state))
+        with _LOCK:
+            _ACTIVE.remove(state)
+        _release(owner)

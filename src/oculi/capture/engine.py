@@ -11,27 +11,41 @@ of the FLOPs) and stops after the last layer anything was asked of.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from oculi.capture.bridge import LayerTaps, attention_bridge
-from oculi.capture.hooks import HookSet, StopForward, first_tensor, hidden_arg
+from oculi.capture.hooks import HookSet, StopForward
 from oculi.capture.inputs import Batch
+from oculi.capture.places import ModelParts, add_reader, locate
 from oculi.capture.sites import SITE_KINDS
 
-if TYPE_CHECKING:
-    from oculi.models.adapter import Adapter
-
-BRIDGE_KINDS = frozenset({"q", "k", "v", "pattern", "z"})
 # Recorded for capture structures but not sites of their own: the MLP module's output, which
 # differs from ``mlp_out`` (what joins the residual) where an output norm follows the MLP.
 INTERNAL_KINDS = frozenset({"mlp_result"})
 
 
+def streams_to_host(compute: torch.device, storage: torch.device) -> bool:
+    """Whether a recorded tensor on ``compute`` is streamed into pinned ``storage`` buffers
+    (a CUDA forward storing on the CPU) rather than copied where it is produced."""
+    return compute.type == "cuda" and storage.type == "cpu"
+
+
+# Device bytes of recorded tensors waiting for their copy to the host before the forward
+# waits for the oldest (so streaming never holds more than this on the device).
+IN_FLIGHT_BYTES = 2 * 2**30
+
+
 class Recorder:
-    """Preallocated per-kind buffers ``[B, n_layers_selected, ...]``."""
+    """Preallocated per-kind buffers ``[B, n_layers_selected, ...]``.
+
+    With a CUDA forward and host storage, buffers are pinned and each recorded tensor is
+    copied on a side stream without blocking (a device-side snapshot first, so later work on
+    the tensor cannot race the copy), overlapping the rest of the forward; :meth:`wait` joins
+    the copies once at the end. Anywhere else a tensor is copied where it is recorded.
+    """
 
     def __init__(
         self,
@@ -43,210 +57,97 @@ class Recorder:
         }
         self.buffers: dict[str, torch.Tensor] = {}
         self.storage = storage
+        self._stream: Any = None
+        self._pending: list[tuple[Any, int, torch.Tensor]] = []  # (event, bytes, snapshot)
 
     def store(self, kind: str, layer: int, tensor: torch.Tensor) -> None:
         buf = self.buffers.get(kind)
         if buf is None:
             n = len(self.slots[kind])
             dtype, device = self.storage.get(kind, (None, None))
+            where = torch.device(device) if device is not None else tensor.device
             buf = torch.empty(
                 (tensor.shape[0], n, *tensor.shape[1:]),
                 dtype=dtype or tensor.dtype,
-                device=device or tensor.device,
+                device=where,
+                pin_memory=streams_to_host(tensor.device, where),
             )
             self.buffers[kind] = buf
-        buf[:, self.slots[kind][layer]].copy_(tensor.detach())
+        dst = buf[:, self.slots[kind][layer]]
+        if streams_to_host(tensor.device, buf.device):
+            self._stream_copy(dst, tensor.detach())
+        else:
+            dst.copy_(tensor.detach())
 
+    def _stream_copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        device = src.device
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=device)
+        # a snapshot on the forward's stream: later in-place work cannot race the copy
+        snap = torch.empty_like(src, dtype=dst.dtype, memory_format=torch.contiguous_format)
+        snap.copy_(src)
+        self._stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(self._stream):
+            for b in range(dst.shape[0]):  # rows are contiguous in the [B, n, ...] buffer
+                dst[b].copy_(snap[b], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        self._pending.append((event, snap.nbytes, snap))
+        while sum(n for _, n, _ in self._pending) > IN_FLIGHT_BYTES and len(self._pending) > 1:
+            self._pending.pop(0)[0].synchronize()
 
-def _heads_first(x: torch.Tensor, n_heads: int, layout: str) -> torch.Tensor:
-    """A q/k projection or norm output -> ``[B, H, T, D]``."""
-    if layout == "bhtd":
-        return x
-    if layout == "flat":
-        x = x.view(*x.shape[:2], n_heads, -1)
-    return x.transpose(1, 2)
-
-
-def _split_fused_qkv(adapter: Adapter, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Fused projection output ``[B, T, ·]`` -> q ``[B, H, T, D]``, k, v ``[B, H_kv, T, D]``."""
-    h, h_kv, d = adapter.n_heads, adapter.n_kv_heads, adapter.d_head
-    b, t = out.shape[:2]
-    if adapter.anatomy.qkv_layout == "per_head":  # GPT-NeoX: [head, (q k v), d]
-        qkv = out.view(b, t, h, 3 * d).transpose(1, 2)
-        return qkv.chunk(3, dim=-1)
-    q, k, v = out.split([h * d, h_kv * d, h_kv * d], dim=-1)
-    return (
-        q.view(b, t, h, d).transpose(1, 2),
-        k.view(b, t, h_kv, d).transpose(1, 2),
-        v.view(b, t, h_kv, d).transpose(1, 2),
-    )
+    def wait(self) -> None:
+        """Join the host copies still in flight (one synchronisation per capture)."""
+        if self._stream is not None:
+            self._stream.synchronize()
+        self._pending.clear()
 
 
 def _register(
-    adapter: Adapter,
+    m: ModelParts,
     hooks: HookSet,
     requests: Mapping[str, Sequence[int]],
     rec: Recorder,
     taps: dict[int, LayerTaps],
 ) -> None:
-    """Register the hooks that feed ``rec`` for every requested ``(kind, layer)``."""
-    anat = adapter.anatomy
-    by_layer: dict[int, set[str]] = {}
+    """Register the hooks that feed ``rec`` for every requested ``(kind, layer)``.
+
+    Each kind is read where its locator (:mod:`oculi.capture.places`) says; derived kinds
+    have no place of their own (:func:`expand_requests` asked for what they are built from).
+    """
     for kind, layers in requests.items():
-        for layer in layers:
-            by_layer.setdefault(layer, set()).add(kind)
-
-    def out_hook(kind: str, layer: int, fn: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        def hook(_m: nn.Module, _args: Any, output: Any) -> None:
-            x = first_tensor(output)
-            rec.store(kind, layer, fn(x) if fn else x)
-
-        return hook
-
-    def in_hook(kind: str, layer: int):
-        def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-            rec.store(kind, layer, hidden_arg(args, kwargs))
-
-        return hook
-
-    parallel = anat.is_parallel(adapter.model.config)
-    for layer, kinds in sorted(by_layer.items()):
-        block = adapter.layer_modules[layer]
-        attn = adapter.part(layer, anat.attn)
-        mlp = adapter.part(layer, anat.mlp)
-        if "resid_pre" in kinds or ("attn_in" in kinds and anat.attn_norm is None):
-            if "resid_pre" in kinds:
-                hooks.forward_pre_kwargs(block, in_hook("resid_pre", layer))
-            if "attn_in" in kinds and anat.attn_norm is None:
-                hooks.forward_pre_kwargs(block, in_hook("attn_in", layer))
-        if "attn_in" in kinds and anat.attn_norm is not None:
-            hooks.forward(adapter.part(layer, anat.attn_norm), out_hook("attn_in", layer))
-        if "attn_out" in kinds:
-            src = adapter.part(layer, anat.attn_out_norm) if anat.attn_out_norm else attn
-            hooks.forward(src, out_hook("attn_out", layer))
-        if "resid_mid" in kinds and not parallel:
-            src = adapter.part(layer, anat.mlp_norm) if anat.mlp_norm else mlp
-            hooks.forward_pre_kwargs(src, in_hook("resid_mid", layer))
-        if "mlp_in" in kinds:
-            hooks.forward_pre_kwargs(mlp, in_hook("mlp_in", layer))
-        if "mlp_out" in kinds:
-            src = adapter.part(layer, anat.mlp_out_norm) if anat.mlp_out_norm else mlp
-            hooks.forward(src, out_hook("mlp_out", layer))
-        if "mlp_result" in kinds:
-            hooks.forward(mlp, out_hook("mlp_result", layer))
-        if "resid_post" in kinds:
-            hooks.forward(block, out_hook("resid_post", layer))
-        if "o_in" in kinds:  # z as the output projection sees it, for head contributions
-            o_proj = adapter.part(layer, f"{anat.attn}.{anat.o_proj}")
-            hooks.forward_pre_kwargs(o_proj, in_hook("o_in", layer))
-        if "o_out" in kinds:
-            o_proj = adapter.part(layer, f"{anat.attn}.{anat.o_proj}")
-            hooks.forward(o_proj, out_hook("o_out", layer))
-        _register_qk_pre(adapter, hooks, layer, kinds, rec)
-        _register_mlp(adapter, hooks, layer, kinds, rec, out_hook)
-        bridge_kinds = kinds & BRIDGE_KINDS
-        if bridge_kinds:
-            lt = taps.setdefault(layer, LayerTaps())
-            for kind in sorted(bridge_kinds):
-                store = _bridge_store(rec, kind, layer)
-                getattr(lt, kind).append(store)
-
-
-def _bridge_store(rec: Recorder, kind: str, layer: int):
-    def tap(x: torch.Tensor) -> None:
-        rec.store(kind, layer, x.transpose(1, 2) if kind == "z" else x)
-
-    return tap
-
-
-def _register_qk_pre(adapter: Adapter, hooks: HookSet, layer: int, kinds: set[str], rec: Recorder):
-    anat = adapter.anatomy
-    wanted = kinds & {"q_pre", "k_pre"}
-    if not wanted:
-        return
-    if anat.qkv_proj is not None:
-        fused = adapter.part(layer, f"{anat.attn}.{anat.qkv_proj}")
-
-        def fused_hook(_m, _a, output):
-            q, k, _v = _split_fused_qkv(adapter, first_tensor(output))
-            if "q_pre" in wanted:
-                rec.store("q_pre", layer, q)
-            if "k_pre" in wanted:
-                rec.store("k_pre", layer, k)
-
-        hooks.forward(fused, fused_hook)
-        return
-    for kind, norm, proj, n in (
-        ("q_pre", anat.q_norm, anat.q_proj, adapter.n_heads),
-        ("k_pre", anat.k_norm, anat.k_proj, adapter.n_kv_heads),
-    ):
-        if kind not in wanted:
+        place = locate(kind, m).read
+        if place is None:
             continue
-        layout = anat.qk_norm_layout if norm else "flat"
-        src = adapter.part(layer, f"{anat.attn}.{norm or proj}")
-
-        def hook(_m, _a, output, kind=kind, layout=layout, n=n):
-            rec.store(kind, layer, _heads_first(first_tensor(output), n, layout))
-
-        hooks.forward(src, hook)
+        for layer in layers:
+            add_reader(hooks, taps, m, layer, place, _store(rec, kind, layer))
 
 
-def _register_mlp(adapter, hooks: HookSet, layer: int, kinds: set[str], rec: Recorder, out_hook):
-    anat = adapter.anatomy
-    mlp_path = anat.mlp
-    if anat.gate_up_proj is not None and kinds & {"mlp_gate", "mlp_up"}:
-        fused = adapter.part(layer, f"{mlp_path}.{anat.gate_up_proj}")
-
-        def fused_hook(_m, _a, output):
-            gate, up = first_tensor(output).chunk(2, dim=-1)
-            if "mlp_gate" in kinds:
-                rec.store("mlp_gate", layer, gate)
-            if "mlp_up" in kinds:
-                rec.store("mlp_up", layer, up)
-
-        hooks.forward(fused, fused_hook)
-    else:
-        if "mlp_gate" in kinds and anat.gate_proj is not None:
-            hooks.forward(
-                adapter.part(layer, f"{mlp_path}.{anat.gate_proj}"), out_hook("mlp_gate", layer)
-            )
-        if "mlp_up" in kinds and anat.up_proj is not None:
-            hooks.forward(
-                adapter.part(layer, f"{mlp_path}.{anat.up_proj}"), out_hook("mlp_up", layer)
-            )
-    if "mlp_post" in kinds:
-        down = adapter.part(layer, f"{mlp_path}.{anat.down_proj}")
-
-        def down_hook(_m, args, kwargs):
-            rec.store("mlp_post", layer, hidden_arg(args, kwargs))
-
-        hooks.forward_pre_kwargs(down, down_hook)
+def _store(rec: Recorder, kind: str, layer: int) -> Callable[[torch.Tensor], None]:
+    return lambda x: rec.store(kind, layer, x)
 
 
 def expand_requests(
-    adapter: Adapter, requests: Mapping[str, Sequence[int]]
+    m: ModelParts, requests: Mapping[str, Sequence[int]]
 ) -> dict[str, tuple[int, ...]]:
-    """Add the internal sites that derived kinds are computed from."""
+    """Add the internal sites that derived kinds are computed from; drop absent kinds."""
     out = {k: tuple(v) for k, v in requests.items() if v}
-    parallel = adapter.anatomy.is_parallel(adapter.model.config)
 
     def need(kind: str, layers: Sequence[int]) -> None:
         out[kind] = tuple(sorted(set(out.get(kind, ())) | set(layers)))
 
-    if "resid_mid" in out and parallel:
-        need("resid_pre", out["resid_mid"])
-        need("attn_out", out["resid_mid"])
-    if "head_out" in out:
-        need("o_in", out["head_out"])
-        if adapter.anatomy.attn_out_norm:
-            need("o_out", out["head_out"])
-    if "mlp_gate" in out and not adapter.anatomy.gated:
-        del out["mlp_gate"]
+    for kind, layers in list(out.items()):
+        loc = locate(kind, m)
+        if loc.absent:  # mlp_gate of a plain MLP: nothing to record
+            del out[kind]
+        elif loc.read is None:
+            for source in loc.derived:
+                need(source, layers)
     return out
 
 
 def record(
-    adapter: Adapter,
+    adapter: ModelParts,
     batch: Batch,
     requests: Mapping[str, Sequence[int]],
     *,
@@ -293,7 +194,8 @@ def record(
     return _finish(adapter, rec, requests)
 
 
-def _finish(adapter: Adapter, rec: Recorder, requests: Mapping[str, Sequence[int]]):
+def _finish(adapter: ModelParts, rec: Recorder, requests: Mapping[str, Sequence[int]]):
+    rec.wait()
     bufs = rec.buffers
 
     def pick(kind: str, wanted: Sequence[int]) -> torch.Tensor:
@@ -309,7 +211,7 @@ def _finish(adapter: Adapter, rec: Recorder, requests: Mapping[str, Sequence[int
     out: dict[str, tuple[tuple[int, ...], torch.Tensor]] = {}
     for kind, wanted in requests.items():
         wanted = tuple(wanted)
-        if not wanted or (kind == "mlp_gate" and not adapter.anatomy.gated):
+        if not wanted or locate(kind, adapter).absent:
             continue
         with torch.no_grad():  # no autograd graph (and no model weights) kept in a capture
             if kind == "resid_mid" and kind not in bufs:
@@ -325,7 +227,7 @@ def _finish(adapter: Adapter, rec: Recorder, requests: Mapping[str, Sequence[int
 
 
 def head_contributions(
-    adapter: Adapter,
+    adapter: ModelParts,
     z: torch.Tensor,
     layers: Sequence[int],
     o_out: torch.Tensor | None,

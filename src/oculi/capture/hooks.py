@@ -7,14 +7,21 @@
         model(**batch)
     # every handle registered above is removed, also if the forward raised
 
-The attention bridge (``bridge.py``) follows the same rule for the one piece of model state
-oculi touches: ``config._attn_implementation`` is switched on enter and restored in
-``finally``.
+Hooks are scoped to the thread (and ``contextvars`` context) that entered the set, like
+``torch.no_grad``: a module hook is global to its module, so each one first checks that its set
+is open in the calling context and does nothing otherwise. Another thread's forward, or a
+plain ``model(...)`` beside a capture, runs untouched. Sets close in any order: each removes
+exactly its own handles.
+
+The attention bridge (``bridge.py``) owns the one other piece of model state oculi touches,
+``config._attn_implementation``, with the same rules.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 from torch import nn
@@ -25,19 +32,29 @@ class StopForward(Exception):  # noqa: N818 - a control-flow signal, not an erro
     """Raised by a hook to end a forward pass once everything asked for is recorded."""
 
 
+# The hook sets open in the current thread / context (keys, never reused).
+_OPEN: ContextVar[frozenset[int]] = ContextVar("oculi_open_hooksets", default=frozenset())
+_KEYS = itertools.count()
+
+
 class HookSet:
     """Registers forward hooks and removes exactly the handles it registered, in reverse order.
 
-    Hooks may be added before or inside the ``with`` block; outside one they are refused so a
-    handle can never outlive its context.
+    Hooks may be added inside the ``with`` block; outside one they are refused so a handle can
+    never outlive its context. They fire only in the thread (and ``contextvars`` context) that
+    entered the set.
     """
 
     def __init__(self) -> None:
         self._handles: list[RemovableHandle] = []
         self._active = False
+        self._key = next(_KEYS)
 
     def __enter__(self) -> HookSet:
+        if self._active:
+            raise RuntimeError("this HookSet is already open")
         self._active = True
+        _OPEN.set(_OPEN.get() | {self._key})
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -46,25 +63,37 @@ class HookSet:
     def remove(self) -> None:
         """Remove every hook this set registered (idempotent)."""
         self._active = False
+        open_sets = _OPEN.get()
+        if self._key in open_sets:
+            _OPEN.set(open_sets - {self._key})
         while self._handles:
             self._handles.pop().remove()
+
+    def _scoped(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        key = self._key
+
+        def hook(*args: Any) -> Any:
+            # another thread's (or context's) forward: this set is not open there
+            return fn(*args) if key in _OPEN.get() else None
+
+        return hook
 
     def forward(self, module: nn.Module, fn: Callable[[nn.Module, Any, Any], Any]) -> None:
         """``fn(module, args, output)`` after ``module`` runs; a non-None return replaces the output."""
         self._check()
-        self._handles.append(module.register_forward_hook(fn))
+        self._handles.append(module.register_forward_hook(self._scoped(fn)))
 
     def forward_pre(self, module: nn.Module, fn: Callable[[nn.Module, tuple], Any]) -> None:
         """``fn(module, args)`` before ``module`` runs; a non-None return replaces the args."""
         self._check()
-        self._handles.append(module.register_forward_pre_hook(fn))
+        self._handles.append(module.register_forward_pre_hook(self._scoped(fn)))
 
     def forward_pre_kwargs(
         self, module: nn.Module, fn: Callable[[nn.Module, tuple, dict], Any]
     ) -> None:
         """``fn(module, args, kwargs)`` before ``module`` runs; may return ``(args, kwargs)``."""
         self._check()
-        self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+        self._handles.append(module.register_forward_pre_hook(self._scoped(fn), with_kwargs=True))
 
     def __len__(self) -> int:
         return len(self._handles)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from oculi.capture.places import LOCATORS, Location, ModelParts
 from oculi.errors import UnknownSiteError, did_you_mean
 
 
@@ -30,6 +31,9 @@ class SiteKind:
         kv: its heads are key/value heads (``H_kv`` of them).
         width: what the last dimension is: ``"d_model"``, ``"d_head"``, ``"d_mlp"`` or ``"pos"``.
         doc: one line on what it is.
+
+    Where a kind lives in a given model (module, input or output, view) is its locator,
+    :meth:`locate` (see :mod:`oculi.capture.places`).
     """
 
     name: str
@@ -37,6 +41,10 @@ class SiteKind:
     kv: bool
     width: str
     doc: str
+
+    def locate(self, m: ModelParts) -> Location:
+        """Where this kind is read and written in ``m`` (an adapter)."""
+        return LOCATORS[self.name](m)
 
 
 SITE_KINDS: dict[str, SiteKind] = {
@@ -62,6 +70,12 @@ SITE_KINDS: dict[str, SiteKind] = {
         SiteKind("resid_post", False, False, "d_model", "residual leaving the block"),
     ]
 }
+
+#: kinds stored heads-first, ``[B, H, T, ·]``
+PER_HEAD = tuple(k for k, kind in SITE_KINDS.items() if kind.per_head)
+#: kinds with a tensor of their own to write (in models that have them; see ``locate``):
+#: all but ``head_out``, which is derived from ``z``
+WRITABLE = tuple(k for k in SITE_KINDS if k != "head_out")
 
 # TransformerLens name (after "blocks.{l}.") -> oculi kind. TL's hook_q/hook_k are pre-rotary
 # and hook_rot_q/hook_rot_k post-rotary; oculi keeps that meaning. TL's hook_mlp_in is the MLP

@@ -24,6 +24,7 @@ heads, ``T`` tokens, ``D`` the head dimension.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -68,11 +69,13 @@ class _Capture(LayerIndexed):
             if isinstance(getattr(self, f.name), torch.Tensor)
         }
 
-    def save(self, path: str, *, format: str = "safetensors") -> None:
+    def save(
+        self, path: str | os.PathLike, *, format: str = "safetensors", overwrite: bool = True
+    ) -> None:
         """Save to ``path`` (safetensors + JSON metadata); see :mod:`oculi.capture.io`."""
         from oculi.capture.io import save_capture
 
-        save_capture(self, path, format=format)
+        save_capture(self, path, format=format, overwrite=overwrite)
 
     def to_numpy(self) -> dict[str, Any]:
         """The set tensor fields as NumPy arrays on the CPU (bf16/fp8 become float32)."""
@@ -294,11 +297,13 @@ class FullCapture:
             )
         return layer % n
 
-    def save(self, path: str, *, format: str = "safetensors") -> None:
+    def save(
+        self, path: str | os.PathLike, *, format: str = "safetensors", overwrite: bool = True
+    ) -> None:
         """Save every part to ``path``; see :mod:`oculi.capture.io`."""
         from oculi.capture.io import save_capture
 
-        save_capture(self, path, format=format)
+        save_capture(self, path, format=format, overwrite=overwrite)
 
     def to_numpy(self) -> dict[str, Any]:
         """Every part's tensors as NumPy arrays, keyed ``"attention.queries"``, ... (as saved)."""

@@ -13,7 +13,13 @@ Everything that can be checked is checked when the context is built (layers, hea
 names, tensor shapes, dtypes and devices); positions are checked against each prompt (range,
 padding) when its forward starts, before any layer runs. On entering, the context registers
 its module hooks and attention-bridge taps; on leaving, also after an exception, it removes
-exactly those and restores the attention implementation. Weights are never touched.
+exactly those. Weights are never touched.
+
+Contexts compose in any order: each one's interventions apply exactly while it is open,
+whichever closes first, and the attention implementation (owned by the model's bridge owner,
+:mod:`oculi.capture.bridge`) is restored when the last oculi context on the model closes. A
+context applies only in the thread (and ``contextvars`` context) that entered it, like
+``torch.no_grad``: other threads' forwards, plain or capturing, run as if it were not there.
 
 Debug mode (``check_effect=True``, or the environment variable ``OCULI_DEBUG=1``) compares
 each written activation before and after and warns (:class:`NoEffectWarning`) when an

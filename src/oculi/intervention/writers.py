@@ -1,8 +1,9 @@
 """Writers: the hooks that change a site, one place per site kind.
 
 The capture engine (:mod:`oculi.capture.engine`) *reads* each site kind from one module hook or
-attention-bridge tap; this module *writes* the same places, so a capture taken inside an
-intervention context records exactly what the intervened model computed. Every intervention
+attention-bridge tap; this module *writes* the places the same locators name
+(:mod:`oculi.capture.places`), so a capture taken inside an intervention context records
+exactly what the intervened model computed. Every intervention
 reduces to :class:`Edit` s, and :func:`install` registers one hook per ``(layer, kind)`` that
 hands each edit the site in its capture layout:
 
@@ -40,19 +41,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from oculi.capture.bridge import LayerTaps
-from oculi.capture.hooks import HookSet, first_tensor, replace_first
+from oculi.capture.hooks import HookSet
+from oculi.capture.places import Place, add_replacer, locate
 from oculi.capture.sites import SITE_KINDS, check_kind
 from oculi.intervention.state import Frame, Tracker
 
 if TYPE_CHECKING:
     from oculi.models.adapter import Adapter
-
-BRIDGE_KINDS = frozenset({"q", "k", "v", "pattern", "z"})
-KV_KINDS = frozenset({"k", "v"})
-WRITABLE = tuple(k for k in SITE_KINDS if k != "head_out")
 
 
 @dataclass
@@ -87,18 +84,9 @@ Report = Callable[[Any, bool], None]
 
 def check_writable(adapter: Adapter, kind: str, what: str) -> str:
     """``kind`` if oculi can write it for this model, else a ``ValueError`` / ``KeyError``."""
-    check_kind(kind)
-    if kind == "head_out":
-        raise ValueError(
-            f"{what}: site 'head_out' (a head's contribution to the residual) is derived from "
-            "z and cannot be written directly; patch 'z' with head=<h> (the head's output "
-            "before the output projection), or 'attn_out'"
-        )
-    if kind == "mlp_gate" and not adapter.anatomy.gated:
-        raise ValueError(
-            f"{what}: site 'mlp_gate' does not exist in the {adapter.anatomy.family!r} family's "
-            "plain (ungated) MLP; its input projection is 'mlp_up'"
-        )
+    loc = check_kind(kind).locate(adapter)
+    if loc.write is None:
+        raise ValueError(f"{what}: {loc.readonly or loc.absent}")
     return kind
 
 
@@ -144,177 +132,34 @@ def install(
 ) -> None:
     """Register the hooks and taps that apply ``edits`` (in order per site) in every forward.
 
-    ``hooks`` must be an active :class:`HookSet`; bridge taps go into ``taps``, which the caller
-    activates with :func:`oculi.capture.bridge.attention_bridge` when it is non-empty.
+    Each site is written where its locator (:mod:`oculi.capture.places`) says. ``hooks`` must
+    be an active :class:`HookSet`; bridge taps go into ``taps``, which the caller activates
+    with :func:`oculi.capture.bridge.attention_bridge` when it is non-empty.
     """
     grouped: dict[tuple[int, str], list[Edit]] = {}
     for e in edits:
         grouped.setdefault((e.layer, e.kind), []).append(e)
     order = {k: i for i, k in enumerate(SITE_KINDS)}
+    # SITE_KINDS order within a layer: a resid_mid writer keeps the edited resid_pre
     for layer, kind in sorted(grouped, key=lambda lk: (lk[0], order[lk[1]])):
+        place = locate(kind, adapter).write
+        if place is None:  # pragma: no cover - check_writable refuses these
+            raise ValueError(f"site {kind!r} cannot be written")
         run = _Runner(grouped[(layer, kind)], tracker, report)
-        if kind in BRIDGE_KINDS:
-            _install_tap(taps.setdefault(layer, LayerTaps()), kind, run)
-        else:
-            _install_module(adapter, hooks, layer, kind, run)
+        add_replacer(hooks, taps, adapter, layer, place, _editor(place, run))
 
 
-def _install_tap(lt: LayerTaps, kind: str, run: _Runner) -> None:
-    def tap(x: torch.Tensor) -> torch.Tensor:
-        if kind == "z":  # the bridge hands z as [B, T, H, D]
-            out = x.clone()
-            run(out.transpose(1, 2))
-            return out
+def _editor(place: Place, run: _Runner) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> `` a copy of ``x`` with the edits applied to its site view."""
+    view = place.view
+
+    def edit(x: torch.Tensor) -> torch.Tensor:
         out = x.clone()
-        if kind in KV_KINDS:
-            run(out, _kv_start(run.tracker.current(), int(out.shape[-2])))
+        site = view(out) if view else out
+        if place.cached:  # keys and values: the columns the attention call sees
+            run(site, _kv_start(run.tracker.current(), int(site.shape[-2])))
         else:
-            run(out)
+            run(site)
         return out
 
-    getattr(lt, kind).append(tap)
-    if kind == "pattern":
-        lt.pattern_edits = True
-
-
-# -- module hooks ---------------------------------------------------------------------------
-def _edit_output(run: _Runner, view: Callable[[torch.Tensor], torch.Tensor] | None = None):
-    """A forward hook replacing the module's main output by an edited copy."""
-
-    def hook(_m: nn.Module, _args: Any, output: Any) -> Any:
-        out = first_tensor(output).clone()
-        run(view(out) if view else out)
-        return replace_first(output, out)
-
-    return hook
-
-
-def _edit_input(run: _Runner):
-    """A forward pre-hook (with kwargs) replacing the hidden-states argument by an edited copy."""
-
-    def hook(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if args:
-            x = args[0].clone()
-            run(x)
-            return (x, *args[1:]), kwargs
-        x = kwargs["hidden_states"].clone()
-        run(x)
-        return args, {**kwargs, "hidden_states": x}
-
-    return hook
-
-
-def _heads_view(n_heads: int, layout: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A view ``[B, H, T, D]`` of a q/k projection or norm output (writes go through)."""
-
-    def view(x: torch.Tensor) -> torch.Tensor:
-        if layout == "bhtd":
-            return x
-        if layout == "flat":
-            x = x.view(*x.shape[:2], n_heads, -1)
-        return x.transpose(1, 2)
-
-    return view
-
-
-def _fused_qkv_view(adapter: Adapter, which: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A view ``[B, H, T, D]`` of the q (``which=0``) or k (``1``) part of a fused projection."""
-    h, h_kv, d = adapter.n_heads, adapter.n_kv_heads, adapter.d_head
-
-    def view(out: torch.Tensor) -> torch.Tensor:
-        b, t = out.shape[:2]
-        if adapter.anatomy.qkv_layout == "per_head":  # GPT-NeoX: [head, (q k v), d]
-            return out.view(b, t, h, 3 * d)[..., which * d : (which + 1) * d].transpose(1, 2)
-        lo = 0 if which == 0 else h * d
-        n = h if which == 0 else h_kv
-        return out[..., lo : lo + n * d].view(b, t, n, d).transpose(1, 2)
-
-    return view
-
-
-def _install_module(adapter: Adapter, hooks: HookSet, layer: int, kind: str, run: _Runner) -> None:
-    anat = adapter.anatomy
-    block = adapter.layer_modules[layer]
-    attn = adapter.part(layer, anat.attn)
-    mlp = adapter.part(layer, anat.mlp)
-
-    def part(path: str) -> nn.Module:
-        return adapter.part(layer, path)
-
-    if kind == "resid_pre":
-        hooks.forward_pre_kwargs(block, _edit_input(run))
-    elif kind == "attn_in":
-        if anat.attn_norm is not None:
-            hooks.forward(part(anat.attn_norm), _edit_output(run))
-        else:
-            hooks.forward_pre_kwargs(attn, _edit_input(run))
-    elif kind in ("q_pre", "k_pre"):
-        _install_qk_pre(adapter, hooks, layer, kind, run)
-    elif kind == "attn_out":
-        hooks.forward(part(anat.attn_out_norm) if anat.attn_out_norm else attn, _edit_output(run))
-    elif kind == "resid_mid":
-        _install_resid_mid(adapter, hooks, layer, run)
-    elif kind == "mlp_in":
-        hooks.forward_pre_kwargs(mlp, _edit_input(run))
-    elif kind in ("mlp_gate", "mlp_up"):
-        if anat.gate_up_proj is not None:  # Phi-3: [gate | up]
-            half = 0 if kind == "mlp_gate" else 1
-
-            def view(out: torch.Tensor, half=half) -> torch.Tensor:
-                n = out.shape[-1] // 2
-                return out[..., half * n : (half + 1) * n]
-
-            hooks.forward(part(f"{anat.mlp}.{anat.gate_up_proj}"), _edit_output(run, view))
-        else:
-            proj = anat.gate_proj if kind == "mlp_gate" else anat.up_proj
-            hooks.forward(part(f"{anat.mlp}.{proj}"), _edit_output(run))
-    elif kind == "mlp_post":
-        hooks.forward_pre_kwargs(part(f"{anat.mlp}.{anat.down_proj}"), _edit_input(run))
-    elif kind == "mlp_out":
-        hooks.forward(part(anat.mlp_out_norm) if anat.mlp_out_norm else mlp, _edit_output(run))
-    elif kind == "resid_post":
-        hooks.forward(block, _edit_output(run))
-    else:  # pragma: no cover - check_writable refuses the rest
-        raise ValueError(f"site {kind!r} cannot be written")
-
-
-def _install_qk_pre(adapter: Adapter, hooks: HookSet, layer: int, kind: str, run: _Runner) -> None:
-    anat = adapter.anatomy
-    if anat.qkv_proj is not None:
-        fused = adapter.part(layer, f"{anat.attn}.{anat.qkv_proj}")
-        which = 0 if kind == "q_pre" else 1
-        hooks.forward(fused, _edit_output(run, _fused_qkv_view(adapter, which)))
-        return
-    norm = anat.q_norm if kind == "q_pre" else anat.k_norm
-    proj = anat.q_proj if kind == "q_pre" else anat.k_proj
-    n = adapter.n_heads if kind == "q_pre" else adapter.n_kv_heads
-    layout = anat.qk_norm_layout if norm else "flat"
-    src = adapter.part(layer, f"{anat.attn}.{norm or proj}")
-    hooks.forward(src, _edit_output(run, _heads_view(n, layout)))
-
-
-def _install_resid_mid(adapter: Adapter, hooks: HookSet, layer: int, run: _Runner) -> None:
-    """``resid_mid = resid_pre + attn_out``: edit that sum, add the change to ``attn_out``."""
-    anat = adapter.anatomy
-    key = ("resid_pre", layer)
-
-    def stash(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-        x = args[0] if args else kwargs["hidden_states"]
-        run.tracker.current().scratch[key] = x
-
-    def write(_m: nn.Module, _args: Any, output: Any) -> Any:
-        out = first_tensor(output)
-        resid = run.tracker.current().scratch.pop(key)
-        mid = resid + out
-        edited = mid.clone()
-        run(edited)
-        return replace_first(output, out + (edited - mid))
-
-    # Registered after any resid_pre writer of this block, so it stashes the edited residual.
-    hooks.forward_pre_kwargs(adapter.layer_modules[layer], stash)
-    src = (
-        adapter.part(layer, anat.attn_out_norm)
-        if anat.attn_out_norm
-        else adapter.part(layer, anat.attn)
-    )
-    hooks.forward(src, write)
+    return edit

@@ -21,10 +21,11 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import nn
 
+from oculi.capture.assemble import build_full_capture
 from oculi.capture.configs import CaptureConfig, LogitConfig, MLPConfig, ResidualConfig
-from oculi.capture.engine import record
 from oculi.capture.inputs import Batch, Inputs, prepare_batch
 from oculi.capture.lens import LogitCapture
+from oculi.capture.memory import record_planned
 from oculi.capture.sites import check_kind
 from oculi.capture.structures import AttentionCapture, FullCapture, MLPCapture, ResidualCapture
 from oculi.errors import InputError, LayerIndexError, UnsupportedArchitectureError
@@ -85,6 +86,10 @@ class Adapter:
     def part(self, layer: int, path: str) -> nn.Module:
         """The module at ``path`` inside decoder layer ``layer``."""
         return get_path(self.layer_modules[layer], path)
+
+    def module(self, path: str) -> nn.Module:
+        """The module at ``path`` of the whole model (``adapter.module(anatomy.final_norm)``)."""
+        return get_path(self.model, path)
 
     def _read_sizes(self) -> None:
         cfg: Any = self.model.config  # a transformers config: attributes vary by family
@@ -355,15 +360,13 @@ class Adapter:
         attention_mask: torch.Tensor | None = None,
     ) -> FullCapture:
         """Everything asked for, from one forward pass. Pass ``None`` to skip a part."""
-        from oculi.capture.assemble import build_full_capture
-
         batch = self.prepare(inputs, attention_mask)
         requests, storage = {}, {}
         plan = build_full_capture(self, attention, residual, mlp, logits)
         for kind, (layers, dtype, device) in plan.requests.items():
             requests[kind] = layers
             storage[kind] = (dtype, device)
-        recorded = record(self, batch, requests, storage=storage)
+        recorded = record_planned(self, batch, requests, storage=storage)
         return plan.assemble(self, batch, recorded)
 
     def __repr__(self) -> str:

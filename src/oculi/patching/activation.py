@@ -26,26 +26,42 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from itertools import groupby
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 
 from oculi.capture.engine import record
 from oculi.capture.inputs import Batch
-from oculi.capture.sites import check_kind
+from oculi.capture.memory import plan_sweep
+from oculi.capture.sites import PER_HEAD, WRITABLE
 from oculi.errors import InputError
+from oculi.patching._common import (
+    Strategy,
+    check_aligned,
+    check_read_position,
+    choose_strategy,
+    chunks,
+    evaluate,
+    final_normed,
+    metric_of,
+    patched_copies,
+    position_groups,
+    progress_bar,
+    prompt_tokens,
+    run_patched,
+    single_prompt,
+    with_reference,
+)
 from oculi.patching.metrics import Metric
-from oculi.patching.resume import ResumableRun, unembed
-from oculi.patching.writers import PatchSpec, offset_index, patchers_for
+from oculi.patching.resume import Join, LayerPatchers, ResumableRun, run_joined, unembed
+from oculi.patching.writers import PatchSpec, check_patchable, patchers_for
 from oculi.viz import heatmap, text_grid
 
 if TYPE_CHECKING:
     from oculi.models.adapter import Adapter
 
-PATCHABLE = (
-    "resid_pre", "attn_in", "q", "k", "v", "pattern", "z", "attn_out", "resid_mid", "mlp_in",
-    "mlp_gate", "mlp_up", "mlp_post", "mlp_out", "resid_post",
-)  # fmt: skip
+PATCHABLE = WRITABLE
 
 
 @dataclass
@@ -125,85 +141,6 @@ class PatchingResult:
         )
 
 
-def _single(adapter: Adapter, prompt: Any, what: str) -> Batch:
-    batch = adapter.prepare(prompt)
-    if batch.input_ids.shape[0] != 1:
-        raise InputError(
-            f"{what} must be one prompt (a string or [1, T] ids), got a batch of {batch.input_ids.shape[0]}"
-        )
-    bos = getattr(adapter.tokenizer, "bos_token_id", None)
-    real = batch.input_ids[0][batch.attention_mask[0].bool()]
-    if bos is not None and bool((real == bos).all()):
-        raise InputError(
-            f"{what} prompt is empty after tokenization: only the BOS token {real.tolist()}; "
-            "a next-token metric needs at least one token of content"
-        )
-    return batch
-
-
-def prompt_tokens(adapter: Adapter, batch: Batch) -> list[str]:
-    """The tokens of a one-prompt batch (see :func:`_single`) as strings, ``[]`` without a
-    tokenizer."""
-    if adapter.tokenizer is None:
-        return []
-    # one row, so to_str_tokens returns a single list of tokens rather than a list per row
-    return cast("list[str]", adapter.to_str_tokens(batch.input_ids))
-
-
-def check_read_position(metric: Metric, batch: Batch, what: str) -> None:
-    """The metric's position (relative to the real tokens) must exist in ``batch``'s row 0."""
-    n = int(batch.attention_mask[0].sum())
-    if not -n <= metric.position < n:
-        raise IndexError(
-            f"{metric.name}: position {metric.position} out of range for the {what} prompt of "
-            f"{n} tokens (valid positions 0..{n - 1}, or -{n}..-1 from the end)"
-        )
-
-
-def check_aligned(adapter: Adapter, clean: Batch, corrupt: Batch) -> None:
-    """Position-aligned patching needs prompts of equal token length."""
-    tc, tk = clean.input_ids.shape[1], corrupt.input_ids.shape[1]
-    if tc != tk:
-        bos = getattr(adapter.tokenizer, "bos_token_id", None)
-        first = (int(clean.input_ids[0, 0]), int(corrupt.input_ids[0, 0]))
-        hint = (
-            " (BOS added to one?)"
-            if bos is not None and (first[0] == bos) != (first[1] == bos)
-            else ""
-        )
-        raise InputError(
-            f"clean has {tc} tokens, corrupt has {tk}{hint}; position-aligned patching needs "
-            "prompts of the same token length"
-        )
-
-
-_LOGIT_BLOCK = 32 * 2**20  # logits (floats) computed at once when a metric reads all V
-
-
-def evaluate(adapter: Adapter, metric: Metric, normed: torch.Tensor) -> torch.Tensor:
-    """``metric`` of final-normed residual rows ``[N, d]``, ``[N]``, in row blocks.
-
-    Sweeps collect the rows of all their patched copies and evaluate them here once: a metric
-    that reads the whole vocabulary (probability, KL) then streams the ``[V, d]`` unembedding
-    a few times in all instead of once per batch of copies.
-    """
-    cols = metric.columns()
-    width = adapter.d_vocab if cols is None else len(cols)
-    step = max(1, _LOGIT_BLOCK // width)
-    parts = [
-        metric(unembed(adapter, normed[i : i + step], cols)).float().cpu()
-        for i in range(0, normed.shape[0], step)
-    ]
-    return torch.cat(parts) if parts else torch.empty(0)
-
-
-def metric_of(adapter: Adapter, run: ResumableRun, metric: Metric) -> float:
-    """The metric on an unpatched recorded run."""
-    pos = run.position(metric.position)
-    normed = run.run_from(adapter.n_layers, run.resid[-1:], positions=[pos])[:, 0]
-    return float(metric(unembed(adapter, normed, metric.columns()))[0])
-
-
 def activation_patching(
     adapter: Adapter,
     clean: Any,
@@ -215,7 +152,8 @@ def activation_patching(
     positions: Sequence[int] | None = None,
     per_head: bool = False,
     per_position: bool = True,
-    batch_size: int | None = 64,
+    batch_size: int | Literal["auto"] | None = "auto",
+    strategy: Strategy = "auto",
     progress: bool = True,
 ) -> PatchingResult:
     """Patch clean activations of ``site`` into the corrupt run, one site at a time.
@@ -232,95 +170,52 @@ def activation_patching(
             ``pattern``); each patch covers every position of one head.
         per_position: sweep positions; ``False`` (and not ``per_head``) patches the whole
             site at once, giving ``[n_layers]``.
-        batch_size: patched copies per forward (lower it to cap memory).
+        batch_size: patched copies per forward (lower it to cap memory; ``None``: all;
+            ``"auto"``: 64 with the layered strategy, all with the fused one). Lowered to
+            what fits in free memory (:func:`oculi.capture.memory.plan_sweep`).
+        strategy: how copies are batched (same numbers either way): ``"layered"`` runs the
+            copies of each layer from that layer on (fewest FLOPs: CPUs), ``"fused"`` joins
+            every layer's copies into one forward that grows as it goes (fewest launches:
+            GPUs); ``"auto"`` picks by the model's device (:func:`choose_strategy`).
         progress: show a progress bar.
 
     Returns:
         :class:`PatchingResult`; ``values`` is ``[n_layers, T]`` (positions), ``[n_layers,
         n_heads]`` (heads) or ``[n_layers]``.
     """
-    kind = check_kind(site)
-    if site not in PATCHABLE:
-        raise InputError(
-            f"site {site!r} cannot be patched; patchable sites: {', '.join(PATCHABLE)}"
-        )
-    if per_head and not kind.per_head:
-        raise InputError(f"per_head=True needs a per-head site (z, q, k, v, pattern), got {site!r}")
-    if site == "resid_mid" and adapter.anatomy.is_parallel(adapter.model.config):
-        raise InputError(
-            "resid_mid is not a state of parallel-attention models (attention and MLP read the "
-            "same input); patch attn_out or resid_pre instead"
-        )
-    cb, kb = _single(adapter, clean, "clean"), _single(adapter, corrupt, "corrupt")
+    kind = _check_site(adapter, site, per_head)
+    cb, kb = single_prompt(adapter, clean, "clean"), single_prompt(adapter, corrupt, "corrupt")
     check_aligned(adapter, cb, kb)
     metric = metric.bind(adapter)
     check_read_position(metric, kb, "corrupt")
     layer_list = adapter.resolve_layers(layers)
+    fused = choose_strategy(strategy, adapter.device) == "fused"
     t = kb.input_ids.shape[1]
 
     clean_run, corrupt_run = ResumableRun(adapter, cb), ResumableRun(adapter, kb)
     if metric.kind == "kl":
-        pos = clean_run.position(metric.position)
-        normed = clean_run.run_from(adapter.n_layers, clean_run.resid[-1:], positions=[pos])[:, 0]
-        metric = _with_reference(metric, unembed(adapter, normed, None)[0])
+        normed = final_normed(clean_run, clean_run.position(metric.position))
+        metric = with_reference(metric, unembed(adapter, normed, None)[0])
     clean_value = metric_of(adapter, clean_run, metric)
     corrupt_value = metric_of(adapter, corrupt_run, metric)
+    axis, items = _sweep_items(adapter, kind, per_head, per_position, positions, t)
     clean_acts = _site_activations(adapter, cb, clean_run, site, layer_list)
-
-    if per_head:
-        n_heads = adapter.n_kv_heads if kind.kv else adapter.n_heads
-        items: list[int | None] = list(range(n_heads))
-        axis: str | None = "head"
-    elif per_position:
-        items = (
-            [_abs_position(p, t) for p in positions] if positions is not None else list(range(t))
-        )
-        axis = "position"
-    else:
-        items = [None]
-        axis = None
-
-    read_pos = corrupt_run.position(metric.position)
     corrupt_acts = _site_activations(adapter, kb, corrupt_run, site, layer_list)
-    late = axis == "position" and corrupt_run.can_start_late()
+    read_pos = corrupt_run.position(metric.position)
     # A patch that writes what the corrupt run already has, or writes after the position the
     # metric reads, cannot change the metric: those cells are the corrupt metric, exactly.
+    skip = _no_op_mask(kind, clean_acts, corrupt_acts, layer_list, axis, items, read_pos)
+    live = [
+        [(col, item) for col, item in enumerate(items) if not skip[li][col]]
+        for li in range(len(layer_list))
+    ]
+    sweep = _Sweep(adapter, corrupt_run, site, layer_list, clean_acts, read_pos, axis)
+    late = axis == "position" and corrupt_run.can_start_late()
+    run = _run_fused if fused else _run_layered
+    wanted = (None if fused else 64) if batch_size == "auto" else batch_size
+    size = plan_sweep(adapter, t, wanted, max(1, sum(map(len, live))))
+    rows, cells = run(sweep, live, late, size, progress)
     out = torch.full((len(layer_list), len(items)), corrupt_value)
-    jobs = []
-    for li, layer in enumerate(layer_list):
-        live = [
-            (col, item)
-            for col, item in enumerate(items)
-            if not _no_op(kind, clean_acts[layer], corrupt_acts[layer], axis, item, read_pos)
-        ]
-        if late:
-            # late only on the position axis, where every item is a position (an int)
-            positioned = cast("list[tuple[int, int]]", live)
-            jobs += [
-                (li, layer, start, chunk)
-                for start, chunk in _position_groups(positioned, t, batch_size)
-            ]
-        else:
-            jobs += [(li, layer, 0, chunk) for chunk in _chunks(live, batch_size or len(live) or 1)]
-    bar = _progress(len(jobs), progress, f"patching {site}")
-    rows, cells = [], []
-    for li, layer, start, chunk in jobs:
-        specs = [
-            PatchSpec(
-                row=r,
-                position=item if axis == "position" else None,
-                head=item if axis == "head" else None,
-            )
-            for r, (_, item) in enumerate(chunk)
-        ]
-        rows.append(
-            _run_patched(
-                adapter, corrupt_run, site, layer, clean_acts[layer], specs, read_pos, start
-            )
-        )
-        cells += [(li, col) for col, _ in chunk]
-        bar.update(1)
-    bar.close()
     if rows:
         li_idx, col_idx = (torch.tensor(ix) for ix in zip(*cells))
         out[li_idx, col_idx] = evaluate(adapter, metric, torch.cat(rows))
@@ -331,10 +226,122 @@ def activation_patching(
     )
 
 
-def _with_reference(metric: Metric, logits: torch.Tensor) -> Metric:
-    from dataclasses import replace
+def _check_site(adapter: Adapter, site: str, per_head: bool):
+    """The site's kind, refusing sites that cannot be patched (as asked) in this model."""
+    kind = check_patchable(adapter, site)
+    if per_head and not kind.per_head:
+        raise InputError(
+            f"per_head=True needs a per-head site ({', '.join(PER_HEAD)}), got {site!r}"
+        )
+    return kind
 
-    return replace(metric, reference=torch.log_softmax(logits.float(), dim=-1))
+
+def _sweep_items(
+    adapter: Adapter, kind, per_head: bool, per_position: bool, positions, t: int
+) -> tuple[str | None, list[int | None]]:
+    """What the sweep's second axis indexes, and its items."""
+    if per_head:
+        return "head", list(range(adapter.n_kv_heads if kind.kv else adapter.n_heads))
+    if per_position:
+        wanted = [_abs_position(p, t) for p in positions] if positions is not None else range(t)
+        return "position", list(wanted)
+    return None, [None]
+
+
+@dataclass(frozen=True)
+class _Sweep:
+    """What every batch of patched copies of one sweep shares."""
+
+    adapter: Adapter
+    run: ResumableRun
+    site: str
+    layers: tuple[int, ...]
+    clean: dict[int, torch.Tensor]
+    read_pos: int
+    axis: str | None
+
+    def specs(self, items: Sequence[int | None], first_row: int = 0) -> list[PatchSpec]:
+        head = self.axis == "head"
+        return [
+            PatchSpec(row=first_row + r, position=None if head else it, head=it if head else None)
+            for r, it in enumerate(items)
+        ]
+
+
+def _run_layered(sweep: _Sweep, live, late: bool, batch_size: int | None, progress: bool):
+    """The copies of each layer as batches run from that layer on (and, with ``late``, from
+    their earliest patched position on); returns the final-normed rows and their cells."""
+    jobs = []
+    for li, layer in enumerate(sweep.layers):
+        if late:
+            # late only on the position axis, where every item is a position (an int)
+            jobs += [
+                (li, layer, s, c)
+                for s, c in position_groups(live[li], sweep.run.resid.shape[1], batch_size)
+            ]
+        else:
+            jobs += [(li, layer, 0, c) for c in chunks(live[li], batch_size or len(live[li]) or 1)]
+    bar = progress_bar(len(jobs), progress, f"patching {sweep.site}")
+    rows, cells = [], []
+    for li, layer, start, chunk in jobs:
+        specs = sweep.specs([item for _, item in chunk])
+        clean = sweep.clean[layer]
+        normed = run_patched(
+            sweep.adapter, sweep.run, sweep.site, layer, clean, specs, sweep.read_pos, start
+        )
+        rows.append(normed)
+        cells += [(li, col) for col, _ in chunk]
+        bar.update(1)
+    bar.close()
+    return rows, cells
+
+
+def _run_fused(sweep: _Sweep, live, late: bool, batch_size: int | None, progress: bool):
+    """Every layer's copies in one forward that grows as it goes (see ``run_joined``), in
+    batches of ``batch_size`` copies (and, with ``late``, one forward per group of positions
+    that can start late); returns the final-normed rows and their cells."""
+    by_layer = sorted(range(len(sweep.layers)), key=lambda li: sweep.layers[li])
+    flat = [(li, col, item) for li in by_layer for col, item in live[li]]
+    t = sweep.run.resid.shape[1]
+    if late:
+        grouped = position_groups([(i, cast(int, c[2])) for i, c in enumerate(flat)], t, None)
+        groups = [(start, sorted(i for i, _ in group)) for start, group in grouped]
+    else:
+        groups = [(0, list(range(len(flat))))] if flat else []
+    jobs = [(s, chunk) for s, idx in groups for chunk in chunks(idx, batch_size or len(idx))]
+    bar = progress_bar(len(jobs), progress, f"patching {sweep.site}")
+    rows, cells = [], []
+    for start, chunk in jobs:
+        batch = [flat[i] for i in chunk]
+        rows.append(_fused_batch(sweep, batch, start))
+        cells += [(li, col) for li, col, _ in batch]
+        bar.update(1)
+    bar.close()
+    return rows, cells
+
+
+def _fused_batch(sweep: _Sweep, cells: list, start: int) -> torch.Tensor:
+    """Final-normed rows ``[len(cells), d]`` of one fused forward; ``cells`` sorted by layer."""
+    run, site = sweep.run, sweep.site
+    joins: list[Join] = []
+    patchers: LayerPatchers = {}
+    row = 0
+    for li, group in groupby(cells, key=lambda c: c[0]):
+        layer = sweep.layers[li]
+        items = [item for _, _, item in group]
+        clean = sweep.clean[layer]
+        if site in ("resid_pre", "resid_post"):
+            enter = layer + (site == "resid_post")
+            joins.append((enter, 0, patched_copies(run.resid[enter, start:], clean, items, start)))
+        else:
+            base = run.resid[layer, start:].unsqueeze(0).expand(len(items), -1, -1)
+            joins.append((layer, 0, base))
+            specs = sweep.specs(items, row)
+            patchers.update(
+                patchers_for(sweep.adapter, site, layer, clean, specs, run.resid[layer], start)
+            )
+        row += len(items)
+    return run_joined([run], joins, patchers=patchers, position=sweep.read_pos, start=start)
 
 
 def _abs_position(p: int, t: int) -> int:
@@ -343,47 +350,24 @@ def _abs_position(p: int, t: int) -> int:
     return p % t
 
 
-def _chunks(items: list, size: int) -> list[list]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-def _no_op(kind, clean: torch.Tensor, corrupt: torch.Tensor, axis, item, read_pos: int) -> bool:
-    """Whether patching ``item`` writes exactly what the corrupt run has, or comes too late."""
+def _no_op_mask(
+    kind, clean: dict, corrupt: dict, layers: Sequence[int], axis, items, read_pos: int
+) -> list[list[bool]]:
+    """Per layer and item, whether patching it writes exactly what the corrupt run has, or
+    comes after the read position: one comparison of all layers, one device sync."""
+    same = torch.stack([clean[layer] for layer in layers]) == torch.stack(
+        [corrupt[layer] for layer in layers]
+    )  # [n, ...site]
     if axis == "position":
-        if item > read_pos:
-            return True
-        dim = 1 if kind.per_head else 0
-        return torch.equal(clean.select(dim, item), corrupt.select(dim, item))
-    if axis == "head":
-        return torch.equal(clean[item], corrupt[item])
-    return torch.equal(clean, corrupt)
-
-
-_MIN_SAVED = 16
-
-
-def _position_groups(
-    live: list[tuple[int, int]], t: int, batch_size: int | None
-) -> list[tuple[int, list[tuple[int, int]]]]:
-    """Batches of position patches, each run from its earliest position on.
-
-    Copies patched at position ``p`` equal the corrupt run before ``p``, so a batch whose
-    earliest patch is at ``s`` runs positions ``s..T-1`` only. A new batch starts when the
-    next position would run on less than half of the current batch's length and starting
-    there saves at least ``_MIN_SAVED`` positions per copy (below that, an extra batch costs
-    more in per-call overhead than the positions it skips: on a 15-token prompt one batch
-    is fastest), or when the batch is full.
-    """
-    groups: list[tuple[int, list[tuple[int, int]]]] = []
-    for col, p in sorted(live, key=lambda cp: cp[1]):
-        if groups:
-            start, chunk = groups[-1]
-            full = batch_size is not None and len(chunk) >= batch_size
-            if not full and (2 * (t - p) >= t - start or p - start < _MIN_SAVED):
-                chunk.append((col, p))
-                continue
-        groups.append((p, [(col, p)]))
-    return groups
+        dim = 2 if kind.per_head else 1
+        equal = same.movedim(dim, 1).flatten(2).all(-1)  # [n, T]
+        pos = torch.tensor(items)
+        mask = equal[:, pos.to(equal.device)].cpu() | (pos > read_pos)
+    elif axis == "head":
+        mask = same.flatten(2).all(-1)[:, list(items)]
+    else:
+        mask = same.flatten(1).all(-1)[:, None]
+    return mask.tolist()
 
 
 def _site_activations(
@@ -397,44 +381,3 @@ def _site_activations(
     recorded = record(adapter, batch, {site: tuple(layers)})
     have, tensor = recorded[site]
     return {layer: tensor[0, have.index(layer)] for layer in layers}
-
-
-def _run_patched(
-    adapter,
-    run: ResumableRun,
-    site: str,
-    layer: int,
-    clean: torch.Tensor,
-    specs: list[PatchSpec],
-    read_pos: int,
-    start: int = 0,
-) -> torch.Tensor:
-    """Final-normed residual at ``read_pos`` of ``len(specs)`` patched copies, ``[P, d]``.
-
-    With ``start``, every spec patches a position ``>= start`` and the copies run positions
-    ``start..T-1`` only, on the recorded run's keys and values before ``start``.
-    """
-    n = len(specs)
-    if site == "resid_pre" or (site == "resid_post" and layer + 1 < adapter.n_layers):
-        first = layer if site == "resid_pre" else layer + 1
-        hidden = run.resid[first, start:].unsqueeze(0).expand(n, -1, -1).clone()
-        for s in specs:
-            at, src = offset_index(s.position, start)
-            hidden[s.row, at] = clean[src]
-        return run.run_from(first, hidden, positions=[read_pos], start=start)[:, 0]
-    patchers = patchers_for(adapter, site, layer, clean, specs, run.resid[layer], start)
-    begin = run.resid[layer, start:].unsqueeze(0).expand(n, -1, -1)
-    return run.run_from(layer, begin, patchers=patchers, positions=[read_pos], start=start)[:, 0]
-
-
-class _NoBar:
-    def update(self, _n: int) -> None: ...
-    def close(self) -> None: ...
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False)

@@ -12,33 +12,31 @@ training step. It is exact for sites the metric depends on linearly and a guide 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
-from oculi.capture.hooks import HookSet, first_tensor
+from oculi.capture.bridge import LayerTaps, attention_bridge
+from oculi.capture.hooks import HookSet
 from oculi.capture.inputs import Batch
-from oculi.capture.sites import check_kind
+from oculi.capture.places import add_replacer
+from oculi.capture.sites import PER_HEAD, SITE_KINDS
 from oculi.errors import InputError
-from oculi.models.anatomy import get_path
-from oculi.patching.activation import (
-    PatchingResult,
-    _single,
-    _with_reference,
+from oculi.patching._common import (
     check_aligned,
     check_read_position,
     prompt_tokens,
+    single_prompt,
+    with_reference,
 )
+from oculi.patching.activation import PatchingResult
 from oculi.patching.metrics import Metric
 from oculi.patching.resume import unembed
+from oculi.patching.writers import check_patchable
 
 if TYPE_CHECKING:
     from oculi.models.adapter import Adapter
-
-# sites whose gradient we take from a module output (forward hook) or input (pre-hook)
-_OUTPUT_SITES = ("attn_out", "mlp_out", "resid_post")
-_INPUT_SITES = ("resid_pre", "mlp_in", "mlp_post")
 
 
 def attribution_patching(
@@ -56,29 +54,31 @@ def attribution_patching(
     Args:
         adapter: the model's adapter.
         clean, corrupt: one prompt each, of equal token length.
-        site: ``resid_pre``, ``resid_post``, ``attn_out``, ``mlp_out``, ``mlp_in``,
-            ``mlp_post`` or ``z``.
+        site: any site :func:`~oculi.patching.activation_patching` patches (``resid_pre``,
+            ``attn_out``, ``z``, ``q``, ``pattern``, ``mlp_post``, ...); the gradient is taken
+            where that site is written.
         metric: a :mod:`oculi.patching.metrics` metric.
         layers: layers to report (default all).
-        per_head: for ``z``, one value per head (summed over positions): ``[n_layers, n_heads]``.
+        per_head: for per-head sites (``z``, ``q``, ``k``, ``v``, ``pattern``, ``q_pre``,
+            ``k_pre``), one value per head (summed over positions): ``[n_layers, n_heads]``
+            (``n_kv_heads`` for ``k``, ``v``, ``k_pre``). Otherwise one value per position
+            (for ``k``, ``v``: key position; summed over heads for per-head sites).
 
     Returns:
         A :class:`PatchingResult` whose ``values`` approximate the exact sweep's.
     """
-    check_kind(site)
-    if site not in _OUTPUT_SITES + _INPUT_SITES + ("z",):
+    kind = check_patchable(adapter, site)
+    if per_head and not kind.per_head:
         raise InputError(
-            f"attribution patching supports {', '.join(_OUTPUT_SITES + _INPUT_SITES + ('z',))}; got {site!r}"
+            f"per_head=True needs a per-head site ({', '.join(PER_HEAD)}), got {site!r}"
         )
-    if per_head and site != "z":
-        raise InputError("per_head=True needs site='z'")
-    cb, kb = _single(adapter, clean, "clean"), _single(adapter, corrupt, "corrupt")
+    cb, kb = single_prompt(adapter, clean, "clean"), single_prompt(adapter, corrupt, "corrupt")
     check_aligned(adapter, cb, kb)
     metric = metric.bind(adapter)
     check_read_position(metric, cb, "clean")
     if metric.kind == "kl":
         pos = int(cb.attention_mask[0].nonzero()[:, 0][metric.position])
-        metric = _with_reference(metric, adapter.forward(cb.input_ids)[pos])
+        metric = with_reference(metric, adapter.forward(cb.input_ids)[pos])
     layer_list = adapter.resolve_layers(layers)
     clean_value, clean_rec, _ = _metric_and_grads(
         adapter, cb, metric, site, layer_list, need_grad=False
@@ -86,18 +86,13 @@ def attribution_patching(
     corrupt_value, corrupt_acts, grads = _metric_and_grads(
         adapter, kb, metric, site, layer_list, need_grad=True
     )
-    delta = clean_rec.to(grads.dtype) - corrupt_acts  # [n, T, width]
-    contrib = delta * grads
-    if site == "z":
-        t = contrib.shape[1]
-        contrib = contrib.reshape(len(layer_list), t, adapter.n_heads, adapter.d_head).sum(
-            -1
-        )  # [n, T, H]
-        values = corrupt_value + (contrib.sum(1) if per_head else contrib.sum(-1))
-        axis = "head" if per_head else "position"
+    delta = clean_rec.to(grads.dtype) - corrupt_acts  # [n, T, W] or [n, H, T, W]
+    contrib = (delta * grads).sum(-1)
+    if kind.per_head:  # [n, H, T]: one value per head, or per position over all heads
+        values = corrupt_value + (contrib.sum(2) if per_head else contrib.sum(1))
     else:
-        values = corrupt_value + contrib.sum(-1)
-        axis = "position"
+        values = corrupt_value + contrib
+    axis = "head" if per_head else "position"
     tokens = prompt_tokens(adapter, kb)
     return PatchingResult(
         values.detach().cpu(),
@@ -120,61 +115,47 @@ def _metric_and_grads(
     *,
     need_grad: bool,
 ) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """Metric value, the site's activations ``[n, T, w]`` and their gradients (one backward)."""
-    acts: dict[int, torch.Tensor] = {}
-    anat = adapter.anatomy
+    """Metric value, the site's activations ``[n, ...]`` and their gradients (one backward).
 
-    def keep(layer: int, x: torch.Tensor) -> None:
-        acts[layer] = x
+    The gradient is taken where the site is written (its locator's ``write`` place): the hook
+    swaps the tensor there for a copy that only the site's path reads, so a change of the
+    copy is exactly what a patch of the site changes.
+    """
+    place = SITE_KINDS[site].locate(adapter).write
+    assert place is not None  # check_patchable refused unwritable sites
+    copies: dict[int, torch.Tensor] = {}
 
-    def keep_arg(layer: int) -> Callable[[nn.Module, tuple], None]:
-        return lambda _m, a: keep(layer, a[0])
+    def keeper(layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def keep(x: torch.Tensor) -> torch.Tensor:
+            copies[layer] = x.clone()
+            return copies[layer]
 
-    def keep_output(layer: int) -> Callable[[nn.Module, Any, Any], None]:
-        return lambda _m, _a, o: keep(layer, first_tensor(o))
+        return keep
 
-    def keep_hidden(layer: int) -> Callable[[nn.Module, tuple, dict], None]:
-        return lambda _m, a, kw: keep(layer, a[0] if a else kw["hidden_states"])
+    def site_of(x: torch.Tensor) -> torch.Tensor:
+        return (place.view(x) if place.view else x)[0]
 
-    with HookSet() as hooks, torch.enable_grad():
+    taps: dict[int, LayerTaps] = {}
+    with HookSet() as hooks, ExitStack() as stack, torch.enable_grad():
         for layer in layers:
-            block = adapter.layer_modules[layer]
-            if site == "resid_pre":
-                hooks.forward_pre(block, keep_arg(layer))
-            elif site == "resid_post":
-                hooks.forward(block, keep_output(layer))
-            elif site == "attn_out":
-                src = (
-                    adapter.part(layer, anat.attn_out_norm)
-                    if anat.attn_out_norm
-                    else adapter.part(layer, anat.attn)
-                )
-                hooks.forward(src, keep_output(layer))
-            elif site == "mlp_out":
-                src = (
-                    adapter.part(layer, anat.mlp_out_norm)
-                    if anat.mlp_out_norm
-                    else adapter.part(layer, anat.mlp)
-                )
-                hooks.forward(src, keep_output(layer))
-            else:
-                path = {
-                    "mlp_in": anat.mlp,
-                    "mlp_post": f"{anat.mlp}.{anat.down_proj}",
-                    "z": f"{anat.attn}.{anat.o_proj}",
-                }[site]
-                hooks.forward_pre_kwargs(adapter.part(layer, path), keep_hidden(layer))
+            add_replacer(hooks, taps, adapter, layer, place, keeper(layer))
+        if taps:
+            stack.enter_context(
+                attention_bridge(adapter.attention_configs, adapter.attention_layer_ids, taps)
+            )
         # the embedding output is the leaf that makes every later activation require grad
-        embed = get_path(adapter.model, anat.embed)
+        embed = adapter.module(adapter.anatomy.embed)
         hooks.forward(embed, lambda _m, _a, o: o.detach().requires_grad_(need_grad))
         hidden = adapter.decoder(**batch.model_kwargs(), use_cache=False).last_hidden_state
         pos = int(batch.attention_mask[0].nonzero()[:, 0][metric.position])
         value = metric(unembed(adapter, hidden[:, pos], metric.columns()))[0]
-        stacked = torch.stack([acts[layer][0] for layer in layers]).detach()
+        stacked = torch.stack([site_of(copies[layer]) for layer in layers]).detach()
         if not need_grad:
             return float(value.detach()), stacked, torch.zeros_like(stacked)
         # autograd.grad, not backward(): nothing accumulates in the parameters' .grad
-        grads = torch.autograd.grad(value, [acts[layer] for layer in layers], allow_unused=True)
+        grads = torch.autograd.grad(value, [copies[layer] for layer in layers], allow_unused=True)
     # allow_unused: a layer the metric does not depend on has no gradient (None)
-    filled = [torch.zeros_like(acts[layer]) if g is None else g for layer, g in zip(layers, grads)]
-    return float(value.detach()), stacked, torch.stack([g[0] for g in filled]).detach()
+    filled = [
+        torch.zeros_like(copies[layer]) if g is None else g for layer, g in zip(layers, grads)
+    ]
+    return float(value.detach()), stacked, torch.stack([site_of(g) for g in filled]).detach()

@@ -20,6 +20,7 @@ path carries nothing and 0 where it carries the whole clean–corrupt difference
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,15 +28,15 @@ import torch
 from oculi.capture.bridge import LayerTaps, attention_bridge
 from oculi.capture.engine import record
 from oculi.errors import InputError
-from oculi.patching.activation import (
-    PatchingResult,
-    _progress,
-    _single,
+from oculi.patching._common import (
     check_aligned,
     check_read_position,
     metric_of,
+    progress_bar,
     prompt_tokens,
+    single_prompt,
 )
+from oculi.patching.activation import PatchingResult
 from oculi.patching.metrics import Metric
 from oculi.patching.resume import LayerPatchers, ResumableRun, unembed
 from oculi.patching.writers import PatchSpec, patchers_for
@@ -72,79 +73,84 @@ def path_patching(
     """
     if receiver_input not in ("q", "k", "v"):
         raise InputError(f"receiver_input must be 'q', 'k' or 'v', got {receiver_input!r}")
-    cb, kb = _single(adapter, clean, "clean"), _single(adapter, corrupt, "corrupt")
+    cb, kb = single_prompt(adapter, clean, "clean"), single_prompt(adapter, corrupt, "corrupt")
     check_aligned(adapter, cb, kb)
     metric = metric.bind(adapter)
     check_read_position(metric, cb, "clean")
     n, h = adapter.n_layers, adapter.n_heads
-    recv = [
-        (adapter.resolve_layer(layer), adapter.resolve_head(head, "z"))
-        for layer, head in receivers or []
-    ]
+    recv = _heads(adapter, receivers or [])
     wanted = (
-        [(adapter.resolve_layer(layer), adapter.resolve_head(head, "z")) for layer, head in senders]
-        if senders
-        else [(layer, head) for layer in range(n) for head in range(h)]
+        _heads(adapter, senders) if senders else [(lr, hd) for lr in range(n) for hd in range(h)]
     )
     clean_run = ResumableRun(adapter, cb)
     clean_value = metric_of(adapter, clean_run, metric)
     corrupt_value = metric_of(adapter, ResumableRun(adapter, kb), metric)
     all_layers = tuple(range(n))
-    corrupt_z = record(adapter, kb, {"z": all_layers})["z"][1][0]
-    clean_attn_out = record(adapter, cb, {"attn_out": all_layers})["attn_out"][1][0]
-    read = clean_run.position(metric.position)
+    paths = _Paths(
+        adapter,
+        clean_run,
+        corrupt_z=record(adapter, kb, {"z": all_layers})["z"][1][0],
+        clean_attn_out=record(adapter, cb, {"attn_out": all_layers})["attn_out"][1][0],
+        receivers=recv,
+        receiver_input=receiver_input,
+        read=clean_run.position(metric.position),
+    )
     first_recv = min((layer for layer, _ in recv), default=n)
 
     out = torch.full((n, h), float("nan"))
     by_layer: dict[int, list[int]] = {}
     for layer, head in wanted:
         by_layer.setdefault(layer, []).append(head)
-    bar = _progress(len(by_layer), progress, "path patching")
+    bar = progress_bar(len(by_layer), progress, "path patching")
     for layer, heads in sorted(by_layer.items()):
         if layer >= first_recv:
             out[layer, heads] = clean_value  # no path from here into the receivers
-            bar.update(1)
-            continue
-        rows = len(heads)
-        specs = [PatchSpec(row=r, head=hd) for r, hd in enumerate(heads)]
-        patchers = patchers_for(
-            adapter, "z", layer, corrupt_z[layer], specs, clean_run.resid[layer]
-        )
-        everything = [PatchSpec(row=r) for r in range(rows)]
-        for later in range(layer + 1, n):
-            patchers.update(
-                patchers_for(
-                    adapter,
-                    "attn_out",
-                    later,
-                    clean_attn_out[later],
-                    everything,
-                    clean_run.resid[later],
-                )
-            )
-        start = clean_run.resid[layer].unsqueeze(0).expand(rows, -1, -1)
-        if not recv:
-            normed = clean_run.run_from(layer, start, patchers=patchers, positions=[read])[:, 0]
         else:
-            inputs = _receiver_inputs(
-                adapter, clean_run, layer, start, patchers, recv, receiver_input
-            )
-            normed = _run_with_receivers(adapter, clean_run, inputs, recv, receiver_input, read)
-        out[layer, heads] = metric(unembed(adapter, normed, metric.columns())).cpu()
+            normed = paths.senders_at(layer, heads)
+            out[layer, heads] = metric(unembed(adapter, normed, metric.columns())).cpu()
         bar.update(1)
     bar.close()
     tokens = prompt_tokens(adapter, cb)
     name = "logits" if not recv else f"{receiver_input} of {recv}"
     return PatchingResult(
-        out,
-        clean_value,
-        corrupt_value,
-        tuple(range(n)),
-        "head",
-        f"z -> {name}",
-        metric.name,
-        tokens,
+        out, clean_value, corrupt_value, all_layers, "head", f"z -> {name}", metric.name, tokens
     )
+
+
+def _heads(adapter: Adapter, heads: Sequence[Head]) -> list[Head]:
+    return [(adapter.resolve_layer(lr), adapter.resolve_head(hd, "z")) for lr, hd in heads]
+
+
+@dataclass(frozen=True)
+class _Paths:
+    """One path-patching sweep: the clean run, the senders' corrupt outputs, the receivers."""
+
+    adapter: Adapter
+    clean_run: ResumableRun
+    corrupt_z: torch.Tensor  # [L, T, H, D]
+    clean_attn_out: torch.Tensor  # [L, T, d]
+    receivers: list[Head]
+    receiver_input: str
+    read: int
+
+    def senders_at(self, layer: int, heads: list[int]) -> torch.Tensor:
+        """Final-normed rows ``[len(heads), d]``: each head of ``layer`` path-patched."""
+        adapter, run = self.adapter, self.clean_run
+        rows = len(heads)
+        specs = [PatchSpec(row=r, head=hd) for r, hd in enumerate(heads)]
+        patchers = patchers_for(adapter, "z", layer, self.corrupt_z[layer], specs, run.resid[layer])
+        everything = [PatchSpec(row=r) for r in range(rows)]
+        for later in range(layer + 1, adapter.n_layers):
+            frozen = self.clean_attn_out[later]
+            patchers.update(
+                patchers_for(adapter, "attn_out", later, frozen, everything, run.resid[later])
+            )
+        start = run.resid[layer].unsqueeze(0).expand(rows, -1, -1)
+        if not self.receivers:
+            return run.run_from(layer, start, patchers=patchers, positions=[self.read])[:, 0]
+        kind = self.receiver_input
+        inputs = _receiver_inputs(adapter, run, layer, start, patchers, self.receivers, kind)
+        return _run_with_receivers(adapter, run, inputs, self.receivers, kind, self.read)
 
 
 def _receiver_inputs(

@@ -253,3 +253,84 @@ def unembed(adapter: Adapter, normed: torch.Tensor, columns: Sequence[int] | Non
     if cap is not None:
         out = torch.tanh(out / cap) * cap
     return out
+
+
+# A copy joining a joined run: (layer it enters, index of its base run, hidden [n, T', d]).
+Join = tuple[int, int, torch.Tensor]
+
+
+def run_joined(
+    runs: Sequence[ResumableRun],
+    joins: Sequence[Join],
+    *,
+    patchers: LayerPatchers | None = None,
+    position: int,
+    start: int = 0,
+) -> torch.Tensor:
+    """Copies that enter at different layers, run as one growing batch; ``[N, d]`` at ``position``.
+
+    The fused form of :meth:`ResumableRun.run_from` for GPUs, where the cost of a sweep is the
+    number of layer calls rather than FLOPs: the copies patched at layer ``l`` join the batch
+    at layer ``l`` (before it, they equal their base run), so a sweep over every layer makes
+    ``L`` layer calls instead of ``L²/2``. Rows keep the order of ``joins``; the batch at layer
+    ``i`` holds every copy that joined at or before ``i``, so a patcher for layer ``i`` indexes
+    rows by their final position.
+
+    Args:
+        runs: base runs of the same prompt (the same layer arguments), e.g. noise samples.
+        joins: ``(layer, run index, hidden [n, T - start, d])``, sorted by layer.
+        patchers: per layer, hooks for patches inside it (row indices as in the final batch).
+        position: the absolute position whose final-normed residual is returned.
+        start: run positions ``start..T-1`` only; keys and values before ``start`` come from
+            each row's base run (every copy must equal its base run before ``start``).
+    """
+    base = runs[0]
+    adapter = base.adapter
+    patchers = patchers or {}
+    t = base.resid.shape[1]
+    calls = [_suffix(c, start, t) for c in base.calls] if start else base.calls
+    order = [r for _, r, hidden in joins for _ in range(hidden.shape[0])]
+    row_run = torch.tensor(order, device=base.resid.device)
+    first = joins[0][0]
+    with ExitStack() as stack, torch.no_grad():
+        if start:
+            taps = {
+                i: _joined_prefix_taps(runs, i, start, row_run) for i in range(first, len(calls))
+            }
+            stack.enter_context(
+                attention_bridge(adapter.attention_configs, adapter.attention_layer_ids, taps)
+            )
+        h: torch.Tensor | None = None
+        pending = list(joins)
+        for i in range(first, adapter.n_layers):
+            entering = [hidden for layer, _, hidden in pending if layer == i]
+            pending = [j for j in pending if j[0] != i]
+            if entering:
+                h = torch.cat([h, *entering] if h is not None else entering)
+            assert h is not None  # the first join enters at `first`
+            h = base._run_layers(i, i + 1, h, calls, patchers)
+        # copies patched after the last layer (resid_post of it): their input is the output
+        h = torch.cat([x for x in [h, *(hidden for _, _, hidden in pending)] if x is not None])
+        norm = get_path(adapter.model, adapter.anatomy.final_norm)
+        return norm(h[:, position - start])
+
+
+def _joined_prefix_taps(
+    runs: Sequence[ResumableRun], layer: int, start: int, row_run: torch.Tensor
+) -> LayerTaps:
+    """Taps prepending each row's base-run keys/values before ``start`` (see ``run_joined``)."""
+
+    def prepend(cached: list[torch.Tensor | None]):
+        parts = [c[:, :, :start] for c in cached if c is not None]
+        heads = torch.cat(parts)  # [R, H_kv, start, D]
+
+        def tap(x: torch.Tensor) -> torch.Tensor:
+            n = x.shape[0]
+            head = heads.expand(n, -1, -1, -1) if len(parts) == 1 else heads[row_run[:n]]
+            return torch.cat([head.to(x.dtype), x], dim=2)
+
+        return tap
+
+    keys = [r.keys[layer] for r in runs]
+    values = [r.values[layer] for r in runs]
+    return LayerTaps(k=[prepend(keys)], v=[prepend(values)])

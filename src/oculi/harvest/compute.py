@@ -1,0 +1,111 @@
+"""Computing one work unit: the prompts that overlap its rows, batched by a token budget.
+
+::
+
+    buffers = compute_unit(adapter, plan, tokens, plan.unit(3))   # {"resid_post/3": [rows, w]}
+
+A unit's rows are a contiguous range of the concatenated prompts, so its first and last
+prompts may be cut by the unit's edges: such a prompt is run in full (a token's activations
+depend on everything before it) and only the rows inside the unit are kept; the neighbouring
+unit runs it again for its own rows. Prompts are sorted by length and packed greedily into
+batches of at most ``batch_tokens`` (batch size x longest prompt in the batch), right padded;
+the capture engine records every requested ``(site, layer)`` in one forward pass per batch, and
+only real tokens' rows are gathered (on the model's device) before the copy to the host, so
+padding is never copied or stored.
+
+GPU note: the gather and the device-to-host copy are where the engine's memory plan and
+pinned asynchronous copies plug in; here the copy is a plain ``.cpu()`` per batch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from oculi.capture.engine import record
+from oculi.harvest.plan import STORAGE_DTYPES, HarvestPlan, Unit
+
+if TYPE_CHECKING:
+    from oculi.harvest.prompts import Tokens
+    from oculi.models.adapter import Adapter
+
+_TORCH_DTYPES = {v: k for k, v in STORAGE_DTYPES.items()}
+
+
+def unit_segments(tokens: Tokens, unit: Unit) -> list[tuple[int, int, int]]:
+    """``(prompt, first row, last row + 1)`` of each prompt overlapping ``unit``, in row order.
+
+    Rows are absolute (row ``r`` is token ``r - offsets[p]`` of prompt ``p``).
+    """
+    offsets = tokens.offsets
+    first = int(np.searchsorted(offsets, unit.start, side="right")) - 1
+    last = int(np.searchsorted(offsets, unit.stop, side="left"))  # prompts first..last-1
+    return [
+        (p, max(int(offsets[p]), unit.start), min(int(offsets[p + 1]), unit.stop))
+        for p in range(first, last)
+    ]
+
+
+def pack_batches(lengths: dict[int, int], batch_tokens: int) -> list[list[int]]:
+    """Prompts grouped so that ``len(group) * longest <= batch_tokens`` (a longer prompt alone).
+
+    Longest first, so each batch holds prompts of similar length and padding stays small.
+    """
+    order = sorted(lengths, key=lambda p: (-lengths[p], p))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for p in order:
+        longest = lengths[current[0]] if current else lengths[p]
+        if current and (len(current) + 1) * longest > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(p)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def compute_unit(
+    adapter: Adapter, plan: HarvestPlan, tokens: Tokens, unit: Unit
+) -> dict[str, np.ndarray]:
+    """The unit's rows of every array, ``{name: [unit.rows, width]}`` in the storage dtype."""
+    dtype = _TORCH_DTYPES[plan.config.storage_dtype]
+    out = {
+        a.name: np.empty((unit.rows, a.width), dtype=plan.config.storage_dtype) for a in plan.arrays
+    }
+    segments = {p: (lo, hi) for p, lo, hi in unit_segments(tokens, unit)}
+    lengths = {p: len(tokens.prompt(p)) for p in segments}
+    for group in pack_batches(lengths, plan.config.batch_tokens):
+        width = lengths[group[0]]
+        ids = torch.zeros((len(group), width), dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        src, dest = [], []  # flat [B*T] positions to keep, and their rows in the unit
+        for b, p in enumerate(group):
+            n = lengths[p]
+            ids[b, :n] = torch.from_numpy(tokens.prompt(p).astype(np.int64))
+            mask[b, :n] = 1
+            lo, hi = segments[p]
+            start = int(tokens.offsets[p])
+            src.append(b * width + np.arange(lo - start, hi - start))
+            dest.append(np.arange(lo - unit.start, hi - unit.start))
+        batch = adapter.prepare(ids, attention_mask=mask)
+        recorded = record(adapter, batch, plan.requests)
+        keep = torch.from_numpy(np.concatenate(src)).to(batch.input_ids.device)
+        rows = np.concatenate(dest)
+        for site, (layers, tensor) in recorded.items():
+            flat = _rows_first(tensor)  # [n_layers, B*T, width]
+            picked = flat[:, keep].to(dtype).cpu().numpy()
+            for i, layer in enumerate(layers):
+                out[f"{site}/{layer}"][rows] = picked[i]
+    return out
+
+
+def _rows_first(tensor: torch.Tensor) -> torch.Tensor:
+    """``[B, n, T, w]`` or per-head ``[B, n, H, T, d]`` -> ``[n, B*T, width]``."""
+    if tensor.dim() == 5:
+        b, n, h, t, d = tensor.shape
+        return tensor.permute(1, 0, 3, 2, 4).reshape(n, b * t, h * d)
+    b, n, t, w = tensor.shape
+    return tensor.transpose(0, 1).reshape(n, b * t, w)

@@ -1,0 +1,281 @@
+"""``oculi.harvest``: the one call that turns prompts into a harvest store."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+import torch
+
+from oculi.errors import InputError, require_extra
+from oculi.harvest.plan import STORAGE_DTYPES, HarvestConfig, HarvestPlan, make_plan
+from oculi.harvest.prompts import Tokens, assign_splits, read_prompts, tokenize
+from oculi.harvest.writer import FORMAT, StoreWriter
+
+if TYPE_CHECKING:
+    from oculi.models.adapter import Adapter
+
+
+@dataclass(frozen=True)
+class HarvestSummary:
+    """What a harvest call did.
+
+    Attributes:
+        path: the store folder.
+        n_prompts, tokens: prompts and tokens in the store (rows of every array).
+        rows: rows per array, by ``"<site>/<layer>"``.
+        bytes: bytes of array data in the store (uncompressed size).
+        units, units_computed: work units in all, and computed by this call (the rest were
+            already committed: a resumed run computes only what is missing).
+        seconds: wall time of this call, planning included.
+        tokens_per_s: tokens computed by this call per second of ``seconds``.
+    """
+
+    path: str
+    n_prompts: int
+    tokens: int
+    rows: dict[str, int]
+    bytes: int
+    units: int
+    units_computed: int
+    seconds: float
+    tokens_per_s: float
+
+
+def harvest(
+    adapter: Adapter,
+    prompts: Any,
+    *,
+    sites: Sequence[str] | str,
+    layers: Sequence[int] | int | None,
+    out: str | Path,
+    executor: Any = "local",
+    batch_tokens: int = 8192,
+    storage_dtype: torch.dtype | None = None,
+    max_length: int | None = None,
+    resume: bool = True,
+    verify: bool = False,
+    split: float | Sequence[str] = 0.0,
+    seed: int = 0,
+    compression: str | None = None,
+    chunk_rows: int | None = None,
+    unit_rows: int | None = None,
+    text_field: str = "text",
+    progress: bool = True,
+) -> HarvestSummary:
+    """Record ``sites`` x ``layers`` for every token of ``prompts`` into a store at ``out``.
+
+    Example::
+
+        summary = oculi.harvest(adapter, "prompts.jsonl", sites=["resid_post", "mlp_out"],
+                                layers=range(0, 18), out="acts", batch_tokens=8192)
+        store = oculi.open_harvest("acts")
+        x = store["resid_post", 6][:1024]          # numpy [1024, d_model]
+
+    Args:
+        adapter: the model (its device runs the local executor).
+        prompts: a list of strings, a JSONL file, or a dataset column (any iterable of
+            strings, or of mappings with ``text_field``).
+        sites: site kinds (see :data:`oculi.capture.SITE_KINDS`; not ``"pattern"``).
+        layers: layer indices (negatives count from the end), ``None`` for all.
+        out: the store folder (created; a matching store there is resumed).
+        executor: ``"local"`` (default), ``"ray"``, or an executor instance
+            (:class:`LocalExecutor`, :class:`RayExecutor` with its options).
+        batch_tokens: token budget of one forward pass (batch size x longest prompt).
+        storage_dtype: stored dtype (``torch.float32``/``float16``); default the model's
+            dtype, fp32 for bf16 models (zarr has no bfloat16).
+        max_length: keep the first ``max_length`` tokens of each prompt.
+        resume: keep the committed units of a matching store at ``out`` and compute only the
+            rest; ``False`` deletes the store there and starts over.
+        verify: on resume, also read committed units back and compare their checksums.
+        split: fraction of prompts held out as ``"test"`` in the index, or a label per prompt.
+        seed: seed of the held-out choice.
+        compression: ``None`` (raw) or ``"zstd"``.
+        chunk_rows, unit_rows: override the row chunking and the rows per unit (= shard).
+        text_field: the text's key in JSONL objects and dataset rows.
+        progress: show a progress bar (local executor).
+
+    Returns:
+        A :class:`HarvestSummary`.
+
+    Raises:
+        InputError: bad prompts, sites, layers or options (each named).
+        HarvestStoreError: ``out`` holds a harvest of other prompts, model or config.
+    """
+    t0 = time.perf_counter()
+    require_extra("zarr", "store")
+    require_extra("pyarrow", "store")
+    config = _config(adapter, sites, layers, batch_tokens, storage_dtype, max_length, split,
+                     seed, compression, chunk_rows, unit_rows)  # fmt: skip
+    texts = read_prompts(prompts, text_field=text_field)
+    tokens = tokenize(
+        adapter.tokenizer, texts, max_length=max_length, max_positions=adapter.max_positions
+    )
+    labels = assign_splits(tokens.n_prompts, split, seed)
+    plan = make_plan(adapter, config, tokens)
+    writer = StoreWriter.create_or_resume(
+        out,
+        plan,
+        manifest(adapter, plan, tokens),
+        lambda path: write_index(path, tokens, labels),
+        resume=resume,
+        verify=verify,
+    )
+    units = writer.pending()
+    runner = _executor(executor, progress)
+    if units:
+        runner.run(adapter, plan, tokens, units, writer)
+    seconds = time.perf_counter() - t0
+    computed = sum(u.rows for u in units)
+    return HarvestSummary(
+        path=str(Path(out)),
+        n_prompts=tokens.n_prompts,
+        tokens=tokens.n_tokens,
+        rows={a.name: tokens.n_tokens for a in plan.arrays},
+        bytes=tokens.n_tokens * sum(a.width for a in plan.arrays) * plan.itemsize,
+        units=plan.n_units,
+        units_computed=len(units),
+        seconds=seconds,
+        tokens_per_s=computed / seconds if seconds > 0 else 0.0,
+    )
+
+
+def _config(adapter, sites, layers, batch_tokens, storage_dtype, max_length, split, seed,
+            compression, chunk_rows, unit_rows) -> HarvestConfig:  # fmt: skip
+    sites = (sites,) if isinstance(sites, str) else tuple(sites)
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    resolved = adapter.resolve_layers(None if layers is None else list(layers))
+    dtype = storage_dtype or adapter.dtype
+    if dtype == torch.bfloat16 and storage_dtype is None:
+        dtype = torch.float32
+    if dtype not in STORAGE_DTYPES:
+        raise InputError(
+            f"storage_dtype {dtype} cannot be stored; use torch.float32 or torch.float16 "
+            "(zarr has no bfloat16)"
+        )
+    return HarvestConfig(
+        sites=sites,
+        layers=tuple(sorted(resolved)),
+        batch_tokens=batch_tokens,
+        storage_dtype=STORAGE_DTYPES[dtype],
+        compression=compression,  # type: ignore[arg-type]
+        chunk_rows=chunk_rows,
+        unit_rows=unit_rows,
+        split=_split_key(split),
+        seed=seed,
+        max_length=max_length,
+    )
+
+
+def _split_key(split: float | Sequence[str]) -> float | str:
+    """The manifest's record of ``split``: the fraction, or a hash of per-prompt labels."""
+    if isinstance(split, (int, float)) and not isinstance(split, bool):
+        return float(split)
+    if isinstance(split, str):
+        raise InputError(f"split must be a fraction or one label per prompt, got {split!r}")
+    blob = json.dumps([str(s) for s in cast(Sequence[str], split)]).encode()
+    return "labels:" + hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _executor(executor: Any, progress: bool):
+    from oculi.harvest.local import LocalExecutor
+
+    if executor == "local":
+        return LocalExecutor(progress=progress)
+    if executor == "ray":
+        from oculi.harvest.distributed import RayExecutor
+
+        return RayExecutor()
+    if hasattr(executor, "run"):
+        return executor
+    raise InputError(f"executor must be 'local', 'ray' or an executor instance, got {executor!r}")
+
+
+def model_identity(adapter: Adapter) -> dict[str, Any]:
+    """What must match for two harvests to be the same model (compared on resume)."""
+    cfg = cast(Any, adapter.model).config.to_dict()
+    for key in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
+        cfg.pop(key, None)
+    blob = json.dumps(cfg, sort_keys=True, default=str).encode()
+    return {
+        "class": type(adapter.model).__name__,
+        "family": adapter.anatomy.family,
+        "config_sha256": hashlib.sha256(blob).hexdigest(),
+        "n_params": sum(p.numel() for p in adapter.model.parameters()),
+        "dtype": str(adapter.dtype).removeprefix("torch."),
+    }
+
+
+def manifest(adapter: Adapter, plan: HarvestPlan, tokens: Tokens) -> dict[str, Any]:
+    """The manifest of a new store (JSON-normalised, so it compares equal once read back)."""
+    import pyarrow
+    import transformers
+    import zarr
+
+    import oculi
+
+    data = {
+        "format": FORMAT,
+        "config": {
+            **plan.config.to_json(),
+            "chunk_rows": plan.chunk_rows,
+            "unit_rows": plan.unit_rows,
+            "arrays": [vars(a) | {"name": a.name} for a in plan.arrays],
+        },
+        "model": model_identity(adapter),
+        "tokens": {
+            "sha256": tokens.fingerprint(),
+            "n_prompts": tokens.n_prompts,
+            "n_tokens": tokens.n_tokens,
+        },
+        "provenance": {
+            "model_source": getattr(adapter.model, "name_or_path", None),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "host": platform.node(),
+            "versions": {
+                "oculi": oculi.__version__,
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "zarr": zarr.__version__,
+                "pyarrow": pyarrow.__version__,
+                "numpy": np.__version__,
+                "python": platform.python_version(),
+            },
+        },
+    }
+    return json.loads(json.dumps(data))
+
+
+def write_index(path: Path, tokens: Tokens, labels: np.ndarray) -> None:
+    """The Parquet index: one row per token, in store row order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lengths = np.diff(tokens.offsets)
+    prompt_id = np.repeat(np.arange(tokens.n_prompts, dtype=np.int64), lengths)
+    position = (np.arange(tokens.n_tokens) - np.repeat(tokens.offsets[:-1], lengths)).astype(
+        np.int32
+    )
+    names = sorted(set(labels.tolist()))
+    codes = {name: i for i, name in enumerate(names)}
+    split_codes = np.repeat(np.array([codes[s] for s in labels], dtype=np.int32), lengths)
+    table = pa.table(
+        {
+            "prompt_id": pa.array(prompt_id),
+            "position": pa.array(position),
+            "token_id": pa.array(tokens.ids.astype(np.int32)),
+            "split": pa.DictionaryArray.from_arrays(pa.array(split_codes), pa.array(names)),
+        }
+    )
+    tmp = path.with_suffix(".parquet.tmp")
+    pq.write_table(table, tmp, row_group_size=1 << 20)
+    tmp.replace(path)
