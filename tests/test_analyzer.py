@@ -232,7 +232,9 @@ def test_pca_matches_an_svd_and_other_projections_run():
     again = an.project_embeddings(words, method="tsne", n_components=3)
     assert tsne.coords.shape == (8, 3) and np.allclose(tsne.coords, again.coords)
     pytest.importorskip("umap")
+    threads = torch.get_num_threads()
     umap = an.project_embeddings(PROMPT, method="umap", layer=1)
+    assert torch.get_num_threads() == threads  # numba's pool must not change torch's
     assert umap.coords.shape == (6, 2) and umap.labels[0] == "<bos>"
     with pytest.raises(InputError, match="method must be"):
         an.project_embeddings(words, method="lda")

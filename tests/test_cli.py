@@ -151,6 +151,24 @@ def test_heads_scores_match_the_models_attentions(tiny_dir, hf):
     assert (best[0], best[1]) == divmod(int(prev.argmax()), prev.shape[1])
 
 
+def test_attribute_shares_add_up_to_the_models_logit(tiny_dir, hf):
+    with torch.no_grad():
+        logits = hf(ids(PROMPT)).logits[0, -1]
+    out = as_json("attribute", PROMPT, "--model", str(tiny_dir), "--target", "red")
+    assert out["total"] == pytest.approx(float(logits[tok("red")]), abs=1e-4)
+    assert out["logit"] == pytest.approx(float(logits[tok("red")]), abs=1e-4)
+    heads, attn = torch.tensor(out["heads"]), torch.tensor(out["attention"])
+    torch.testing.assert_close(heads.sum(-1) + torch.tensor(out["attention_bias"]), attn,
+                               atol=1e-5, rtol=1e-4)  # fmt: skip
+    diff = as_json("attribute", PROMPT, "-m", str(tiny_dir), "-t", "red", "--wrong", "blue")
+    assert diff["total"] == pytest.approx(float(logits[tok("red")] - logits[tok("blue")]),
+                                          abs=1e-4)  # fmt: skip
+    default = as_json("attribute", PROMPT, "-m", str(tiny_dir), "--top", "3")
+    assert default["target_id"] == int(logits.argmax()) and len(default["top_heads"]) == 3
+    text = invoke("attribute", PROMPT, "-m", str(tiny_dir), "-t", "red").stdout
+    assert "sum of the shares" in text and "top heads: L" in text
+
+
 def test_patch_endpoints_are_the_models_logit_differences(tiny_dir, hf):
     out = as_json(
         *PATCH,
@@ -243,6 +261,21 @@ def test_generate_steering_and_scaling_change_the_output(tiny_dir):
     assert same["text"] == plain["text"]  # alpha 1 is the identity
 
 
+def test_report_writes_an_offline_page_naming_the_prediction(tiny_dir, hf, tmp_path):
+    out = tmp_path / "sub" / "r.html"
+    res = invoke("report", PROMPT, "-m", str(tiny_dir), "-o", str(out), "-s", "cat",
+                 "--samples", "2")  # fmt: skip
+    assert res.stdout.strip() == f"wrote {out}"
+    page = out.read_text()
+    with torch.no_grad():
+        top = tiny_tokenizer().decode([int(hf(ids(PROMPT)).logits[0, -1].argmax())])
+    assert page.startswith("<!DOCTYPE html>") and top in page
+    assert "http://" not in page and "https://" not in page  # nothing fetched from a network
+    bad = CliRunner().invoke(cli, ["report", PROMPT, "-m", str(tiny_dir), "-s", "tower",
+                                   "-o", str(tmp_path / "x.html")])  # fmt: skip
+    assert bad.exit_code == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
 def test_verify_passes_and_reports_every_check(tiny_dir):
     out = as_json("verify", str(tiny_dir), "--prompt", CLEAN, "--prompt", "a dog")
     assert out["ok"] is True
@@ -263,6 +296,7 @@ def test_verify_exits_1_on_a_mismatch(tiny_dir):
 # -- bad inputs: one line on stderr, exit 2 -------------------------------------------------
 BAD = {
     "multi-token target": ["lens", PROMPT, "--target", "red blue"],
+    "unknown answer": ["attribute", PROMPT, "--target", "zebra"],
     "layer out of range": ["generate", PROMPT, "--ablate", "7.0"],
     "not L.H": ["generate", PROMPT, "--ablate", "3"],
     "bad alpha": ["generate", PROMPT, "--scale", "0.1=x"],

@@ -29,6 +29,7 @@ TINY = {
     "activation_patching": {"clean": CLEAN, "corrupt": CORRUPT, "answer": "red", "wrong": "blue"},
     "path_patching": {"clean": CLEAN, "corrupt": CORRUPT, "answer": "red", "wrong": "blue"},
     "head_detection": {"prompt": "the cat sat on the mat and the dog ran"},
+    "attribution": {"prompt": "the cat sat on the", "target": "red", "wrong": "blue"},
     "steering": {
         "prompt": "the cat",
         "positive": ["good day"],

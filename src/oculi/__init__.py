@@ -95,7 +95,6 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "Adapter",
-    "ModelAnalyzer",
     "Anatomy",
     "AttentionCapture",
     "CaptureConfig",
@@ -106,6 +105,7 @@ __all__ = [
     "LogitConfig",
     "MLPCapture",
     "MLPConfig",
+    "ModelAnalyzer",
     "OculiError",
     "ResidualCapture",
     "ResidualConfig",
@@ -113,6 +113,7 @@ __all__ = [
     "UnsupportedArchitectureError",
     "attach",
     "causal_tracing",
+    "harvest",
     "intervention",
     "load",
     "load_capture",

@@ -22,33 +22,16 @@ the last generated token (which is produced but never fed back).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
+from oculi.analyzer.projection import Projection, project
 from oculi.analyzer.records import ActivationRecord, load_records, save_records
 from oculi.capture.hooks import HookSet, first_tensor
-from oculi.errors import InputError, require_extra
+from oculi.errors import InputError
 from oculi.models.anatomy import get_path
-
-
-@dataclass(frozen=True)
-class Projection:
-    """Points projected to 2 or 3 dimensions.
-
-    Attributes:
-        coords: ``[N, k]`` NumPy array.
-        labels: one label per point.
-        method: ``pca``, ``tsne`` or ``umap``.
-        explained_variance_ratio: per component, for PCA.
-    """
-
-    coords: Any
-    labels: list[str]
-    method: str
-    explained_variance_ratio: Any = None
 
 
 def model_info(adapter: Any) -> dict[str, Any]:
@@ -430,38 +413,9 @@ class ModelAnalyzer:
             return rec.layer_activations[name].float().numpy(), rec.tokens
         if isinstance(items, (list, tuple)) and items and all(isinstance(w, str) for w in items):
             ids = [self.adapter.to_single_token(w) for w in items]
-            emb = get_path(self.model, self.adapter.anatomy.embed).weight
+            emb = cast(torch.Tensor, get_path(self.model, self.adapter.anatomy.embed).weight)
             return emb[ids].detach().float().cpu().numpy(), list(items)
         array = torch.as_tensor(items).float()
         if array.dim() != 2:
             raise InputError(f"vectors must be [N, d], got shape {list(array.shape)}")
         return array.numpy(), [str(i) for i in range(array.shape[0])]
-
-
-def project(
-    vectors: Any, labels: list[str], method: str = "pca", n_components: int = 2, *,
-    seed: int = 0, **kwargs: Any,
-) -> Projection:  # fmt: skip
-    """``vectors [N, d]`` projected by PCA, t-SNE or UMAP (see ``project_embeddings``)."""
-    if method not in ("pca", "tsne", "umap"):
-        raise InputError(f"method must be 'pca', 'tsne' or 'umap', got {method!r}")
-    if n_components not in (2, 3):
-        raise InputError(f"n_components must be 2 or 3, got {n_components}")
-    n = len(vectors)
-    if n <= n_components:
-        raise InputError(f"{n} points cannot be projected to {n_components} dimensions; "
-                         f"give at least {n_components + 1}")  # fmt: skip
-    if method == "pca":
-        decomposition = require_extra("sklearn.decomposition", "viz")
-        pca = decomposition.PCA(n_components=n_components, **kwargs)
-        coords = pca.fit_transform(vectors)
-        return Projection(coords, labels, method, pca.explained_variance_ratio_)
-    if method == "tsne":
-        manifold = require_extra("sklearn.manifold", "viz")
-        kwargs.setdefault("perplexity", min(30.0, (n - 1) / 3))
-        reducer = manifold.TSNE(n_components=n_components, random_state=seed, **kwargs)
-        return Projection(reducer.fit_transform(vectors), labels, method)
-    umap = require_extra("umap", "umap")
-    kwargs.setdefault("n_neighbors", min(15, n - 1))
-    reducer = umap.UMAP(n_components=n_components, random_state=seed, **kwargs)
-    return Projection(reducer.fit_transform(vectors), labels, method)

@@ -111,7 +111,7 @@ def save_records(
 ) -> Path:
     """Write one record or a list to ``path`` (see the module docstring); returns the path."""
     single = isinstance(records, ActivationRecord)
-    items = [records] if single else list(records)  # type: ignore[list-item]
+    items: list[Any] = [records] if isinstance(records, ActivationRecord) else list(records)
     if not items or not all(isinstance(r, ActivationRecord) for r in items):
         raise InputError("save_activations takes an ActivationRecord or a non-empty list of them")
     file = Path(path).expanduser()
@@ -131,8 +131,8 @@ def save_records(
     elif fmt == "npz":
         import numpy as np
 
-        np.savez_compressed(file, __meta__=np.array(json.dumps(meta)),
-                            **{k: v.numpy() for k, v in tensors.items()})  # fmt: skip
+        arrays: dict[str, Any] = {k: v.numpy() for k, v in tensors.items()}
+        np.savez_compressed(file, __meta__=np.array(json.dumps(meta)), **arrays)
     elif fmt == "pt":
         torch.save({"meta": json.dumps(meta), "tensors": tensors}, file)
     else:

@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "info": "oculi.cli.info:info",
     "lens": "oculi.cli.lens:lens",
     "heads": "oculi.cli.heads:heads",
+    "attribute": "oculi.cli.attribute:attribute",
     "patch": "oculi.cli.patch:patch",
     "trace": "oculi.cli.patch:trace",
     "generate": "oculi.cli.generate:generate",

@@ -136,6 +136,7 @@ def _interventions(
         )
     elif layer is not None:
         raise click.BadParameter("--layer is the steering layer; it needs --steer")
-    out += [HeadAblation(layer=lay, head=h, method=ablate_mode) for lay, h in ablations]
+    method: Any = ablate_mode  # click.Choice checked it
+    out += [HeadAblation(layer=lay, head=h, method=method) for lay, h in ablations]
     out += [SpectraScaler(layer=lay, head=h, alpha=a) for lay, h, a in scalings]
     return out

@@ -163,7 +163,7 @@ def trace(
         prompt,
         subject,
         target,
-        kind=kind,
+        kind=kind,  # type: ignore[arg-type]  # click.Choice checked it
         window=window,
         samples=samples,
         noise=noise,

@@ -25,11 +25,26 @@ from oculi.cli._options import load_adapter, model_options
     default=None,
     help="The answer token explained (default: the model's top prediction).",
 )
+@click.option(
+    "--subject",
+    "-s",
+    default=None,
+    help="The substring causal tracing corrupts (default: all but the last token).",
+)
+@click.option(
+    "--samples",
+    default=5,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Noise samples of the causal tracing.",
+)
 @model_options
 def report(
     prompt: str,
     output: str,
     target: str | None,
+    subject: str | None,
+    samples: int,
     **model_opts: Any,
 ) -> None:
     """Write an offline HTML report: top next tokens, logit lens, which layers and heads write
@@ -37,10 +52,10 @@ def report(
 
     \b
     Example:
-      oculi report "The Eiffel Tower is located in the city of" -o eiffel.html
+      oculi report "The Eiffel Tower is located in the city of" -s "The Eiffel Tower" -o eiffel.html
     """
     from oculi.visualize.report import write_report
 
     adapter = load_adapter(**model_opts)
-    path = write_report(adapter, prompt, output, target=target)
+    path = write_report(adapter, prompt, output, target=target, subject=subject, samples=samples)
     click.echo(f"wrote {path}")

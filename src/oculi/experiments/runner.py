@@ -115,8 +115,9 @@ def run_experiment(
     cfg = load_config(config, exp_cls.Config, model=model, device=device, dtype=dtype, tag=tag)
     if cfg.experiment not in (None, experiment):
         raise ConfigError(f"experiment: the config is for {cfg.experiment!r}, not {experiment!r}")
-    cfg = cfg.model_copy(update={"experiment": experiment, "tag": cfg.tag or "default"})
-    folder = run_folder(out_dir, experiment, cfg.tag)
+    run_tag = cfg.tag or "default"
+    cfg = cfg.model_copy(update={"experiment": experiment, "tag": run_tag})
+    folder = run_folder(out_dir, experiment, run_tag)
     _check_free(folder, overwrite)
 
     if adapter is None:

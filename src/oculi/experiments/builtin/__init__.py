@@ -7,9 +7,10 @@
 ``path_patching``         sender heads' effect through chosen receivers only
 ``head_detection``        previous-token, BOS, recent and induction head scores
 ``steering``              a contrastive steering vector at several strengths
+``attribution``           exact direct logit attribution by layer, branch and head
 ========================  =====================================================
 """
 
-from oculi.experiments.builtin import causal, heads, lens, steering
+from oculi.experiments.builtin import attribution, causal, heads, lens, steering
 
-__all__ = ["causal", "heads", "lens", "steering"]
+__all__ = ["attribution", "causal", "heads", "lens", "steering"]

@@ -89,6 +89,7 @@ class _ContrastConfig(ExperimentConfig):
         from oculi import patching
 
         if self.metric == "logit_diff":
+            assert self.wrong is not None  # the validator above requires it
             return patching.logit_diff(self.answer, self.wrong)
         return getattr(patching, self.metric)(self.answer)
 
