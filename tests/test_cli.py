@@ -366,3 +366,7 @@ def test_oculi_exports_resolve_lazily():
         assert getattr(oculi, name) is not None
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         oculi.nope  # noqa: B018
+    # importing a submodule named like an export keeps the export (oculi.harvest, a function)
+    code = "import oculi.harvest.store, oculi; assert callable(oculi.harvest), oculi.harvest"
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": src})

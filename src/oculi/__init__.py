@@ -14,6 +14,8 @@ command's ``--help`` stay fast: torch and transformers load only when a name nee
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -79,14 +81,36 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real imports
     from oculi.patching import causal_tracing
 
 
+# exports that are submodules themselves (the others are attributes of their module)
+_MODULES = frozenset({"intervention", "patching"})
+
+
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'oculi' has no attribute {name!r}")
     mod = importlib.import_module(module)
-    value = mod if module == f"oculi.{name}" else getattr(mod, name)
+    value = mod if name in _MODULES else getattr(mod, name)
     globals()[name] = value  # later lookups skip this function
     return value
+
+
+class _Package(types.ModuleType):
+    """oculi's module type: ``import oculi.harvest`` binds the submodule to the package's
+    ``harvest`` attribute, which would shadow the exported function ``oculi.harvest``; an
+    export named like its own module keeps the export."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if (
+            isinstance(value, types.ModuleType)
+            and name not in _MODULES
+            and _EXPORTS.get(name) == value.__name__
+        ):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __dir__() -> list[str]:
