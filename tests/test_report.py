@@ -56,6 +56,23 @@ def test_report_carries_the_causal_tracing_grid_values(tiny, page_file):
     assert _cells(html, "tracing") == ref.values.flatten().double().tolist()
 
 
+def test_report_attribution_adds_up_to_the_models_logit(tiny, page_file):
+    html = page_file.read_text(encoding="utf-8")
+    part = html.split('<section id="dla">')[1].split("</section>")[0]
+    embedding, bias, layers, logit = (
+        float(v) for v in re.findall(r'class="oc-sum" data-v="([^"]+)"', part)
+    )
+    own = tiny.forward(PROMPT)[-1].float()  # the model's own logits
+    assert logit == pytest.approx(float(own.max()), abs=1e-4)
+    assert embedding + bias + layers == pytest.approx(logit, abs=1e-4)
+    grid = [float(v) for v in re.findall(r'<td data-v="([^"]+)"[^>]*>', part)]
+    n = tiny.n_layers
+    per_layer = torch.tensor(grid[: 2 * n]).reshape(n, 2)  # attention, MLP
+    assert float(per_layer.sum()) == pytest.approx(layers, abs=1e-4)
+    heads = re.findall(r'data-head="(\d+)\.(\d+)"', part)
+    assert len(heads) == n * tiny.n_heads
+
+
 def test_report_is_self_contained_and_small():
     adapter = oculi.attach(tiny_model("llama_mha"), tiny_tokenizer())
     prompt = " ".join(["the cat sat on the mat and"] * 3)  # 22 tokens with <bos>
@@ -74,10 +91,7 @@ def test_report_rejects_bad_inputs(tiny, tmp_path):
 
 
 def test_report_in_headless_chromium(tiny, page_file, tmp_path):
-    if chromium_path() is None:
-        if os.environ.get("OCULI_REQUIRE_BROWSER"):
-            pytest.fail("OCULI_REQUIRE_BROWSER is set but no Chromium executable was found")
-        pytest.skip("no Chromium executable (apt-get install chromium, or set $OCULI_CHROMIUM)")
+    _need_browser()
     predicted = tiny.tokenizer.decode([int(tiny.forward(PROMPT)[-1].argmax())])
     with offline_page() as page:
         page.goto(page_file.resolve().as_uri())
@@ -102,6 +116,26 @@ def test_report_in_headless_chromium(tiny, page_file, tmp_path):
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
         assert page.oculi_errors == []
         assert page.oculi_requests == []
+
+
+def _need_browser():
+    if chromium_path() is None:
+        if os.environ.get("OCULI_REQUIRE_BROWSER"):
+            pytest.fail("OCULI_REQUIRE_BROWSER is set but no Chromium executable was found")
+        pytest.skip("no Chromium executable (apt-get install chromium, or set $OCULI_CHROMIUM)")
+
+
+def test_notebook_attention_view_works_on_its_own(tiny):
+    _need_browser()
+    html = tiny.capture(PROMPT)._repr_html_()  # what Jupyter shows for an AttentionCapture
+    with offline_page() as page:
+        page.set_content(f"<html><body>{html}</body></html>")
+        spans = page.locator(".oc-tokens .oc-tok")
+        assert spans.count() == len(tiny.to_str_tokens(PROMPT))
+        before = spans.evaluate_all("s => s.map(e => e.style.backgroundColor)")
+        spans.nth(2).hover()
+        assert spans.evaluate_all("s => s.map(e => e.style.backgroundColor)") != before
+        assert page.oculi_errors == [] and page.oculi_requests == []
 
 
 @pytest.mark.gemma
