@@ -246,7 +246,7 @@ def unembed(adapter: Adapter, normed: torch.Tensor, columns: Sequence[int] | Non
     """Logits ``[..., V]`` or ``[..., len(columns)]`` from final-normed residuals."""
     w, bias, cap = adapter.unembedding()
     if columns is not None:
-        idx = torch.as_tensor(list(columns), device=w.device)
+        idx = torch.as_tensor(list(columns)).to(w.device, non_blocking=True)
         w = w[idx]
         bias = bias[idx] if bias is not None else None
     out = torch.nn.functional.linear(normed.to(w.dtype), w, bias).float()
@@ -293,7 +293,8 @@ def run_joined(
     t = base.resid.shape[1]
     calls = [_suffix(c, start, t) for c in base.calls] if start else base.calls
     order = [r for _, r, hidden in joins for _ in range(hidden.shape[0])]
-    row_run = torch.tensor(order, device=base.resid.device)
+    # built on the host and sent without waiting for the device's queue
+    row_run = torch.tensor(order).to(base.resid.device, non_blocking=True)
     first = joins[0][0]
     with ExitStack() as stack, torch.no_grad():
         if start:
