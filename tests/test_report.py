@@ -74,10 +74,7 @@ def test_report_rejects_bad_inputs(tiny, tmp_path):
 
 
 def test_report_in_headless_chromium(tiny, page_file, tmp_path):
-    if chromium_path() is None:
-        if os.environ.get("OCULI_REQUIRE_BROWSER"):
-            pytest.fail("OCULI_REQUIRE_BROWSER is set but no Chromium executable was found")
-        pytest.skip("no Chromium executable (apt-get install chromium, or set $OCULI_CHROMIUM)")
+    _need_browser()
     predicted = tiny.tokenizer.decode([int(tiny.forward(PROMPT)[-1].argmax())])
     with offline_page() as page:
         page.goto(page_file.resolve().as_uri())
@@ -102,6 +99,26 @@ def test_report_in_headless_chromium(tiny, page_file, tmp_path):
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
         assert page.oculi_errors == []
         assert page.oculi_requests == []
+
+
+def _need_browser():
+    if chromium_path() is None:
+        if os.environ.get("OCULI_REQUIRE_BROWSER"):
+            pytest.fail("OCULI_REQUIRE_BROWSER is set but no Chromium executable was found")
+        pytest.skip("no Chromium executable (apt-get install chromium, or set $OCULI_CHROMIUM)")
+
+
+def test_notebook_attention_view_works_on_its_own(tiny):
+    _need_browser()
+    html = tiny.capture(PROMPT)._repr_html_()  # what Jupyter shows for an AttentionCapture
+    with offline_page() as page:
+        page.set_content(f"<html><body>{html}</body></html>")
+        spans = page.locator(".oc-tokens .oc-tok")
+        assert spans.count() == len(tiny.to_str_tokens(PROMPT))
+        before = spans.evaluate_all("s => s.map(e => e.style.backgroundColor)")
+        spans.nth(2).hover()
+        assert spans.evaluate_all("s => s.map(e => e.style.backgroundColor)") != before
+        assert page.oculi_errors == [] and page.oculi_requests == []
 
 
 @pytest.mark.gemma

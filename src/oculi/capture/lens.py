@@ -18,14 +18,14 @@ a loaded capture keeps its top-k and can compute the rest after :meth:`attach_un
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
-from oculi.capture.structures import LayerIndexed
+from oculi.capture.structures import LayerIndexed, Storable
+from oculi.capture.unembed import project_logits
 from oculi.errors import InputError
 
 _CHUNK_BYTES = 64 * 2**20
@@ -118,7 +118,7 @@ def _sum_exp_(logits: torch.Tensor, shift: torch.Tensor, floor: bool = True) -> 
 
 
 @dataclass
-class LogitCapture(LayerIndexed):
+class LogitCapture(LayerIndexed, Storable):
     """Lazy layer-wise logits.
 
     Attributes:
@@ -161,23 +161,6 @@ class LogitCapture(LayerIndexed):
         self.unembed, self.unembed_bias, self.softcap = adapter.unembedding()
         return self
 
-    def save(
-        self, path: str | os.PathLike, *, format: str = "safetensors", overwrite: bool = True
-    ) -> None:
-        """Save with the top-k (computed first if needed), without the unembedding.
-
-        See :mod:`oculi.capture.io`.
-        """
-        from oculi.capture.io import save_capture
-
-        save_capture(self, path, format=format, overwrite=overwrite)
-
-    def to_numpy(self) -> dict[str, Any]:
-        """``normalized``, ``final_normalized`` and the top-k as NumPy arrays, as saved."""
-        from oculi.capture.io import capture_to_numpy
-
-        return capture_to_numpy(self)
-
     def _w(self) -> torch.Tensor:
         if self.unembed is None:
             raise InputError(
@@ -194,12 +177,7 @@ class LogitCapture(LayerIndexed):
 
     def _project(self, h: torch.Tensor) -> torch.Tensor:
         """Logits in float32 for rows ``h [N, d]``, exactly as the model computes them."""
-        w = self._w()
-        out = torch.nn.functional.linear(h.to(w.device, w.dtype), w, self.unembed_bias)
-        out = out.float()
-        if self.softcap is not None:
-            out = torch.tanh(out / self.softcap) * self.softcap
-        return out
+        return project_logits(h, self._w(), self.unembed_bias, self.softcap)
 
     def _flat(self) -> torch.Tensor:
         return self.normalized.reshape(-1, self.normalized.shape[-1])
@@ -255,9 +233,7 @@ class LogitCapture(LayerIndexed):
         best_v = best_i = run_max = run_sum = None
         for v0 in range(0, w.shape[0], block):
             bias = self.unembed_bias[v0 : v0 + block] if self.unembed_bias is not None else None
-            logits = torch.nn.functional.linear(h, w[v0 : v0 + block], bias).float()
-            if self.softcap is not None:
-                logits = torch.tanh(logits / self.softcap) * self.softcap
+            logits = project_logits(h, w[v0 : v0 + block], bias, self.softcap)
             v, i = _block_topk(logits, k)
             i += v0
             block_max = v[:, :1]
@@ -311,11 +287,7 @@ class LogitCapture(LayerIndexed):
             raise InputError(f"token id out of range for a vocabulary of {w.shape[0]}")
         rows = w[ids.to(w.device)]
         bias = self.unembed_bias[ids.to(w.device)] if self.unembed_bias is not None else None
-        h = self.normalized.to(w.device, w.dtype)
-        out = torch.nn.functional.linear(h, rows, bias).float()
-        if self.softcap is not None:
-            out = torch.tanh(out / self.softcap) * self.softcap
-        return out
+        return project_logits(self.normalized, rows, bias, self.softcap)
 
     def token_probs(self, token_id: int) -> torch.Tensor:
         """Probability of ``token_id`` at every layer and position, ``[L, T]``."""

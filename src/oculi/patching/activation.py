@@ -124,6 +124,12 @@ class PatchingResult:
             for i in order
         ]
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the recovery grid, as in the report."""
+        from oculi.visualize.views import notebook, patching_view
+
+        return notebook(patching_view(self))
+
     def plot(self, normalized: bool = True, ax: Any = None) -> Any:
         """Heatmap of the recovery (or the raw metric); needs matplotlib (``oculi[viz]``)."""
         values = self.normalized() if normalized else self.values

@@ -22,6 +22,7 @@ import torch
 from oculi.capture.bridge import LayerTaps, attention_bridge
 from oculi.capture.hooks import HookSet, StopForward, first_tensor, hidden_arg
 from oculi.capture.inputs import Batch
+from oculi.capture.unembed import project_logits
 from oculi.models.anatomy import get_path
 
 if TYPE_CHECKING:
@@ -249,10 +250,7 @@ def unembed(adapter: Adapter, normed: torch.Tensor, columns: Sequence[int] | Non
         idx = torch.as_tensor(list(columns)).to(w.device, non_blocking=True)
         w = w[idx]
         bias = bias[idx] if bias is not None else None
-    out = torch.nn.functional.linear(normed.to(w.dtype), w, bias).float()
-    if cap is not None:
-        out = torch.tanh(out / cap) * cap
-    return out
+    return project_logits(normed, w, bias, cap)
 
 
 # A copy joining a joined run: (layer it enters, index of its base run, hidden [n, T', d]).

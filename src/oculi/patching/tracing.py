@@ -100,6 +100,12 @@ class TracingResult:
         rows = [f"L{i}" for i in range(self.values.shape[0])]
         return text_grid(self.values, rows, self._columns(), fmt="{:5.3f}")
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the tracing grid, as in the report."""
+        from oculi.visualize.views import notebook, tracing_view
+
+        return notebook(tracing_view(self))
+
     def plot(self, ax: Any = None) -> Any:
         """ROME-style heatmap of ``p(target)`` per restored (layer, position)."""
         return heatmap(

@@ -173,18 +173,32 @@ def attention_view(
     )
 
 
-def capture_attention_view(capture: Any, tokens: Sequence[str] | None = None) -> str:
-    """:func:`attention_view` over every head of an ``AttentionCapture`` of one sequence."""
+def capture_attention_view(
+    capture: Any, tokens: Sequence[str] | None = None, *, max_values: int = 1_000_000
+) -> str:
+    """:func:`attention_view` over the heads of an ``AttentionCapture`` of one sequence, in
+    layer order, as many as fit in ``max_values`` pattern entries (about 6 bytes each).
+
+    Without ``tokens`` the token ids (from the capture's metadata) label the positions.
+    """
     patterns = capture.patterns
+    n_layers, n_heads, n = patterns.shape[0], patterns.shape[1], patterns.shape[-1]
     if tokens is None:
-        ids = capture.metadata.get("input_ids") or [[]]
-        tokens = [f"#{i}" for i in ids[0]] if patterns.dim() == 4 else []
+        ids = (capture.metadata.get("input_ids") or [[]])[0]
+        tokens = [f"#{i}" for i in ids] if len(ids) == n else [str(i) for i in range(n)]
+    keep = max(1, max_values // max(1, n * (n + 1) // 2))
     heads = [
         (f"{layer}.{h}", f"L{layer} H{h}", patterns[i, h])
         for i, layer in enumerate(capture.layers)
-        for h in range(patterns.shape[1])
-    ]
-    return attention_view(heads, tokens)
+        for h in range(n_heads)
+    ][:keep]
+    note = ""
+    if len(heads) < n_layers * n_heads:
+        note = (
+            f'<p class="oc-note">{len(heads)} of {n_layers * n_heads} heads shown (size limit); '
+            "pass the ones you want to oculi.visualize.views.attention_view.</p>"
+        )
+    return note + attention_view(heads, tokens)
 
 
 def top_tokens_view(items: Sequence[tuple[str, float]]) -> str:
