@@ -247,3 +247,72 @@ def validate(
         significant,
         statement,
     )
+
+
+def ioi_heads(
+    adapter: Any,
+    clean: str,
+    corrupt: str,
+    io: str | int,
+    s: str | int,
+    *,
+    k: int = 3,
+    senders: Sequence[Head] | None = None,
+) -> dict[str, Any]:
+    """Name mover and S-inhibition heads of one IOI prompt, by path patching (Wang et al. 2022).
+
+    Example::
+
+        found = CircuitDetection.ioi_heads(
+            adapter,
+            "When Mary and John went to the store, John gave a drink to",
+            "When Mary and John went to the store, Tom gave a drink to",
+            io=" Mary", s=" John")
+        found["name_movers"], found["s_inhibition"]
+
+    The metric is ``logit(io) - logit(s)``; the corrupt prompt replaces the repeated subject, so
+    heads that carry "which name was repeated" lose it. **Name movers** are the ``k`` heads
+    whose direct path into the logits carries the most of the metric (path patching with
+    ``receivers=None``); **S-inhibition** heads the ``k`` earlier heads whose path into the name
+    movers' queries carries the most (``receiver_input="q"``).
+
+    Returns:
+        ``{"name_movers": [(layer, head)], "s_inhibition": [(layer, head)],
+        "direct": PatchingResult, "via_queries": PatchingResult}``; drops are
+        ``clean_metric - values`` (positive: the head supports ``io``).
+    """
+    from oculi import patching
+
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise InputError(f"k must be a positive int, got {k!r}")
+    metric = patching.logit_diff(io, s)
+    direct = patching.path_patching(
+        adapter, clean, corrupt, metric=metric, senders=senders, progress=False
+    )
+    movers = _top_drops(direct.clean_metric - direct.values, k)
+    first = min(layer for layer, _ in movers)
+    early = [(layer, h) for layer, h in (senders or _all_heads(adapter)) if layer < first]
+    if not early:
+        return {"name_movers": movers, "s_inhibition": [], "direct": direct, "via_queries": None}
+    via = patching.path_patching(
+        adapter,
+        clean,
+        corrupt,
+        metric=metric,
+        receivers=movers,
+        receiver_input="q",
+        senders=early,
+        progress=False,
+    )
+    inhibition = _top_drops(via.clean_metric - via.values, k)
+    return {"name_movers": movers, "s_inhibition": inhibition, "direct": direct, "via_queries": via}
+
+
+def _all_heads(adapter: Any) -> list[Head]:
+    return [(layer, h) for layer in range(adapter.n_layers) for h in range(adapter.n_heads)]
+
+
+def _top_drops(drop: Tensor, k: int) -> list[Head]:
+    flat = torch.nan_to_num(drop.flatten(), nan=-float("inf"))
+    n_heads = drop.shape[1]
+    return [divmod(int(i), n_heads) for i in flat.topk(min(k, flat.numel())).indices]
