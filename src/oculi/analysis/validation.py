@@ -130,7 +130,8 @@ class ValidationResult:
         random_sets: the heads of each random set.
         p_value: one-sided t-test p-value that random sets' mean effect is below ``effect``.
         empirical_p: ``(1 + #{random ≥ effect}) / (1 + n_random)``.
-        significant: both p-values below ``alpha``.
+        significant: the t-test's p-value is below ``alpha`` and the found effect beats every
+            random draw (the smallest empirical p that ``n_random`` draws allow, or ``alpha``).
         statement: one sentence saying what was found.
     """
 
@@ -189,7 +190,32 @@ def validate(
     seed: int = 0,
     alpha: float = 0.01,
 ) -> ValidationResult:
-    """Ablate ``heads`` and ``n_random`` random sets of as many heads; compare the loss."""
+    """Ablate ``heads`` and ``n_random`` random sets of as many heads; compare the loss.
+
+    Example::
+
+        scores = CircuitDetection.detect_induction_heads(capture)       # repeated tokens
+        heads = [tuple(h) for h in (scores > 0.5).nonzero().tolist()]
+        result = CircuitDetection.validate(adapter, heads, "induction", method="mean")
+        print(result.statement)
+
+    Args:
+        adapter: the model's adapter.
+        heads: ``[(layer, head), ...]`` to test (distinct).
+        task: ``"induction"``, ``"ioi"`` or a :class:`Task` (see the module docstring).
+        method: ``"mean"`` (each head's ``z`` replaced by its mean over the prompt's real
+            positions) or ``"zero"``.
+        n_random: how many random sets of ``len(heads)`` other heads to ablate (at least 2).
+        seed: seeds the random draws.
+        alpha: significance level of the statement.
+
+    Returns:
+        :class:`ValidationResult`, with ``.statement`` saying what was found.
+
+    Raises:
+        InputError: an unknown task or method, repeated heads, too few heads to draw from.
+        LayerIndexError, IndexError: a head outside the model.
+    """
     try:
         from scipy import stats
     except ImportError:  # pragma: no cover - the stats extra (and dev) install scipy
