@@ -543,10 +543,23 @@ def test_switching_the_implementation_inside_an_open_context_is_refused(llama):
     try:
         with InterventionContext(a, [interventions()["scale"]]):
             a.model.set_attn_implementation("eager")
-            with pytest.raises(RuntimeError, match=r"attention of layers \[1\] did not run"):
+            # refused before the forward
+            with pytest.raises(RuntimeError, match=r"implementation was changed .* now reads"):
                 a.forward(ids)
-            with pytest.raises(RuntimeError, match="implementation was changed"):
+            with pytest.raises(RuntimeError, match=r"implementation was changed .* now reads"):
                 a.capture_full(ids)
+
+            # ... and after a forward during which it changed
+            def switch(_m, _a):
+                a.model.set_attn_implementation("eager")
+
+            a.model.set_attn_implementation("oculi")
+            handle = a.model.model.layers[0].register_forward_pre_hook(switch)
+            try:
+                with pytest.raises(RuntimeError, match=r"left by the attention of layers \[1\]"):
+                    a.forward(ids)
+            finally:
+                handle.remove()
         assert a.model.config._attn_implementation == "eager"  # the user's choice stands
     finally:
         a.model.set_attn_implementation(original)
