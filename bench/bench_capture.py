@@ -181,7 +181,7 @@ def _to_host(adapter, ids: torch.Tensor, mask: torch.Tensor):
     )
 
 
-def bench_lens(adapter, ids: torch.Tensor, repeats: int, report: Report) -> None:
+def bench_lens(adapter, ids: torch.Tensor, repeats: int, report: Report, strategy: str) -> None:
     t = ids.shape[1]
     w_u, _, _ = adapter.unembedding()
     rows = torch.randn(adapter.n_layers * t, adapter.d_model, dtype=w_u.dtype, device=w_u.device)
@@ -200,7 +200,7 @@ def bench_lens(adapter, ids: torch.Tensor, repeats: int, report: Report) -> None
         device=adapter.device,
     )
     report.add(bare_topk, bare)
-    lens_input = adapter.capture_logits(ids, LogitConfig(top_k=10))
+    lens_input = adapter.capture_logits(ids, LogitConfig(top_k=10, strategy=strategy))
 
     def lens_topk():
         lens_input._topk = None  # recompute: time the lens, not the cache
@@ -227,7 +227,7 @@ def bench_lens(adapter, ids: torch.Tensor, repeats: int, report: Report) -> None
     report.add(kl, bare, f" {kl.seconds / bare_topk.seconds:.2f}x matmul + topk")
     full = measure(
         "capture_logits + top-10 (forward included)",
-        lambda: adapter.capture_logits(ids, LogitConfig(top_k=10)).top_k_indices,
+        lambda: adapter.capture_logits(ids, LogitConfig(top_k=10, strategy=strategy)).top_k_indices,
         repeats=repeats,
         device=adapter.device,
     )
@@ -251,6 +251,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", choices=["capture", "lens"], default=None, help="run one part")
     parser.add_argument("--inputs", type=_sizes, default=_sizes("1x15,1x128,8x128"))
     parser.add_argument("--lens-tokens", type=int, default=128)
+    parser.add_argument(
+        "--lens-strategy",
+        choices=["auto", "vocab", "rows"],
+        default="auto",
+        help="the lens's top-k blocking (auto: vocab on the CPU, rows on accelerators)",
+    )
     args = parser.parse_args(argv)
     adapter = build_adapter(args, [TEXT])
     report = Report("bench_capture", args, adapter)
@@ -259,7 +265,13 @@ def main(argv: list[str] | None = None) -> None:
         for b, t in args.inputs:
             bench_input(adapter, token_batch(adapter, t, b, random), args.repeats, report)
     if args.only != "capture":
-        bench_lens(adapter, token_batch(adapter, args.lens_tokens, 1, random), args.repeats, report)
+        bench_lens(
+            adapter,
+            token_batch(adapter, args.lens_tokens, 1, random),
+            args.repeats,
+            report,
+            args.lens_strategy,
+        )
     report.write()
 
 

@@ -118,6 +118,12 @@ def main(argv: list[str] | None = None) -> None:
     add_run_args(parser, repeats=3)
     parser.add_argument("--samples", type=int, default=5)
     parser.add_argument("--only", choices=["sweep", "tracing", "generate"], default=None)
+    parser.add_argument(
+        "--strategy",
+        choices=["auto", "layered", "fused"],
+        default="auto",
+        help="oculi's sweep batching (auto: layered on the CPU, fused on accelerators)",
+    )
     args = parser.parse_args(argv)
     adapter = build_adapter(args, [CLEAN, CORRUPT, FACT, TARGET, *CONTRAST])
     report = Report("bench_patching", args, adapter)
@@ -193,11 +199,21 @@ def bench_sweep(adapter, args, report: Report) -> None:
         device=device,
     )
     report.add(naive, naive)
+
+    def sweep() -> patching.PatchingResult:
+        return patching.activation_patching(
+            adapter,
+            CLEAN,
+            CORRUPT,
+            site="resid_pre",
+            metric=metric,
+            progress=False,
+            strategy=args.strategy,
+        )
+
     fast = measure(
         "oculi activation_patching",
-        lambda: patching.activation_patching(
-            adapter, CLEAN, CORRUPT, site="resid_pre", metric=metric, progress=False
-        ),
+        sweep,
         repeats=args.repeats,
         warmup=1,
         device=device,
@@ -225,9 +241,7 @@ def bench_sweep(adapter, args, report: Report) -> None:
     try:
         every = measure(
             "oculi, every cell computed (no skipping)",
-            lambda: patching.activation_patching(
-                adapter, CLEAN, CORRUPT, site="resid_pre", metric=metric, progress=False
-            ),
+            sweep,
             repeats=args.repeats,
             warmup=1,
             device=device,
@@ -238,9 +252,7 @@ def bench_sweep(adapter, args, report: Report) -> None:
     diff = (
         (
             naive_resid_pre_sweep(adapter, clean_ids, corrupt_ids, correct, wrong).cpu()
-            - patching.activation_patching(
-                adapter, CLEAN, CORRUPT, site="resid_pre", metric=metric, progress=False
-            ).values.cpu()
+            - sweep().values.cpu()
         )
         .abs()
         .max()
@@ -266,7 +278,9 @@ def bench_tracing(adapter, args, report: Report) -> None:
     cuda = adapter.device.type == "cuda"
     if cuda:  # one untimed run of each: kernels compiled and memory pools filled
         naive_causal_tracing(adapter, ids, positions, target, args.samples, sigma)
-        patching.causal_tracing(adapter, FACT, SUBJECT, TARGET, samples=2, progress=False)
+        patching.causal_tracing(
+            adapter, FACT, SUBJECT, TARGET, samples=2, progress=False, strategy=args.strategy
+        )
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     naive_ct = naive_causal_tracing(adapter, ids, positions, target, args.samples, sigma)
@@ -278,7 +292,13 @@ def bench_tracing(adapter, args, report: Report) -> None:
         "oculi causal_tracing",
         lambda: results.append(
             patching.causal_tracing(
-                adapter, FACT, SUBJECT, TARGET, samples=args.samples, progress=False
+                adapter,
+                FACT,
+                SUBJECT,
+                TARGET,
+                samples=args.samples,
+                progress=False,
+                strategy=args.strategy,
             )
         ),
         repeats=1,

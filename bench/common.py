@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 
 import oculi
@@ -64,6 +63,8 @@ class Measurement:
 
 class _RssSampler:
     def __init__(self) -> None:
+        import psutil  # CPU runs only (installed with accelerate)
+
         self.proc = psutil.Process()
         self.peak = 0
         self._stop = threading.Event()

@@ -3,7 +3,7 @@
 Run on the GPU machine (nothing to download; oculi from ``src/``)::
 
     bash bench/gpu_check.sh                 # DEV=cuda: the full set, under 5 minutes on an H200
-    DEV=cpu SMOKE=1 bash bench/gpu_check.sh  # the same steps on the CPU, tiny shapes, ~1 minute
+    DEV=cpu SMOKE=1 bash bench/gpu_check.sh  # the same steps on the CPU, tiny shapes, < 1 minute
 
 Each step is one benchmark script's ``main`` with its options (the table below); it writes its
 table to ``$OUT/<step>.jsonl`` and its printout to ``$OUT/<step>.log``. A failing or overlong
@@ -65,6 +65,13 @@ SMOKE = {
 }
 
 
+# ...and on the CPU, the strategies "auto" picks on CUDA, so the dry run takes the GPU's paths.
+SMOKE_STRATEGIES = {
+    "bench_capture": " --lens-strategy rows",
+    "bench_patching": " --strategy fused",
+}
+
+
 class StepTimeout(Exception):
     pass
 
@@ -96,6 +103,8 @@ def run_step(name, module, options: str, limit: int, out: Path, device: str, smo
         for big, small in SMOKE.items():
             options = options.replace(big, small)
         options = options.replace("--repeats 2", "") + " --repeats 1"
+        if device == "cpu":
+            options += SMOKE_STRATEGIES[module.__name__]
     argv = [*options.split(), "--device", device, "--json", str(out / f"{name}.jsonl")]
     print(f"== {name}: {module.__name__} {' '.join(argv)}", flush=True)
     log = io.StringIO()

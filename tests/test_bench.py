@@ -1,8 +1,9 @@
 """The GPU benchmark script stays runnable: its CPU dry run (tiny shapes) completes every step.
 
 A GPU machine is lent rarely and each start costs minutes, so ``bench/gpu_check.py`` must not
-reach it broken. This runs ``DEV=cpu SMOKE=1`` (the same steps, the same code paths but the
-CUDA-only synchronisation) and checks each step's JSON lines.
+reach it broken. This runs ``DEV=cpu SMOKE=1`` (the same steps with tiny shapes and the
+strategies CUDA would pick; only the CUDA synchronisation is left out) and checks each step's
+JSON lines.
 """
 
 from __future__ import annotations
@@ -42,9 +43,11 @@ def test_gpu_check_smoke_run_on_cpu(tmp_path):
         json.loads(line) for line in (tmp_path / "capture_gemma.jsonl").read_text().splitlines()
     ]
     assert {row["model"] for row in capture} == {"tiny"}
-    sweep = [
-        json.loads(line)
-        for line in (tmp_path / "patching_llama8b_fp32.jsonl").read_text().splitlines()
+    # fp32 on the CPU, with the strategies CUDA would pick: sweeps and tracing equal the naive loops
+    agreement = [
+        row["value"]
+        for step in steps
+        for row in map(json.loads, (tmp_path / f"{step}.jsonl").read_text().splitlines())
+        if row["name"] == "max |naive - oculi|"
     ]
-    agreement = [row["value"] for row in sweep if row["name"] == "max |naive - oculi|"]
-    assert agreement and agreement[0] < 1e-4  # the fp32 sweep equals the naive one
+    assert len(agreement) == 4 and max(agreement) < 1e-4

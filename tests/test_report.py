@@ -56,6 +56,23 @@ def test_report_carries_the_causal_tracing_grid_values(tiny, page_file):
     assert _cells(html, "tracing") == ref.values.flatten().double().tolist()
 
 
+def test_report_attribution_adds_up_to_the_models_logit(tiny, page_file):
+    html = page_file.read_text(encoding="utf-8")
+    part = html.split('<section id="dla">')[1].split("</section>")[0]
+    embedding, bias, layers, logit = (
+        float(v) for v in re.findall(r'class="oc-sum" data-v="([^"]+)"', part)
+    )
+    own = tiny.forward(PROMPT)[-1].float()  # the model's own logits
+    assert logit == pytest.approx(float(own.max()), abs=1e-4)
+    assert embedding + bias + layers == pytest.approx(logit, abs=1e-4)
+    grid = [float(v) for v in re.findall(r'<td data-v="([^"]+)"[^>]*>', part)]
+    n = tiny.n_layers
+    per_layer = torch.tensor(grid[: 2 * n]).reshape(n, 2)  # attention, MLP
+    assert float(per_layer.sum()) == pytest.approx(layers, abs=1e-4)
+    heads = re.findall(r'data-head="(\d+)\.(\d+)"', part)
+    assert len(heads) == n * tiny.n_heads
+
+
 def test_report_is_self_contained_and_small():
     adapter = oculi.attach(tiny_model("llama_mha"), tiny_tokenizer())
     prompt = " ".join(["the cat sat on the mat and"] * 3)  # 22 tokens with <bos>

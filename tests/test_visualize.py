@@ -212,3 +212,22 @@ def test_results_render_in_jupyter_with_their_numbers(tiny):
     n = cap.patterns.shape[-1]
     small = visualize.views.capture_attention_view(cap, max_values=3 * n * (n + 1) // 2)
     assert "3 of 12 heads shown" in small
+
+
+def test_attribution_renders_in_jupyter(tiny):
+    import re
+
+    from oculi.analysis import AttributionMethods
+    from oculi.capture import CaptureConfig
+
+    full = tiny.capture_full(PROMPT, attention=CaptureConfig(capture_head_contributions=True))
+    target = int(tiny.forward(PROMPT)[-1].argmax())
+    dla = AttributionMethods.direct_logit_attribution(full, target)
+    html = dla._repr_html_()
+    values = [float(v) for v in re.findall(r'<td data-v="([^"]+)"', html)]  # the two grids
+    total = [float(v) for v in re.findall(r'class="oc-sum" data-v="([^"]+)"', html)]
+    assert total[-1] == pytest.approx(float(tiny.forward(PROMPT)[-1].max()), abs=1e-4)
+    n, h = tiny.n_layers, tiny.n_heads
+    expected = torch.cat([torch.stack([dla.attention, dla.mlp], 1).flatten(), dla.heads.flatten()])
+    np.testing.assert_allclose(values, expected.double().numpy(), atol=1e-6)
+    assert len(values) == 2 * n + n * h

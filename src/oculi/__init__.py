@@ -26,7 +26,9 @@ from oculi.capture.io import load_capture
 from oculi.errors import (
     InputError,
     LayerIndexError,
+    NonFiniteError,
     OculiError,
+    StorageRangeWarning,
     UnknownSiteError,
     UnsupportedArchitectureError,
 )
@@ -48,9 +50,11 @@ __all__ = [
     "LogitConfig",
     "MLPCapture",
     "MLPConfig",
+    "NonFiniteError",
     "OculiError",
     "ResidualCapture",
     "ResidualConfig",
+    "StorageRangeWarning",
     "UnknownSiteError",
     "UnsupportedArchitectureError",
     "attach",

@@ -15,6 +15,7 @@ tensors and returns tensors, indexed like the captures: ``[L, H, T]`` per head a
 
 from oculi.analysis.attribution import AttributionMethods, AttributionResult
 from oculi.analysis.circuits import CircuitDetection
+from oculi.analysis.composition import CompositionAnalysis, CompositionResult
 from oculi.analysis.correlation import (
     CorrelationAnalysis,
     pearson_pvalue,
@@ -31,6 +32,8 @@ __all__ = [
     "AttributionResult",
     "HeadWeights",
     "CircuitDetection",
+    "CompositionAnalysis",
+    "CompositionResult",
     "CorrelationAnalysis",
     "EntropyAnalysis",
     "LogitLensAnalysis",

@@ -81,6 +81,14 @@ class AttributionResult:
     note: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    def _repr_html_(self) -> str | None:
+        """Jupyter's view of a DLA of one sequence and position, as in the report."""
+        if self.attention is None or self.mlp is None or self.attention.dim() != 1:
+            return None  # other methods and batched results: the plain repr
+        from oculi.visualize.views import attribution_view, notebook
+
+        return notebook(attribution_view(self), interactive=True)
+
     @property
     def total(self) -> Tensor:
         """``values.sum(-1) + embedding + bias``: equals ``logit`` for an exact DLA."""

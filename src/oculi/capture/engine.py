@@ -10,6 +10,7 @@ of the FLOPs) and stops after the last layer anything was asked of.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
@@ -17,10 +18,11 @@ import torch
 from torch import nn
 
 from oculi.capture.bridge import LayerTaps, attention_bridge
-from oculi.capture.hooks import HookSet, StopForward
+from oculi.capture.hooks import HookSet, StopForward, forward_ended
 from oculi.capture.inputs import Batch
 from oculi.capture.places import ModelParts, add_reader, locate
 from oculi.capture.sites import SITE_KINDS
+from oculi.errors import StorageRangeWarning
 
 # Recorded for capture structures but not sites of their own: the MLP module's output, which
 # differs from ``mlp_out`` (what joins the residual) where an output norm follows the MLP.
@@ -59,6 +61,7 @@ class Recorder:
         self.storage = storage
         self._stream: Any = None
         self._pending: list[tuple[Any, int, torch.Tensor]] = []  # (event, bytes, snapshot)
+        self._peaks: list[tuple[str, int, torch.Tensor]] = []  # narrowing stores, checked once
 
     def store(self, kind: str, layer: int, tensor: torch.Tensor) -> None:
         buf = self.buffers.get(kind)
@@ -78,6 +81,8 @@ class Recorder:
             self._stream_copy(dst, tensor.detach())
         else:
             dst.copy_(tensor.detach())
+        if buf.dtype in NARROW and torch.finfo(tensor.dtype).max > torch.finfo(buf.dtype).max:
+            self._peaks.append((kind, layer, finite_peak(tensor.detach())))
 
     def _stream_copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         device = src.device
@@ -101,6 +106,43 @@ class Recorder:
         if self._stream is not None:
             self._stream.synchronize()
         self._pending.clear()
+
+    def check_range(self) -> None:
+        """Warn (once per capture) where fp16/bf16 storage turned values into inf.
+
+        One reduction per stored tensor during the forward, one host sync here.
+        """
+        peaks, self._peaks = self._peaks, []
+        if not peaks:
+            return
+        values = torch.stack([p.to(peaks[0][2].device, torch.float32) for *_, p in peaks])
+        over: dict[tuple[str, torch.dtype], list[tuple[int, float]]] = {}
+        for (kind, layer, _), peak in zip(peaks, values.tolist()):
+            dtype = self.buffers[kind].dtype
+            if peak > torch.finfo(dtype).max:
+                over.setdefault((kind, dtype), []).append((layer, peak))
+        if over:
+            sites = "; ".join(
+                f"{kind!r} at layers {[layer for layer, _ in hits]} (|values| up to "
+                f"{max(p for _, p in hits):.4g}, {str(dtype).removeprefix('torch.')} max "
+                f"{torch.finfo(dtype).max:.4g})"
+                for (kind, dtype), hits in over.items()
+            )
+            warnings.warn(
+                f"values beyond the storage dtype's range were stored as inf: {sites}; "
+                "store these sites in float32 (storage_dtype=torch.float32)",
+                StorageRangeWarning,
+                stacklevel=4,
+            )
+
+
+NARROW = (torch.float16, torch.bfloat16)
+
+
+def finite_peak(x: torch.Tensor) -> torch.Tensor:
+    """The largest finite ``|x|`` (a 0-dim tensor on x's device; no host sync)."""
+    a = x.abs()
+    return a.masked_fill(~torch.isfinite(a), 0).amax()
 
 
 def _register(
@@ -183,14 +225,23 @@ def record(
             hooks.forward(adapter.layer_modules[last], stop)
         try:
             if taps:
-                with attention_bridge(adapter.attention_configs, adapter.attention_layer_ids, taps):
-                    out = adapter.decoder(**batch.model_kwargs(), use_cache=False)
+                with attention_bridge(
+                    adapter.attention_configs, adapter.attention_layer_ids, taps
+                ) as routed:
+                    routed.check_switched()
+                    try:
+                        out = adapter.decoder(**batch.model_kwargs(), use_cache=False)
+                    except StopForward:
+                        routed.check_routed(taps)  # every tapped layer ran before the stop
+                        raise
+                    routed.check_routed(taps)
             else:
                 out = adapter.decoder(**batch.model_kwargs(), use_cache=False)
             if on_output is not None:
                 on_output(out)
         except StopForward:
-            pass
+            forward_ended()  # the open interventions' overflow checks
+    rec.check_range()
     return _finish(adapter, rec, requests)
 
 

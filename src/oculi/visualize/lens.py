@@ -71,6 +71,8 @@ def convergence(lc: Any, *, tokens: Sequence[str] | None = None) -> Any:
     logit of the layer's own top-1.
     """
     plt = pyplot()
+    from matplotlib.colors import SymLogNorm
+
     final = lc.top_k_indices[-1, :, 0]  # [T]
     n = int(final.shape[0])
     match = (lc.top_k_indices[..., 0] == final).float()
@@ -85,7 +87,9 @@ def convergence(lc: Any, *, tokens: Sequence[str] | None = None) -> Any:
         2, 2, figsize=(max(10.0, 1.1 * n + 4), max(7.0, 0.5 * lc.n_layers + 3))
     )
     for ax, (title, grid, cmap) in zip(axes.flat, panels):
-        image = ax.imshow(grid.numpy(), aspect="auto", cmap=cmap)
+        # ranks span 0 to the vocabulary size: a log scale (linear near 0) shows both ends
+        norm = SymLogNorm(linthresh=1.0, vmin=0) if title.startswith("rank") else None
+        image = ax.imshow(grid.numpy(), aspect="auto", cmap=cmap, norm=norm)
         fig.colorbar(image, ax=ax)
         ax.set_title(title)
         _ticks(ax, lc, tokens, n)

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from oculi.analysis.attribution import AttributionMethods
 from oculi.analysis.logit_lens import LogitLensResult
 from oculi.capture.configs import CaptureConfig, LogitConfig, ResidualConfig
 from oculi.errors import InputError
@@ -54,7 +55,7 @@ class ReportData:
     lens: LogitLensResult
     heads: list[tuple[str, str, torch.Tensor]]
     tracing: TracingResult
-    attribution: Any = None
+    attribution: Any
     layers: list[int] = field(default_factory=list)
     samples: int = 0
     seconds: float = 0.0
@@ -80,32 +81,17 @@ def _decode(tokenizer: Any, ids: list[int]) -> list[str]:
     return [t if t.strip() else repr(t) for t in texts]
 
 
-def _attribution(full: Any, target_id: int) -> Any:
-    """Direct logit attribution, from the analysis package when it provides it."""
-    from oculi import analysis
-
-    methods = getattr(analysis, "AttributionMethods", None)
-    dla = getattr(methods, "direct_logit_attribution", None)
-    return dla(full, target_id, position=-1) if dla is not None else None
-
-
-def _rank_heads(full: Any, attribution: Any, tokens: list[str]) -> list[tuple[str, str, Any]]:
-    """Heads, most important first: by |direct logit attribution| when known, else by the
-    size of what the head writes into the residual at the last position."""
+def _rank_heads(full: Any, attribution: Any) -> list[tuple[str, str, Any]]:
+    """Heads by ``|direct logit attribution|``, largest first, with their patterns."""
     attn = full.attention
-    if attribution is not None:
-        score = torch.as_tensor(attribution.heads).float()
-        what = "DLA"
-    else:
-        score = attn.head_contributions[:, :, -1].float().norm(dim=-1)
-        what = "|output|"
+    score = attribution.heads.float()
     order = score.abs().flatten().argsort(descending=True)[:MAX_HEADS].tolist()
     n_heads = score.shape[1]
     out = []
     for flat in order:
         i, h = divmod(flat, n_heads)
         layer = attn.layers[i]
-        label = f"L{layer} H{h} ({what} {float(score[i, h]):+.2f})"
+        label = f"L{layer} H{h} (DLA {float(score[i, h]):+.2f})"
         out.append((f"{layer}.{h}", label, attn.patterns[i, h]))
     return out
 
@@ -151,7 +137,9 @@ def build_report(
         ]
         for l_ in range(len(lc.layers))
     ]
-    attribution = _attribution(full, target_id)
+    attribution = AttributionMethods.direct_logit_attribution(
+        full, target_id, position=-1, adapter=adapter
+    )
     tracing = causal_tracing(
         adapter, prompt, subject if subject is not None else default_subject(adapter, prompt),
         target_id, samples=samples, progress=False,
@@ -166,7 +154,7 @@ def build_report(
         top=top,
         lens_top=lens_top,
         lens=lens,
-        heads=_rank_heads(full, attribution, tokens),
+        heads=_rank_heads(full, attribution),
         tracing=tracing,
         attribution=attribution,
         layers=list(lc.layers),
@@ -213,28 +201,18 @@ def render(data: ReportData) -> str:
             + views.lens_grid_view(data.tokens, data.layers, data.lens_top),
             "lens",
         ),
-    ]
-    if data.attribution is not None:
-        sections.append(
-            _section(
-                "Direct logit attribution",
-                f"What each layer's attention and MLP, and each attention head, add to the logit "
-                f"of {esc(repr(data.target))} at the last position (blue raises it, red lowers "
-                "it). Click a head to see its pattern below.",
-                views.attribution_view(data.attribution, data.layers),
-                "dla",
-            )
-        )
-    sections += [
+        _section(
+            "Direct logit attribution",
+            "What the embedding, each layer's attention and MLP, and each attention head write "
+            f"into the logit of {esc(repr(data.target))} at the last position (blue raises it, "
+            "red lowers it; the final norm's scale is frozen at its actual value, so the shares "
+            "add up to the logit). Click a head to see its pattern below.",
+            views.attribution_view(data.attribution, data.layers),
+            "dla",
+        ),
         _section(
             "Attention of the heads that matter most",
-            "Pick a head (ranked by "
-            + (
-                "direct logit attribution"
-                if data.attribution is not None
-                else "how much it writes at the last position"
-            )
-            + "); hover a token to colour every "
+            "Pick a head (ranked by |direct logit attribution|); hover a token to colour every "
             "token by the attention it receives from that one.",
             views.attention_view(data.heads, data.tokens),
             "attention",

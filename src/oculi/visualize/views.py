@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from oculi.visualize._common import array
 from oculi.visualize.html import bar_list, esc, fragment, grid_table, json_script, line_chart
 
@@ -206,19 +208,55 @@ def top_tokens_view(items: Sequence[tuple[str, float]]) -> str:
     return bar_list(items)
 
 
+def _scalar(value: Any) -> float:
+    return float(array(value).reshape(-1)[0])
+
+
 def attribution_view(attribution: Any, layers: Sequence[int] | None = None) -> str:
-    """Direct logit attribution: what each layer's attention and MLP, and each head, add to
-    the target's logit (blue raises it, red lowers it). Head cells can be clicked to show the
-    head's pattern in the attention view of the same page."""
+    """Direct logit attribution: what the embedding, each layer's attention and MLP, and each
+    head add to the target's logit (blue raises it, red lowers it). Head cells can be clicked
+    to show the head's pattern in the attention view of the same page.
+
+    Args:
+        attribution: a DLA result of one sequence and position (``.attention``, ``.mlp``
+            ``[L]``; ``.heads`` ``[L, H]`` when captured; ``.embedding``, ``.bias``,
+            ``.logit``).
+        layers: the model layers of the rows (default ``attribution.layers`` or ``0..L-1``).
+    """
     attn, mlp = array(attribution.attention), array(attribution.mlp)
-    heads = array(attribution.heads)
-    layers = list(layers) if layers is not None else list(range(len(attn)))
+    layers = list(layers or getattr(attribution, "layers", ()) or range(len(attn)))
     rows = [f"L{layer}" for layer in layers]
-    parts = grid_table(
-        [[a, m] for a, m in zip(attn, mlp)], rows, ["attention", "MLP"], diverging=True
+    parts = [
+        grid_table(
+            np.stack([attn, mlp], 1), rows, ["attention", "MLP"], diverging=True, corner="layer"
+        )
+    ]
+    if attribution.heads is not None:
+        heads = array(attribution.heads)
+        parts.append(
+            grid_table(
+                heads,
+                rows,
+                [f"H{h}" for h in range(heads.shape[1])],
+                diverging=True,
+                cell_attrs=lambda r, c: f'data-head="{layers[r]}.{c}"',
+                corner="layer \\ head",
+            )  # fmt: skip
+        )
+    terms = [("embedding", attribution.embedding), ("constant (biases)", attribution.bias)]
+    terms += [("layers (attention + MLP)", attn.sum() + mlp.sum()), ("logit", attribution.logit)]
+    summary = "".join(
+        f'<tr><td>{esc(name)}</td><td class="oc-sum" data-v="{_scalar(v)!r}">{_scalar(v):+.3f}</td></tr>'
+        for name, v in terms
+        if v is not None
     )
-    head_grid = grid_table(
-        heads, rows, [f"H{h}" for h in range(heads.shape[1])], diverging=True,
-        cell_attrs=lambda r, c: f'data-head="{layers[r]}.{c}"', corner="layer \\ head",
-    )  # fmt: skip
-    return f'<div class="oc-row oc-dla"><div>{parts}</div><div>{head_grid}</div></div>'
+    note = (
+        f'<p class="oc-note">{esc(attribution.note)}</p>'
+        if getattr(attribution, "note", "")
+        else ""
+    )
+    cells = "".join(f"<div>{part}</div>" for part in parts)
+    return (
+        f'{note}<div class="oc-row oc-dla"><div><table class="oc-list">{summary}</table></div>'
+        f"{cells}</div>"
+    )
