@@ -12,9 +12,9 @@ import torch
 
 import oculi
 from models import prompt_ids, tiny_model
-from oculi import AttentionCapture, InputError
-from oculi.analysis import CircuitDetection
-from oculi.analysis.validation import induction_task, ioi_task
+from oculi import AttentionCapture, CaptureConfig, InputError
+from oculi.analysis import CircuitDetection, CompositionAnalysis
+from oculi.analysis.validation import IOI_TEMPLATES, induction_task, ioi_task
 
 
 def duplicate_capture() -> AttentionCapture:
@@ -104,7 +104,29 @@ def test_gemma_induction_heads_matter_far_more_than_random_heads(gemma):
 
 
 @pytest.mark.gemma
-def test_gemma_ioi_task_prefers_the_indirect_object(gemma):
-    task = ioi_task(gemma)
-    result = CircuitDetection.validate(gemma, [(0, 0)], task, n_random=2)
+def test_gemma_ioi_name_movers_by_path_patching_and_the_linear_estimate(gemma):
+    clean = "When Mary and John went to the store, John gave a drink to"
+    corrupt = "When Mary and John went to the store, Tom gave a drink to"
+    found = CircuitDetection.ioi_heads(gemma, clean, corrupt, io=" Mary", s=" John", k=2)
+    direct = found["direct"]  # path patching of every head into the logits
+    drops = direct.clean_metric - direct.values
+    movers, inhibition = found["name_movers"], found["s_inhibition"]
+    assert all(float(drops[m]) > 0.5 for m in movers)  # of a clean logit difference of ~5
+    assert inhibition and max(i for i, _ in inhibition) < min(i for i, _ in movers)
+    # the forward-free estimate of the same sweep, from two captures
+    heads = CaptureConfig(capture_head_contributions=True)
+    est = CompositionAnalysis.path_patching_score(
+        gemma.capture_full(clean, attention=heads),
+        gemma.capture_full(corrupt, attention=heads),
+        (gemma.to_single_token(" Mary"), gemma.to_single_token(" John")),
+    )
+    assert est.metadata["clean_metric"] == pytest.approx(direct.clean_metric, rel=1e-4)
+    r = torch.corrcoef(torch.stack([est.values.flatten(), direct.values.flatten().float()]))[0, 1]
+    assert r > 0.95
+    assert int(est.values.argmin()) == int(direct.values.argmin())  # the top name mover
+    # ablating the name movers hurts the task more than random heads do on average
+    task = ioi_task(gemma, templates=IOI_TEMPLATES[:1])
+    result = CircuitDetection.validate(gemma, movers, task, n_random=4)
     assert result.baseline < 0  # -(logit(IO) - logit(S)): the model prefers the IO name
+    assert result.effect > 0.5
+    assert result.effect > sum(result.random_effects) / len(result.random_effects)

@@ -344,12 +344,28 @@ def test_plain_forward_beside_a_capture_is_untouched(impl):
     try:
         a = oculi.attach(model)
         ids, other = prompt_ids(), prompt_ids(length=7, seed=9)
-        plain, captured = _plain(model, other), a.capture_full(ids)
-        results = run_threads([lambda: a.capture_full(ids), lambda: _plain(model, other)], 10)
+        # a left-padded batch too: its padding mask must survive as well as the causal one
+        padded = torch.cat([torch.zeros(4, dtype=torch.long), other])[None].repeat(2, 1)
+        padded[1, :4] = prompt_ids(length=4, seed=5)
+        mask = torch.ones_like(padded)
+        mask[0, :4] = 0
+
+        def plain_padded() -> torch.Tensor:
+            with torch.no_grad():
+                return model(padded, attention_mask=mask).logits
+
+        plain, captured, plain_pad = _plain(model, other), a.capture_full(ids), plain_padded()
+        results = run_threads(
+            [lambda: a.capture_full(ids), lambda: _plain(model, other), plain_padded], 10
+        )
         for capture in results[0]:
             assert_same_capture(capture, captured)
         for logits in results[1]:  # the eager mask under "oculi" still gets the causal mask
             torch.testing.assert_close(logits, plain, rtol=1e-5, atol=1e-5)
+        real = mask.bool()
+        for logits in results[2]:
+            torch.testing.assert_close(logits[real], plain_pad[real], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(plain_pad[0, 4:], plain, rtol=1e-5, atol=1e-5)  # padding held
         assert model.config._attn_implementation == impl
     finally:
         model.set_attn_implementation(original)
@@ -543,10 +559,23 @@ def test_switching_the_implementation_inside_an_open_context_is_refused(llama):
     try:
         with InterventionContext(a, [interventions()["scale"]]):
             a.model.set_attn_implementation("eager")
-            with pytest.raises(RuntimeError, match=r"attention of layers \[1\] did not run"):
+            # refused before the forward
+            with pytest.raises(RuntimeError, match=r"implementation was changed .* now reads"):
                 a.forward(ids)
-            with pytest.raises(RuntimeError, match="implementation was changed"):
+            with pytest.raises(RuntimeError, match=r"implementation was changed .* now reads"):
                 a.capture_full(ids)
+
+            # ... and after a forward during which it changed
+            def switch(_m, _a):
+                a.model.set_attn_implementation("eager")
+
+            a.model.set_attn_implementation("oculi")
+            handle = a.model.model.layers[0].register_forward_pre_hook(switch)
+            try:
+                with pytest.raises(RuntimeError, match=r"left by the attention of layers \[1\]"):
+                    a.forward(ids)
+            finally:
+                handle.remove()
         assert a.model.config._attn_implementation == "eager"  # the user's choice stands
     finally:
         a.model.set_attn_implementation(original)

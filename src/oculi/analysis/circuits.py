@@ -52,7 +52,7 @@ from oculi.analysis._common import (
     sequences,
     token_ids,
 )
-from oculi.analysis.validation import validate
+from oculi.analysis.validation import ioi_heads, validate
 from oculi.errors import InputError
 
 PATTERNS = ("induction", "duplicate_token", "previous_token", "bos", "recent", "unknown")
@@ -164,6 +164,7 @@ class CircuitDetection:
     """
 
     validate = staticmethod(validate)
+    ioi_heads = staticmethod(ioi_heads)
 
     @staticmethod
     def detect_induction_heads(

@@ -55,7 +55,7 @@ class CompositionResult:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def _grams(w: HeadWeights, dtype: torch.dtype) -> dict[str, Tensor]:
+def _grams(w: HeadWeights, dtype: torch.dtype, kinds: tuple[str, ...] = KINDS) -> dict[str, Tensor]:
     """Per head ``[L*H, d, d]``: ``OVᵀOV`` (writer side) and ``BBᵀ`` for each reader kind."""
     n = w.n_layers * w.n_heads
 
@@ -70,12 +70,14 @@ def _grams(w: HeadWeights, dtype: torch.dtype) -> dict[str, Tensor]:
         return outer @ middle @ outer.transpose(1, 2)
 
     o_t = o.transpose(1, 2)  # [n, d, D]
-    return {
-        "writer": sandwich(o_t, v),  # (V O)ᵀ (V O) = Oᵀ (VᵀV) O
-        "q": sandwich(q, k),  # (Q Kᵀ)(Q Kᵀ)ᵀ = Q (KᵀK) Qᵀ
-        "k": sandwich(k, q),  # (K Qᵀ)(K Qᵀ)ᵀ = K (QᵀQ) Kᵀ
-        "v": sandwich(v, o_t),  # (V O)(V O)ᵀ = V (O Oᵀ) Vᵀ
+    readers = {
+        "q": lambda: sandwich(q, k),  # (Q Kᵀ)(Q Kᵀ)ᵀ = Q (KᵀK) Qᵀ
+        "k": lambda: sandwich(k, q),  # (K Qᵀ)(K Qᵀ)ᵀ = K (QᵀQ) Kᵀ
+        "v": lambda: sandwich(v, o_t),  # (V O)(V O)ᵀ = V (O Oᵀ) Vᵀ
     }
+    out = {"writer": sandwich(o_t, v)}  # (V O)ᵀ (V O) = Oᵀ (VᵀV) O
+    out.update({kind: readers[kind]() for kind in kinds})
+    return out
 
 
 def _normalised(writer: Tensor, reader: Tensor, n_layers: int, n_heads: int) -> Tensor:
@@ -147,7 +149,7 @@ class CompositionAnalysis:
         if kind not in KINDS:
             raise InputError(f"kind must be one of {KINDS}, got {kind!r}")
         w = weights_of(weights)
-        grams = _grams(w, dtype)
+        grams = _grams(w, dtype, (kind,))
         return _normalised(grams["writer"], grams[kind], w.n_layers, w.n_heads)
 
     @staticmethod
@@ -187,6 +189,19 @@ class CompositionAnalysis:
         tensor = torch.maximum(scores["q"], scores["k"]) if method == "qk" else scores[method]
         n = tensor.shape[0] * tensor.shape[1]
         return CompositionResult(tensor.reshape(n, n), {"method": method, "shape": tensor.shape})
+
+    @staticmethod
+    def path_patching_score(
+        clean: Any, corrupt: Any, target: Any, position: int = -1, *, adapter: Any = None
+    ) -> CompositionResult:
+        """First-order estimate of path patching each head into the logits (no forward).
+
+        See :mod:`oculi.analysis.paths`; ``.values [L, H]`` estimates what
+        ``patching.path_patching(adapter, clean, corrupt, metric=...)`` measures.
+        """
+        from oculi.analysis.paths import path_patching_score
+
+        return path_patching_score(clean, corrupt, target, position, adapter=adapter)
 
     @staticmethod
     def virtual_attention(capture: Any, path: list[Head]) -> CompositionResult:

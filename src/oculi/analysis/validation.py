@@ -130,7 +130,8 @@ class ValidationResult:
         random_sets: the heads of each random set.
         p_value: one-sided t-test p-value that random sets' mean effect is below ``effect``.
         empirical_p: ``(1 + #{random ≥ effect}) / (1 + n_random)``.
-        significant: both p-values below ``alpha``.
+        significant: the t-test's p-value is below ``alpha`` and the found effect beats every
+            random draw (the smallest empirical p that ``n_random`` draws allow, or ``alpha``).
         statement: one sentence saying what was found.
     """
 
@@ -189,7 +190,32 @@ def validate(
     seed: int = 0,
     alpha: float = 0.01,
 ) -> ValidationResult:
-    """Ablate ``heads`` and ``n_random`` random sets of as many heads; compare the loss."""
+    """Ablate ``heads`` and ``n_random`` random sets of as many heads; compare the loss.
+
+    Example::
+
+        scores = CircuitDetection.detect_induction_heads(capture)       # repeated tokens
+        heads = [tuple(h) for h in (scores > 0.5).nonzero().tolist()]
+        result = CircuitDetection.validate(adapter, heads, "induction", method="mean")
+        print(result.statement)
+
+    Args:
+        adapter: the model's adapter.
+        heads: ``[(layer, head), ...]`` to test (distinct).
+        task: ``"induction"``, ``"ioi"`` or a :class:`Task` (see the module docstring).
+        method: ``"mean"`` (each head's ``z`` replaced by its mean over the prompt's real
+            positions) or ``"zero"``.
+        n_random: how many random sets of ``len(heads)`` other heads to ablate (at least 2).
+        seed: seeds the random draws.
+        alpha: significance level of the statement.
+
+    Returns:
+        :class:`ValidationResult`, with ``.statement`` saying what was found.
+
+    Raises:
+        InputError: an unknown task or method, repeated heads, too few heads to draw from.
+        LayerIndexError, IndexError: a head outside the model.
+    """
     try:
         from scipy import stats
     except ImportError:  # pragma: no cover - the stats extra (and dev) install scipy
@@ -247,3 +273,72 @@ def validate(
         significant,
         statement,
     )
+
+
+def ioi_heads(
+    adapter: Any,
+    clean: str,
+    corrupt: str,
+    io: str | int,
+    s: str | int,
+    *,
+    k: int = 3,
+    senders: Sequence[Head] | None = None,
+) -> dict[str, Any]:
+    """Name mover and S-inhibition heads of one IOI prompt, by path patching (Wang et al. 2022).
+
+    Example::
+
+        found = CircuitDetection.ioi_heads(
+            adapter,
+            "When Mary and John went to the store, John gave a drink to",
+            "When Mary and John went to the store, Tom gave a drink to",
+            io=" Mary", s=" John")
+        found["name_movers"], found["s_inhibition"]
+
+    The metric is ``logit(io) - logit(s)``; the corrupt prompt replaces the repeated subject, so
+    heads that carry "which name was repeated" lose it. **Name movers** are the ``k`` heads
+    whose direct path into the logits carries the most of the metric (path patching with
+    ``receivers=None``); **S-inhibition** heads the ``k`` earlier heads whose path into the name
+    movers' queries carries the most (``receiver_input="q"``).
+
+    Returns:
+        ``{"name_movers": [(layer, head)], "s_inhibition": [(layer, head)],
+        "direct": PatchingResult, "via_queries": PatchingResult}``; drops are
+        ``clean_metric - values`` (positive: the head supports ``io``).
+    """
+    from oculi import patching
+
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise InputError(f"k must be a positive int, got {k!r}")
+    metric = patching.logit_diff(io, s)
+    direct = patching.path_patching(
+        adapter, clean, corrupt, metric=metric, senders=senders, progress=False
+    )
+    movers = _top_drops(direct.clean_metric - direct.values, k)
+    first = min(layer for layer, _ in movers)
+    early = [(layer, h) for layer, h in (senders or _all_heads(adapter)) if layer < first]
+    if not early:
+        return {"name_movers": movers, "s_inhibition": [], "direct": direct, "via_queries": None}
+    via = patching.path_patching(
+        adapter,
+        clean,
+        corrupt,
+        metric=metric,
+        receivers=movers,
+        receiver_input="q",
+        senders=early,
+        progress=False,
+    )
+    inhibition = _top_drops(via.clean_metric - via.values, k)
+    return {"name_movers": movers, "s_inhibition": inhibition, "direct": direct, "via_queries": via}
+
+
+def _all_heads(adapter: Any) -> list[Head]:
+    return [(layer, h) for layer in range(adapter.n_layers) for h in range(adapter.n_heads)]
+
+
+def _top_drops(drop: Tensor, k: int) -> list[Head]:
+    flat = torch.nan_to_num(drop.flatten(), nan=-float("inf"))
+    n_heads = drop.shape[1]
+    return [divmod(int(i), n_heads) for i in flat.topk(min(k, flat.numel())).indices]

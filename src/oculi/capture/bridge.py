@@ -75,21 +75,32 @@ class BridgeState:
     layer_of: dict[int, int]  # id(attention module) -> layer index
     taps: dict[int, LayerTaps]
     fallback: str  # the model's own implementation name
+    configs: list[Any] = field(default_factory=list)  # what the switch is set on
     live: bool = True
     seen: set[int] = field(default_factory=set)  # tapped layers whose attention call came here
 
+    def check_switched(self) -> None:
+        """Before a forward: raise if the configs no longer route attention to the bridge."""
+        names = {c._attn_implementation for c in self.configs}
+        if names - {IMPL_NAME}:
+            raise RuntimeError(_SWITCHED.format(what=f"now reads {sorted(names)}"))
+
     def check_routed(self, layers: Iterable[int]) -> None:
-        """Raise if a tapped layer's attention did not come through the bridge (someone
-        switched the implementation away from ``"oculi"`` while it was open)."""
+        """After a forward: raise if a tapped layer's attention did not come through the
+        bridge (the implementation was switched away from ``"oculi"`` during it)."""
         missed = sorted(set(layers) - self.seen)
         self.seen.clear()
         if missed:
             raise RuntimeError(
-                f"the attention of layers {missed} did not run through oculi's bridge: the "
-                "model's attention implementation was changed (set_attn_implementation?) while "
-                "an oculi capture or intervention context was open, so its taps never ran; "
-                "change it only when no oculi context is open"
+                _SWITCHED.format(what=f"was left by the attention of layers {missed}")
             )
+
+
+_SWITCHED = (
+    "the model's attention implementation was changed (set_attn_implementation?) while an "
+    "oculi capture or intervention context was open: the bridge its taps run in {what}, so "
+    "they would not run; change it only when no oculi context is open"
+)
 
 
 @dataclass(eq=False)
@@ -314,7 +325,7 @@ def attention_bridge(
     """
     _register_once()
     owner = _acquire(configs, layer_of)
-    state = BridgeState(layer_of=layer_of, taps=taps, fallback=owner.fallback)
+    state = BridgeState(layer_of, taps, owner.fallback, configs=owner.configs)
     with _LOCK:
         _ACTIVE.append(state)
     _OPEN.set((*_OPEN.get(), state))

@@ -228,6 +228,7 @@ def record(
                 with attention_bridge(
                     adapter.attention_configs, adapter.attention_layer_ids, taps
                 ) as routed:
+                    routed.check_switched()
                     try:
                         out = adapter.decoder(**batch.model_kwargs(), use_cache=False)
                     except StopForward:

@@ -170,6 +170,7 @@ class InterventionContext:
             self._guard.check()
             if self._routed is not None:
                 self._routed.seen.clear()
+                self._routed.check_switched()
             self._flush()
             tracker.pre_hook(module, args, kwargs)
 
