@@ -370,3 +370,27 @@ def test_oculi_exports_resolve_lazily():
     code = "import oculi.harvest.store, oculi; assert callable(oculi.harvest), oculi.harvest"
     src = str(Path(__file__).resolve().parents[1] / "src")
     subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": src})
+
+
+# -- the default model ---------------------------------------------------------------------
+EIFFEL = "The Eiffel Tower is located in the city of"
+
+
+@pytest.mark.gemma
+def test_default_model_commands_on_gemma(gemma):
+    """No --model: the embedded Gemma 3 270M, loaded from the cache (seconds)."""
+    facts = as_json("info", "--device", "cpu")
+    assert (facts["family"], facts["n_layers"], facts["n_heads"], facts["d_model"]) == (
+        "gemma3", 18, 4, 640,
+    )  # fmt: skip
+    logits = gemma.forward(EIFFEL)[-1]
+    paris = gemma.to_single_token(" Paris")
+    lens = as_json("lens", EIFFEL, "--target", " Paris", "--device", "cpu")
+    assert lens["probs"][-1] == pytest.approx(float(torch.softmax(logits, -1)[paris]), rel=1e-4)
+    assert lens["crossover_layer"] is not None and lens["ranks"][-1] == 0
+    dla = as_json("attribute", EIFFEL, "--target", " Paris", "--device", "cpu")
+    assert dla["total"] == pytest.approx(dla["logit"], abs=1e-3)
+    # Gemma 3 soft-caps nothing at the end, so the shares add up to the model's own logit
+    assert dla["total"] == pytest.approx(float(logits[paris]), abs=1e-3)
+    bad = CliRunner().invoke(cli, ["lens", EIFFEL, "--target", " Washington DC", "--device", "cpu"])
+    assert bad.exit_code == 2 and len(bad.stderr.strip().splitlines()) == 1
