@@ -210,6 +210,21 @@ def bench_lens(adapter, ids: torch.Tensor, repeats: int, report: Report, strateg
         "lens top-10 (chunked, on a capture)", lens_topk, repeats=repeats, device=adapter.device
     )
     report.add(topk, bare, f" {topk.seconds / bare_topk.seconds:.2f}x matmul + topk")
+    for strategy in ("vocab", "rows"):  # each strategy forced (auto picks by device)
+        forced_lens = adapter.capture_logits(ids, LogitConfig(top_k=10, strategy=strategy))
+
+        def forced_topk(lens=forced_lens):
+            lens._topk = None
+            return lens.top_k_indices
+
+        forced = measure(
+            f"lens top-10, strategy={strategy}", forced_topk, repeats=repeats, device=adapter.device
+        )
+        report.add(forced, bare, f" {forced.seconds / bare_topk.seconds:.2f}x matmul + topk")
+    kl = measure(
+        "lens kl_to_final", lambda: lens_input.kl_to_final(), repeats=repeats, device=adapter.device
+    )
+    report.add(kl, bare, f" {kl.seconds / bare_topk.seconds:.2f}x matmul + topk")
     full = measure(
         "capture_logits + top-10 (forward included)",
         lambda: adapter.capture_logits(ids, LogitConfig(top_k=10, strategy=strategy)).top_k_indices,

@@ -219,6 +219,17 @@ def bench_sweep(adapter, args, report: Report) -> None:
         device=device,
     )
     report.add(fast, naive, f"  speed-up {naive.seconds / fast.seconds:.1f}x")
+    for strategy in ("layered", "fused"):  # each strategy forced (auto picks by device)
+        forced = measure(
+            f"oculi activation_patching, strategy={strategy}",
+            lambda strategy=strategy: patching.activation_patching(
+                adapter, CLEAN, CORRUPT, metric=metric, strategy=strategy, progress=False
+            ),
+            repeats=args.repeats,
+            warmup=1,
+            device=device,
+        )
+        report.add(forced, naive, f"  speed-up {naive.seconds / forced.seconds:.1f}x")
     # Without the exact shortcut that skips cells whose patch writes what the corrupt run
     # already has (here: every position before the swapped name), to show what is left.
     from oculi.patching import activation
@@ -296,6 +307,17 @@ def bench_tracing(adapter, args, report: Report) -> None:
     )
     report.add(naive, naive)
     report.add(ours, naive, f"  speed-up {naive.seconds / ours.seconds:.1f}x")
+    other = "layered" if cuda else "fused"  # the strategy auto did not pick, for comparison
+    forced = measure(
+        f"oculi causal_tracing, strategy={other}",
+        lambda: patching.causal_tracing(
+            adapter, FACT, SUBJECT, TARGET, samples=args.samples, strategy=other, progress=False
+        ),
+        repeats=1,
+        warmup=0,
+        device=adapter.device,
+    )
+    report.add(forced, naive, f"  speed-up {naive.seconds / forced.seconds:.1f}x")
     res = results[0]
     diff = float((naive_ct.to(res.values.device) - res.values).abs().max())
     report.fact(

@@ -344,12 +344,28 @@ def test_plain_forward_beside_a_capture_is_untouched(impl):
     try:
         a = oculi.attach(model)
         ids, other = prompt_ids(), prompt_ids(length=7, seed=9)
-        plain, captured = _plain(model, other), a.capture_full(ids)
-        results = run_threads([lambda: a.capture_full(ids), lambda: _plain(model, other)], 10)
+        # a left-padded batch too: its padding mask must survive as well as the causal one
+        padded = torch.cat([torch.zeros(4, dtype=torch.long), other])[None].repeat(2, 1)
+        padded[1, :4] = prompt_ids(length=4, seed=5)
+        mask = torch.ones_like(padded)
+        mask[0, :4] = 0
+
+        def plain_padded() -> torch.Tensor:
+            with torch.no_grad():
+                return model(padded, attention_mask=mask).logits
+
+        plain, captured, plain_pad = _plain(model, other), a.capture_full(ids), plain_padded()
+        results = run_threads(
+            [lambda: a.capture_full(ids), lambda: _plain(model, other), plain_padded], 10
+        )
         for capture in results[0]:
             assert_same_capture(capture, captured)
         for logits in results[1]:  # the eager mask under "oculi" still gets the causal mask
             torch.testing.assert_close(logits, plain, rtol=1e-5, atol=1e-5)
+        real = mask.bool()
+        for logits in results[2]:
+            torch.testing.assert_close(logits[real], plain_pad[real], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(plain_pad[0, 4:], plain, rtol=1e-5, atol=1e-5)  # padding held
         assert model.config._attn_implementation == impl
     finally:
         model.set_attn_implementation(original)

@@ -206,3 +206,24 @@ def test_lens_rows_strategy_equals_full_logits(family, chunk):
     torch.testing.assert_close(vocab.logsumexp, lens.logsumexp, atol=TOL, rtol=0)
     assert torch.equal(vocab.top_k_indices, lens.top_k_indices)
     torch.testing.assert_close(vocab.kl_to_final(), kl, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(receivers=[(2, 1)], receiver_input="q"),
+        dict(receivers=[(2, 0), (1, 3)], receiver_input="k"),
+        dict(receivers=[(2, 2)], receiver_input="v", senders=[(0, 1), (1, 0), (0, 3)]),
+    ],
+    ids=["logits", "q", "k", "v-some-senders"],
+)
+@pytest.mark.parametrize("family", ["llama_gqa", "gpt2", "gemma3"])
+def test_fused_path_patching_equals_layered(family, options):
+    adapter, clean, corrupt = _pair(family)
+    kwargs = dict(metric=patching.logit_diff(CORRECT, WRONG), progress=False, **options)
+    layered = patching.path_patching(adapter, clean, corrupt, strategy="layered", **kwargs)
+    fused = patching.path_patching(adapter, clean, corrupt, strategy="fused", **kwargs)
+    torch.testing.assert_close(fused.values, layered.values, atol=TOL, rtol=0, equal_nan=True)
+    tested = ~torch.isnan(layered.values)
+    assert (layered.values[tested] - layered.clean_metric).abs().max() > 1e-4
