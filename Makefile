@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup demo test check lint typecheck bench clean
+.PHONY: setup demo report-demo test check lint typecheck bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,12 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(PY) -m oculi.demo "The Eiffel Tower is located in the city of"
+
+# The report page for the default model, and a screenshot of it in headless Chromium
+# (needs the Debian package chromium; the page itself needs no network).
+report-demo: setup
+	$(PY) -m oculi.visualize.browser "The Eiffel Tower is located in the city of" \
+		--subject "The Eiffel Tower" --html outputs/report.html --png outputs/report.png
 
 test: setup
 	$(PY) -m pytest -q

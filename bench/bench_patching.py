@@ -1,6 +1,9 @@
 """Patching sweeps on Gemma 3 270M: oculi against the naive batched sweep, in one run.
 
-Run: ``.venv/bin/python bench/bench_patching.py [--repeats 3]``
+Run: ``.venv/bin/python bench/bench_patching.py [--repeats 3] [--device cpu|cuda]
+[--shape gemma-270m|llama-8b|tiny] [--json PATH]`` (shared options: ``bench/common.py``).
+The naive references run on the model's device (their noise and indices made there), and
+print their agreement with oculi.
 
 * IOI resid_pre sweep (every layer x every position): the naive sweep runs, per layer, one
   forward of a batch of T patched copies with full logits (what TransformerLens and nnsight
@@ -22,8 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import oculi  # noqa: E402
-from common import exec_with_mmap_allocations, header, measure  # noqa: E402
+from common import Measurement, Report, add_run_args, build_adapter, measure  # noqa: E402
 from oculi import patching  # noqa: E402
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"
@@ -39,9 +41,9 @@ def naive_resid_pre_sweep(adapter, clean_ids, corrupt_ids, correct, wrong) -> to
     with torch.no_grad():
         hidden = model(clean_ids, output_hidden_states=True).hidden_states
     t = clean_ids.shape[1]
-    out = torch.zeros(len(layers), t)
+    out = torch.zeros(len(layers), t, device=clean_ids.device)
     batch = corrupt_ids.repeat(t, 1)
-    rows = torch.arange(t)
+    rows = torch.arange(t, device=clean_ids.device)
     for li, layer in enumerate(layers):
 
         def hook(_m, args, kwargs, li=li):
@@ -76,8 +78,10 @@ def naive_causal_tracing(adapter, ids, positions, target, samples, sigma, seed=0
     finally:
         for h in grab:
             h.remove()
+    # drawn on the CPU in oculi's order (the same numbers), then kept on the model's device
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(samples, len(positions), adapter.d_model, generator=gen) * sigma
+    noise = noise.to(ids.device)
     batch = ids.repeat(samples, 1)
 
     def add_noise(_m, _a, out):
@@ -86,7 +90,7 @@ def naive_causal_tracing(adapter, ids, positions, target, samples, sigma, seed=0
         return out
 
     n, t = len(layers), ids.shape[1]
-    out = torch.zeros(n, t)
+    out = torch.zeros(n, t, device=ids.device)
     for layer in range(n):
         for pos in range(t):
 
@@ -109,41 +113,41 @@ def naive_causal_tracing(adapter, ids, positions, target, samples, sigma, seed=0
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="gemma-3-270m")
-    parser.add_argument("--repeats", type=int, default=3)
+    add_run_args(parser, repeats=3)
     parser.add_argument("--samples", type=int, default=5)
     parser.add_argument("--only", choices=["sweep", "tracing", "generate"], default=None)
     parser.add_argument(
-        "--exact-rss",
-        action="store_true",
-        help="serve every allocation over 64 kB by mmap, so peak MB is exact; times then "
-        "include page faults of every intermediate tensor, so take times from a plain run",
+        "--strategy",
+        choices=["auto", "layered", "fused"],
+        default="auto",
+        help="oculi's sweep batching (auto: layered on the CPU, fused on accelerators)",
     )
-    args = parser.parse_args()
-    if args.exact_rss:
-        exec_with_mmap_allocations()
-    adapter = oculi.load(args.model)
-    print(f"model: {adapter}\ntorch {torch.__version__}, threads {torch.get_num_threads()}")
-
+    args = parser.parse_args(argv)
+    adapter = build_adapter(args, [CLEAN, CORRUPT, FACT, TARGET, *CONTRAST])
+    report = Report("bench_patching", args, adapter)
     if args.only in (None, "sweep"):
-        bench_sweep(adapter, args)
+        bench_sweep(adapter, args, report)
     if args.only in (None, "tracing"):
-        bench_tracing(adapter, args)
+        bench_tracing(adapter, args, report)
     if args.only in (None, "generate"):
-        bench_generate(adapter, args)
+        bench_generate(adapter, args, report)
+    report.write()
 
 
-def bench_generate(adapter, args) -> None:
+CONTRAST = ("I love this, it is wonderful", "I hate this, it is awful")
+
+
+def bench_generate(adapter, args, report: Report) -> None:
     from oculi.intervention import InterventionContext, SteeringVector
 
     ids = adapter.prepare(FACT)
     vector = SteeringVector.from_contrast(
         adapter,
-        positive=["I love this, it is wonderful"],
-        negative=["I hate this, it is awful"],
-        layer=6,
+        positive=[CONTRAST[0]],
+        negative=[CONTRAST[1]],
+        layer=min(6, adapter.n_layers // 2),
         coefficient=4.0,
     )
     kwargs = dict(
@@ -153,7 +157,7 @@ def bench_generate(adapter, args) -> None:
         do_sample=False,
         min_new_tokens=32,
     )
-    print(header("greedy generation, 32 new tokens"))
+    report.start("greedy generation, 32 new tokens")
 
     def plain():
         with torch.no_grad():
@@ -163,39 +167,69 @@ def bench_generate(adapter, args) -> None:
         with InterventionContext(adapter, [vector]), torch.no_grad():
             return adapter.model.generate(**kwargs)
 
-    base = measure("model.generate", plain, repeats=args.repeats)
-    print(base.row(base))
-    ours = measure("generate, SteeringVector on every step", steered, repeats=args.repeats)
-    print(ours.row(base))
+    device = adapter.device
+    base = measure("model.generate", plain, repeats=args.repeats, device=device)
+    report.add(base, base)
+    ours = measure(
+        "generate, SteeringVector on every step", steered, repeats=args.repeats, device=device
+    )
+    report.add(ours, base)
     changed = int((plain() != steered()).any(0).sum())
-    print(
-        f"\n{changed} of {plain().shape[1]} positions differ with the vector (coefficient 4, layer 6)"
+    report.fact(
+        "positions changed by the vector",
+        changed,
+        f"\n{changed} of {plain().shape[1]} positions differ with the vector "
+        f"(coefficient 4, layer {vector.layer})",
     )
 
 
-def bench_sweep(adapter, args) -> None:
+def bench_sweep(adapter, args, report: Report) -> None:
     clean_ids = adapter.prepare(CLEAN).input_ids
     corrupt_ids = adapter.prepare(CORRUPT).input_ids
     correct, wrong = adapter.to_single_token(" Mary"), adapter.to_single_token(" John")
     metric = patching.logit_diff(" Mary", " John")
     t = clean_ids.shape[1]
-    print(header(f"IOI resid_pre sweep, {adapter.n_layers} layers x {t} positions"))
+    device = adapter.device
+    report.start(f"IOI resid_pre sweep, {adapter.n_layers} layers x {t} positions")
     naive = measure(
         "naive batched sweep (full logits)",
         lambda: naive_resid_pre_sweep(adapter, clean_ids, corrupt_ids, correct, wrong),
         repeats=args.repeats,
-        warmup=0,
+        warmup=0 if device.type == "cpu" else 1,
+        device=device,
     )
-    print(naive.row(naive))
+    report.add(naive, naive)
+
+    def sweep() -> patching.PatchingResult:
+        return patching.activation_patching(
+            adapter,
+            CLEAN,
+            CORRUPT,
+            site="resid_pre",
+            metric=metric,
+            progress=False,
+            strategy=args.strategy,
+        )
+
     fast = measure(
         "oculi activation_patching",
-        lambda: patching.activation_patching(
-            adapter, CLEAN, CORRUPT, site="resid_pre", metric=metric, progress=False
-        ),
+        sweep,
         repeats=args.repeats,
         warmup=1,
+        device=device,
     )
-    print(fast.row(naive), f"  speed-up {naive.seconds / fast.seconds:.1f}x")
+    report.add(fast, naive, f"  speed-up {naive.seconds / fast.seconds:.1f}x")
+    for strategy in ("layered", "fused"):  # each strategy forced (auto picks by device)
+        forced = measure(
+            f"oculi activation_patching, strategy={strategy}",
+            lambda strategy=strategy: patching.activation_patching(
+                adapter, CLEAN, CORRUPT, metric=metric, strategy=strategy, progress=False
+            ),
+            repeats=args.repeats,
+            warmup=1,
+            device=device,
+        )
+        report.add(forced, naive, f"  speed-up {naive.seconds / forced.seconds:.1f}x")
     # Without the exact shortcut that skips cells whose patch writes what the corrupt run
     # already has (here: every position before the swapped name), to show what is left.
     from oculi.patching import activation
@@ -207,64 +241,90 @@ def bench_sweep(adapter, args) -> None:
     try:
         every = measure(
             "oculi, every cell computed (no skipping)",
-            lambda: patching.activation_patching(
-                adapter, CLEAN, CORRUPT, site="resid_pre", metric=metric, progress=False
-            ),
+            sweep,
             repeats=args.repeats,
             warmup=1,
+            device=device,
         )
     finally:
         activation._no_op_mask = skip
-    print(every.row(naive), f"  speed-up {naive.seconds / every.seconds:.1f}x")
+    report.add(every, naive, f"  speed-up {naive.seconds / every.seconds:.1f}x")
     diff = (
         (
-            naive_resid_pre_sweep(adapter, clean_ids, corrupt_ids, correct, wrong)
-            - patching.activation_patching(
-                adapter, CLEAN, CORRUPT, site="resid_pre", metric=metric, progress=False
-            ).values
+            naive_resid_pre_sweep(adapter, clean_ids, corrupt_ids, correct, wrong).cpu()
+            - sweep().values.cpu()
         )
         .abs()
         .max()
     )
-    print(f"\nmax |naive - oculi| = {float(diff):.2e}")
+    report.fact("max |naive - oculi|", float(diff), f"\nmax |naive - oculi| = {float(diff):.2e}")
     atp = measure(
         "oculi attribution_patching (approximate)",
         lambda: patching.attribution_patching(
             adapter, CLEAN, CORRUPT, site="resid_pre", metric=metric
         ),
         repeats=args.repeats,
+        device=device,
     )
-    print(atp.row(naive))
+    report.add(atp, naive)
 
 
-def bench_tracing(adapter, args) -> None:
+def bench_tracing(adapter, args, report: Report) -> None:
     ids = adapter.prepare(FACT).input_ids
     positions = patching.subject_positions(adapter, FACT, SUBJECT)
     sigma = 3.0 * patching.tracing.embedding_std(adapter)
     target = adapter.to_single_token(TARGET)
-    print(header(f"causal tracing, {ids.shape[1]} tokens, {args.samples} noise samples"))
+    report.start(f"causal tracing, {ids.shape[1]} tokens, {args.samples} noise samples")
+    cuda = adapter.device.type == "cuda"
+    if cuda:  # one untimed run of each: kernels compiled and memory pools filled
+        naive_causal_tracing(adapter, ids, positions, target, args.samples, sigma)
+        patching.causal_tracing(
+            adapter, FACT, SUBJECT, TARGET, samples=2, progress=False, strategy=args.strategy
+        )
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     naive_ct = naive_causal_tracing(adapter, ids, positions, target, args.samples, sigma)
-    naive_s = time.perf_counter() - t0
+    if cuda:
+        torch.cuda.synchronize()
+    naive = Measurement("naive loop (per layer x position)", time.perf_counter() - t0, float("nan"))
     results: list[patching.TracingResult] = []  # the timed run's result, compared below
     ours = measure(
         "oculi causal_tracing",
         lambda: results.append(
             patching.causal_tracing(
-                adapter, FACT, SUBJECT, TARGET, samples=args.samples, progress=False
+                adapter,
+                FACT,
+                SUBJECT,
+                TARGET,
+                samples=args.samples,
+                progress=False,
+                strategy=args.strategy,
             )
         ),
         repeats=1,
         warmup=0,
+        device=adapter.device,
     )
-    print(
-        f"| {'naive loop (per layer x position)':<44} | {naive_s * 1e3:9.1f} |  1.00x |        - |"
+    report.add(naive, naive)
+    report.add(ours, naive, f"  speed-up {naive.seconds / ours.seconds:.1f}x")
+    other = "layered" if cuda else "fused"  # the strategy auto did not pick, for comparison
+    forced = measure(
+        f"oculi causal_tracing, strategy={other}",
+        lambda: patching.causal_tracing(
+            adapter, FACT, SUBJECT, TARGET, samples=args.samples, strategy=other, progress=False
+        ),
+        repeats=1,
+        warmup=0,
+        device=adapter.device,
     )
-    print(ours.row(type(ours)("", naive_s, 0.0)), f"  speed-up {naive_s / ours.seconds:.1f}x")
+    report.add(forced, naive, f"  speed-up {naive.seconds / forced.seconds:.1f}x")
     res = results[0]
-    print(
-        f"\nclean p={res.clean_prob:.3f}, corrupt p={res.corrupt_prob:.3f}; grid {tuple(res.values.shape)}; "
-        f"max |naive - oculi| = {float((naive_ct - res.values).abs().max()):.2e}"
+    diff = float((naive_ct.to(res.values.device) - res.values).abs().max())
+    report.fact(
+        "max |naive - oculi|",
+        diff,
+        f"\nclean p={res.clean_prob:.3f}, corrupt p={res.corrupt_prob:.3f}; grid "
+        f"{tuple(res.values.shape)}; max |naive - oculi| = {diff:.2e}",
     )
 
 

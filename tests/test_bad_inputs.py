@@ -22,9 +22,17 @@ Row -> test:
 15    test_row15_no_hooks_left_after_a_run_or_an_exception
 16    test_row16_generation_steps_must_be_explicit
 18    test_row18_model_and_tokenizer_mismatch
+22    test_row22_contexts_closed_out_of_order
+23    test_row23_a_plain_forward_in_another_thread_beside_an_open_context
+24    test_row24_attention_mask_values_and_dtype
+25    test_row25_padded_batch_wider_than_the_context
+26    test_row26_an_intervention_that_overflows
+27    test_row27_half_precision_storage_beyond_its_range_warns_once
+29    test_row29_inputs_that_are_not_prompts, test_row29_narrow_integer_ids
+30    test_row30_attribution_patching_under_inference_mode
 ====  ===========================================================================
 
-Rows 4, 17 and 19-21 are not covered here. Also: strings without a pad token
+Rows 4, 17, 19-21 and 28 are not covered here (22-27 in depth: test_reliability.py). Also: strings without a pad token
 (test_strings_need_no_pad_token).
 """
 
@@ -649,3 +657,172 @@ def test_strings_need_no_pad_token(a):
     assert b.generate([PROMPT, SHORT], max_new_tokens=2) == a.generate(
         [PROMPT, SHORT], max_new_tokens=2
     )
+
+
+# -- 22 -------------------------------------------------------------------------------------
+def test_row22_contexts_closed_out_of_order(a):
+    """c1 then c2 opened, c1 closed first: c2 still applies alone; the model is restored at
+    the last close (before: c2 stopped applying and the model stayed on "oculi")."""
+    ids, impls, hooks = a.prepare(PROMPT).input_ids[0], _impls(a), _hooks(a.model)
+    steer, scale = SteeringVector(vec(), 0, coefficient=3.0), SpectraScaler(1, 0, 4.0)
+    with InterventionContext(a, [steer]):
+        want = a.forward(ids)  # steering alone
+    c1, c2 = InterventionContext(a, [scale]), InterventionContext(a, [steer])
+    c1.__enter__()
+    c2.__enter__()
+    c1.__exit__(None, None, None)
+    try:
+        assert torch.equal(a.forward(ids), want)
+    finally:
+        c2.__exit__(None, None, None)
+    assert _impls(a) == impls and not bridge._ACTIVE
+    assert _hooks(a.model) == hooks
+
+
+# -- 23 -------------------------------------------------------------------------------------
+def test_row23_a_plain_forward_in_another_thread_beside_an_open_context(a):
+    import threading
+
+    ids = a.prepare(PROMPT).input_ids[0]
+    plain = a.forward(ids)
+    seen: list[torch.Tensor] = []
+    with InterventionContext(a, [SpectraScaler(1, 0, 4.0), SteeringVector(vec(), 0)]):
+        worker = threading.Thread(target=lambda: seen.append(a.forward(ids)))
+        worker.start()
+        worker.join()
+        assert not torch.allclose(a.forward(ids), plain, atol=1e-3)  # this thread: intervened
+    torch.testing.assert_close(seen[0], plain, rtol=1e-5, atol=1e-5)  # the other: untouched
+
+
+# -- 24 -------------------------------------------------------------------------------------
+def test_row24_attention_mask_values_and_dtype(a):
+    batch = a.prepare([PROMPT, SHORT])
+    ids, mask = batch.input_ids, batch.attention_mask
+    form = "it must be an integer or bool tensor of 1 (real token) and 0 (padding)"
+    negative = mask.clone()
+    negative[1, 0] = -1  # a padding column marked -1
+    with pytest.raises(InputError, match=re.escape(f"attention_mask holds values [2]; {form}")):
+        a.forward(ids, attention_mask=mask * 2)
+    with pytest.raises(InputError, match=re.escape(f"attention_mask holds values [-1]; {form}")):
+        a.capture_full(ids, attention_mask=negative)
+    with pytest.raises(
+        InputError, match=re.escape(f"attention_mask has dtype torch.float32; {form}")
+    ):
+        a.forward(ids, attention_mask=mask * 0.5)  # was "prompt 0 is empty"
+    with pytest.raises(InputError, match=re.escape("convert a 0/1 float mask with .long()")):
+        a.forward(ids, attention_mask=mask.float())
+    # bool masks and masks in a mapping are read the same as integer ones
+    want = a.forward(ids, attention_mask=mask)
+    assert torch.equal(a.forward(ids, attention_mask=mask.bool()), want)
+    assert torch.equal(a.forward({"input_ids": ids, "attention_mask": mask.tolist()}), want)
+    with pytest.raises(InputError, match=re.escape("attention_mask holds values [3]")):
+        a.forward({"input_ids": ids, "attention_mask": (mask * 3).tolist()})
+
+
+# -- 25 -------------------------------------------------------------------------------------
+def test_row25_padded_batch_wider_than_the_context(a):
+    ids = torch.full((2, 70), 0, dtype=torch.long)
+    ids[:, -10:] = a.prepare("the cat sat on the big red tree and the").input_ids[0, :10]
+    mask = (torch.arange(70) >= 60).long().expand(2, -1)
+    with pytest.raises(
+        InputError,
+        match=re.escape(
+            "the padded batch is 70 columns wide > context 64 (the model's "
+            "max_position_embeddings), although its longest prompt has 10 tokens"
+        ),
+    ):
+        a.capture_full(ids, attention_mask=mask)
+    # the same rows trimmed to the context run
+    assert a.forward(ids[:, -64:], attention_mask=mask[:, -64:]).shape == (2, 64, VOCAB)
+
+
+# -- 26 -------------------------------------------------------------------------------------
+def test_row26_an_intervention_that_overflows(a):
+    hooks = _hooks(a.model)
+    huge = SpectraScaler(1, 0, 1e38)
+    with (
+        pytest.raises(
+            oculi.NonFiniteError, match=re.escape(f"{huge!r} overflowed q of layer 1: it wrote inf")
+        ),
+        InterventionContext(a, [huge]),
+    ):
+        a.forward(PROMPT)
+    overflow = r"coefficient 1e\+38 times the vector .* overflows"
+    with (
+        pytest.raises(ValueError, match=overflow),
+        InterventionContext(a, [SteeringVector(vec(), 0, coefficient=1e38)]),
+    ):
+        pass
+    assert _hooks(a.model) == hooks and not bridge._ACTIVE
+
+
+# -- 27 -------------------------------------------------------------------------------------
+def test_row27_half_precision_storage_beyond_its_range_warns_once(a):
+    steer = SteeringVector(torch.ones(64), 0, coefficient=1e5)  # residual values ~1e5 > 65504
+    half = ResidualConfig(layers=[0, 1], storage_dtype=torch.float16)
+    with InterventionContext(a, [steer]), pytest.warns(oculi.StorageRangeWarning) as caught:
+        residual = a.capture_residual(PROMPT, half)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "'resid_post' at layers [0, 1]" in message and "float16 max 6.55e+04" in message
+    assert "storage_dtype=torch.float32" in message
+    assert torch.isinf(residual.post_mlp).any()  # what the warning is about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # within range: no warning
+        a.capture_residual(PROMPT, half)
+
+
+# -- 29 -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("bad", "says"),
+    [
+        (None, "no input given (None); pass a string, a list of strings, token ids"),
+        ((t for t in [PROMPT]), "got a generator (materialise it with list(...) first)"),
+        (iter([1, 2]), "got a list_iterator (materialise it with list(...) first)"),
+        (b"the cat", "got bytes, not text: decode it first"),
+        ("the \ud800 cat", "holds the lone surrogate '\\ud800' at character 4"),
+        ([PROMPT, 3], "a list mixing strings and other values"),
+        ([[4, 5, 6], [4, 5]], "rows of different lengths must be padded (or passed as strings)"),
+        (torch.tensor([4.0, 5.0]), "token ids must be integers (int64 as tokenizers return"),
+        (torch.tensor([True, False]), "token ids must be integers"),
+        ({4, 5}, "got a set; inputs are a string"),
+    ],
+)
+def test_row29_inputs_that_are_not_prompts(a, bad, says):
+    with pytest.raises(InputError, match=re.escape(says)):
+        a.capture_full(bad)
+
+
+def test_row29_narrow_integer_ids(a):
+    # int8 holds every id of a 96-token vocabulary: read as int64
+    ids = a.prepare(PROMPT).input_ids[0]
+    assert torch.equal(a.forward(ids.to(torch.int8)), a.forward(ids))
+    # ... but not of a 262k-token one: ids above 127 would have wrapped
+    with pytest.raises(
+        InputError,
+        match=re.escape("token ids of dtype torch.int8 hold values up to 127, but the vocabulary"),
+    ):
+        oculi.capture.inputs.prepare_batch(
+            ids.to(torch.int8),
+            tokenizer=None,
+            device=torch.device("cpu"),
+            vocab_size=262_144,
+            max_positions=None,
+        )
+
+
+# -- 30 -------------------------------------------------------------------------------------
+def test_row30_attribution_patching_under_inference_mode(a):
+    want = patching.attribution_patching(a, CLEAN, CORRUPT, metric=METRIC)
+    with torch.inference_mode():
+        got = patching.attribution_patching(a, CLEAN, CORRUPT, metric=METRIC)
+        ids = a.prepare(CLEAN).input_ids  # an inference tensor, used outside it below
+    assert torch.equal(got.values, want.values)
+    with torch.no_grad():
+        assert torch.equal(
+            patching.attribution_patching(a, CLEAN, CORRUPT, metric=METRIC).values, want.values
+        )
+    outside = patching.attribution_patching(
+        a, ids[0], a.prepare(CORRUPT).input_ids[0], metric=METRIC
+    )
+    assert torch.equal(outside.values, want.values)

@@ -1,4 +1,5 @@
-"""``python -m oculi.harvest``: arguments reach oculi.harvest, output and exit codes."""
+"""``oculi harvest`` (and ``python -m oculi.harvest``): arguments reach oculi.harvest; output
+and exit codes; the store matches the model's own per-prompt captures."""
 
 from __future__ import annotations
 
@@ -6,12 +7,15 @@ import json
 import subprocess
 import sys
 
+import click
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 import oculi
 from models import tiny_model, tiny_tokenizer
-from oculi.harvest.__main__ import main, parse_layers
+from oculi.cli import cli
+from oculi.cli.harvest import parse_layers
 from test_harvest import word_prompts
 
 pytest.importorskip("zarr")
@@ -37,19 +41,20 @@ def test_parse_layers():
     assert parse_layers("0-2,7, 9") == [0, 1, 2, 7, 9]
     assert parse_layers("-1") == [-1]
     assert parse_layers("all") is None
-    with pytest.raises(ValueError, match=r"bad layer spec '3-1' in --layers '0,3-1'"):
+    with pytest.raises(click.BadParameter, match=r"bad layer spec '3-1' in '0,3-1'"):
         parse_layers("0,3-1")
-    with pytest.raises(ValueError, match="bad layer spec 'x'"):
+    with pytest.raises(click.BadParameter, match="bad layer spec 'x'"):
         parse_layers("x")
 
 
-def test_cli_harvests_and_resumes(model_dir, prompts_file, tmp_path, capsys):
+def test_cli_harvests_and_resumes(model_dir, prompts_file, tmp_path):
     out = tmp_path / "acts"
-    argv = ["--prompts", str(prompts_file), "--sites", "resid_post,mlp_out", "--layers", "0-2",
-            "--out", str(out), "--model", str(model_dir), "--device", "cpu", "--quiet",
-            "--batch-tokens", "64", "--split", "0.2", "--json"]  # fmt: skip
-    assert main(argv) == 0
-    summary = json.loads(capsys.readouterr().out)
+    argv = ["harvest", "--prompts", str(prompts_file), "--sites", "resid_post,mlp_out",
+            "--layers", "0-2", "--out", str(out), "--model", str(model_dir), "--device", "cpu",
+            "--quiet", "--batch-tokens", "64", "--split", "0.2"]  # fmt: skip
+    res = CliRunner().invoke(cli, [*argv, "--json"])
+    assert res.exit_code == 0, (res.output, res.exception)
+    summary = json.loads(res.stdout)
     assert summary["units_computed"] == summary["units"] >= 1
     assert sorted(summary["rows"]) == [
         f"{s}/{i}" for s in ("mlp_out", "resid_post") for i in range(3)
@@ -63,27 +68,37 @@ def test_cli_harvests_and_resumes(model_dir, prompts_file, tmp_path, capsys):
         store["resid_post", 2][store.rows_of(prompt_ids=[4])], ref.numpy(), atol=1e-5
     )
     assert len(store.rows_of("test")) > 0
-    assert main(argv[:-1]) == 0  # the same command again: nothing left to compute
-    assert "computed 0 of" in capsys.readouterr().out
+    again = CliRunner().invoke(cli, argv)  # the same command again: nothing left to compute
+    assert again.exit_code == 0 and f"computed 0 of {summary['units']} units" in again.stdout
 
 
-def test_cli_errors(model_dir, prompts_file, tmp_path, capsys):
-    base = ["--prompts", str(prompts_file), "--out", str(tmp_path / "x"), "--model", str(model_dir),
-            "--device", "cpu", "--quiet"]  # fmt: skip
-    assert main([*base, "--sites", "resid_pst", "--layers", "0"]) == 2
-    assert "unknown site 'resid_pst'; did you mean 'resid_post'?" in capsys.readouterr().err
-    assert main([*base, "--sites", "resid_post", "--layers", "0-9"]) == 2
-    assert "layer 3 out of range for a model with 3 layers" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exc:
-        main([*base, "--sites", "resid_post", "--layers", "a-b"])
-    assert exc.value.code == 2 and "bad layer spec 'a-b'" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--sites", "resid_pst", "--layers", "0"],
+            "unknown site 'resid_pst'; did you mean 'resid_post'?",
+        ),
+        (
+            ["--sites", "resid_post", "--layers", "0-9"],
+            "layer 3 out of range for a model with 3 layers",
+        ),
+        (["--sites", "resid_post", "--layers", "a-b"], "bad layer spec 'a-b'"),
+        (["--sites", "pattern", "--layers", "0"], "'pattern' is not harvestable"),
+    ],
+)
+def test_cli_errors_are_one_line_exit_2(model_dir, prompts_file, tmp_path, args, message):
+    base = ["harvest", "--prompts", str(prompts_file), "--out", str(tmp_path / "x"),
+            "--model", str(model_dir), "--device", "cpu", "--quiet"]  # fmt: skip
+    res = CliRunner().invoke(cli, [*base, *args])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("oculi: error: ") and message in lines[0]
 
 
-def test_module_entry_point_help():
+def test_python_dash_m_oculi_harvest_is_the_same_command():
     run = subprocess.run(
         [sys.executable, "-m", "oculi.harvest", "--help"], capture_output=True, text=True
     )
-    assert run.returncode == 0
-    assert (
-        "--executor {local,ray}" in run.stdout and "example: python -m oculi.harvest" in run.stdout
-    )
+    assert run.returncode == 0, run.stderr
+    assert "--executor [local|ray]" in run.stdout and "oculi harvest --prompts" in run.stdout

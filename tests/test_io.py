@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import sys
 import zlib
 from dataclasses import fields
 
@@ -408,7 +409,7 @@ def test_save_rejects_an_unknown_format_and_unserialisable_metadata(full, tmp_pa
         save_capture({"queries": torch.zeros(1)}, tmp_path / "dict.safetensors")
 
 
-# -- bad files ---------------------------------------------------------------------------
+# -- bad files (BAD_INPUTS row 21: corrupt, truncated, foreign, pickled) ------------------
 def _saved(capture, tmp_path, name="good.safetensors", format="safetensors"):
     path = tmp_path / name
     capture.save(path, format=format)
@@ -792,7 +793,7 @@ def test_row28_a_file_or_folder_in_the_way(tmp_path):
         _small(0).save(tmp_path)
 
 
-_SAVE_INTO_READ_ONLY = """
+_WITHOUT_ROOTS_PASS = """
 import ctypes, os, sys
 if os.geteuid() == 0:  # root ignores permissions: drop the capabilities that let it
     class Header(ctypes.Structure):
@@ -805,38 +806,59 @@ if os.geteuid() == 0:  # root ignores permissions: drop the capabilities that le
     data[0].effective &= ~0b1110  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
     assert libc.capset(ctypes.byref(header), data) == 0
 import torch, oculi
-from oculi.errors import FileWriteError
+from oculi.errors import OculiError
 try:
-    oculi.ResidualCapture(layers=(0,), pre_attn=torch.zeros(1, 2, 3)).save(sys.argv[1])
-except FileWriteError as exc:
-    print(exc)
+    if sys.argv[1] == "save":
+        oculi.ResidualCapture(layers=(0,), pre_attn=torch.zeros(1, 2, 3)).save(sys.argv[2])
+    else:
+        oculi.load_capture(sys.argv[2])
+except OculiError as exc:
+    print(type(exc).__name__, exc)
 """
 
 
-def test_row28_a_read_only_folder(tmp_path):
-    """A folder without write permission (in a subprocess that, run as root, first drops the
-    capabilities that let root write anywhere)."""
+def _without_permission(action: str, path) -> str:
+    """What ``save`` or ``load`` of ``path`` says in a process the file permissions bind
+    (one that, run as root, first drops the capabilities that let root read and write
+    anywhere)."""
     import os
     import subprocess
-    import sys
 
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    return subprocess.run(
+        [sys.executable, "-c", _WITHOUT_ROOTS_PASS, action, str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout.strip()
+
+
+def test_row28_a_read_only_folder(tmp_path):
     folder = tmp_path / "read-only"
     folder.mkdir()
     folder.chmod(0o555)
     target = folder / "x.safetensors"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     try:
-        out = subprocess.run(
-            [sys.executable, "-c", _SAVE_INTO_READ_ONLY, str(target)],
-            capture_output=True,
-            text=True,
-            env=env,
-            check=True,
-        ).stdout.strip()
+        out = _without_permission("save", target)
     finally:
         folder.chmod(0o755)
-    assert out == f"cannot save capture to '{target}': the folder '{folder}' is not writable"
+    assert out == (
+        f"FileWriteError cannot save capture to '{target}': the folder '{folder}' is not writable"
+    )
     assert list(folder.iterdir()) == []
+
+
+def test_an_unreadable_file(tmp_path):
+    path = _saved(_small(0), tmp_path)
+    path.chmod(0o200)
+    try:
+        out = _without_permission("load", path)
+    finally:
+        path.chmod(0o644)
+    assert out == (
+        f"CaptureFileError cannot load capture file '{path}': cannot read it (Permission denied)"
+    )
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
@@ -869,3 +891,19 @@ def test_overwrite_false_refuses_an_existing_file(tmp_path):
     second.save(path)  # the default replaces it
     assert_same(second, oculi.load_capture(path))
     assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary_file(tmp_path, monkeypatch):
+    """The writer fails after the temporary file exists (HDF5 without h5py): the previous file
+    is untouched and nothing else is left in the folder."""
+    from oculi.errors import MissingExtraError
+
+    path = tmp_path / "x.h5"
+    first = _small(1)
+    first.save(path, format="hdf5")
+    before = path.read_bytes()
+    monkeypatch.setitem(sys.modules, "h5py", None)  # `import h5py` now fails
+    with pytest.raises(MissingExtraError, match=r"pip install 'oculi\[export\]'"):
+        _small(2).save(path, format="hdf5")
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["x.h5"]

@@ -14,10 +14,13 @@ Every numbered case of the reliability issue, each reproduced here first:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
+import re
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 
@@ -311,12 +314,15 @@ def assert_same_capture(got: object, want: object) -> None:
         assert torch.equal(a[name], b[name]), name
 
 
-@pytest.mark.parametrize("n_threads", [2, 4])
-def test_threads_capturing_different_prompts_get_single_thread_results(n_threads):
+@pytest.mark.parametrize(("n_threads", "lengths"), [(2, "equal"), (2, "different"), (4, "mixed")])
+def test_threads_capturing_different_prompts_get_single_thread_results(n_threads, lengths):
+    """Before: different lengths crashed or gave patterns off by 1.0; equal lengths gave
+    residuals off by thousands with no error."""
     model = tiny_model("gemma3")
     before = snapshot(model)
     a = oculi.attach(model)
-    prompts = [prompt_ids(length=6 + 3 * i, seed=i) for i in range(n_threads)]
+    sizes = {"equal": [9, 9], "different": [6, 12], "mixed": [6, 9, 9, 12]}[lengths]
+    prompts = [prompt_ids(length=n, seed=i) for i, n in enumerate(sizes)]
     single = [a.capture_full(p) for p in prompts]
     results = run_threads([lambda p=p: a.capture_full(p) for p in prompts], repeats=8)
     for want, got in zip(single, results):
@@ -338,12 +344,28 @@ def test_plain_forward_beside_a_capture_is_untouched(impl):
     try:
         a = oculi.attach(model)
         ids, other = prompt_ids(), prompt_ids(length=7, seed=9)
-        plain, captured = _plain(model, other), a.capture_full(ids)
-        results = run_threads([lambda: a.capture_full(ids), lambda: _plain(model, other)], 10)
+        # a left-padded batch too: its padding mask must survive as well as the causal one
+        padded = torch.cat([torch.zeros(4, dtype=torch.long), other])[None].repeat(2, 1)
+        padded[1, :4] = prompt_ids(length=4, seed=5)
+        mask = torch.ones_like(padded)
+        mask[0, :4] = 0
+
+        def plain_padded() -> torch.Tensor:
+            with torch.no_grad():
+                return model(padded, attention_mask=mask).logits
+
+        plain, captured, plain_pad = _plain(model, other), a.capture_full(ids), plain_padded()
+        results = run_threads(
+            [lambda: a.capture_full(ids), lambda: _plain(model, other), plain_padded], 10
+        )
         for capture in results[0]:
             assert_same_capture(capture, captured)
         for logits in results[1]:  # the eager mask under "oculi" still gets the causal mask
             torch.testing.assert_close(logits, plain, rtol=1e-5, atol=1e-5)
+        real = mask.bool()
+        for logits in results[2]:
+            torch.testing.assert_close(logits[real], plain_pad[real], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(plain_pad[0, 4:], plain, rtol=1e-5, atol=1e-5)  # padding held
         assert model.config._attn_implementation == impl
     finally:
         model.set_attn_implementation(original)
@@ -382,6 +404,34 @@ def test_threads_with_their_own_contexts_see_only_their_own(llama):
             torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
 
 
+def test_asyncio_tasks_interleaving_see_only_their_own_contexts(llama):
+    """Contexts follow contextvars: tasks that interleave at awaits on one thread do not see
+    each other's open contexts."""
+    import asyncio
+
+    a, ids = llama, prompt_ids()
+    refs = all_references(a.model, ids)
+    ivs = interventions()
+
+    async def task(name: str | None) -> list[torch.Tensor]:
+        out = []
+        with ExitStack() as stack:
+            if name:
+                stack.enter_context(InterventionContext(a, [ivs[name]]))
+            for _ in range(3):
+                await asyncio.sleep(0)  # the other tasks run (and open theirs) here
+                out.append(a.forward(ids))
+        return out
+
+    async def main() -> list[list[torch.Tensor]]:
+        return await asyncio.gather(task("steer"), task("scale"), task(None))
+
+    for name, got in zip(["steer", "scale", None], asyncio.run(main())):
+        for logits in got:
+            want = refs[frozenset([name] if name else [])]
+            torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.gemma
 def test_gemma_threads_capture_and_plain_forward_concurrently(gemma):
     prompts = ["The capital of France is", "Water boils at a temperature of one hundred"]
@@ -400,3 +450,132 @@ def test_gemma_threads_capture_and_plain_forward_concurrently(gemma):
     for logits in results[2]:
         torch.testing.assert_close(logits, plain, rtol=1e-4, atol=1e-4)
     assert gemma.model.config._attn_implementation != "oculi"
+
+
+# -- 5. overflow ---------------------------------------------------------------------------------
+def test_overflow_is_caught_in_captures_that_stop_early_and_in_generation(llama):
+    a, ids = llama, prompt_ids()
+    huge = SpectraScaler(layer=1, head=0, alpha=1e38)
+    with InterventionContext(a, [huge]):
+        # the capture stops after layer 1 (no decoder output hook runs): checked at its end
+        with pytest.raises(oculi.NonFiniteError, match=re.escape(f"{huge!r} overflowed q")):
+            a.capture_residual(ids, oculi.ResidualConfig(layers=[1]))
+        with pytest.raises(oculi.NonFiniteError, match=re.escape(repr(huge))):
+            a.model.generate(ids[None], max_new_tokens=2, do_sample=False)
+    # a large but representable alpha is an ordinary (very sharp) scaling
+    with InterventionContext(a, [SpectraScaler(layer=1, head=0, alpha=1e4)]):
+        assert bool(torch.isfinite(a.forward(ids)).all())
+
+
+def test_overflow_inside_half_precision_attention_names_the_scaler():
+    """In fp16 eager attention, q * alpha stays finite while q.k overflows: the layer's
+    attention output is checked too."""
+    model = copy.deepcopy(tiny_model("llama_gqa")).half()
+    model.set_attn_implementation("eager")
+    a, ids = oculi.attach(model), prompt_ids()
+    sharp = SpectraScaler(layer=1, head=0, alpha=1e4)
+    with (
+        pytest.raises(
+            oculi.NonFiniteError, match=re.escape(f"{sharp!r} overflowed the attention output of")
+        ),
+        InterventionContext(a, [sharp]),
+    ):
+        a.forward(ids)
+    with pytest.raises(ValueError, match=r"alpha=100000 exceeds the largest torch.float16 value"):
+        InterventionContext(a, [SpectraScaler(layer=1, head=0, alpha=1e5)])
+    with InterventionContext(a, [SpectraScaler(layer=1, head=0, alpha=100.0)]):
+        assert bool(torch.isfinite(a.forward(ids)).all())
+
+
+def test_values_already_non_finite_are_not_blamed_on_an_intervention(llama):
+    """A model that overflows by itself (here a user's hook writing inf) is not an
+    intervention's fault: no NonFiniteError, the model's own output comes back."""
+    a, ids = llama, prompt_ids()
+
+    def poison(_m, _a, out):
+        out = (out[0] if isinstance(out, tuple) else out).clone()
+        out[..., 0] = float("inf")
+        return out
+
+    handle = a.model.model.layers[0].register_forward_hook(poison)
+    try:
+        with InterventionContext(a, [SteeringVector(_steer_vec(), layer=1)]):
+            assert not bool(torch.isfinite(a.forward(ids)).all())
+    finally:
+        handle.remove()
+
+
+@pytest.mark.gemma
+def test_gemma_residuals_in_float16_warn_naming_the_site(gemma):
+    """Gemma 3's residual stream holds values beyond float16's 65504."""
+    half = oculi.ResidualConfig(layers=[8, 12], storage_dtype=torch.float16)
+    with pytest.warns(oculi.StorageRangeWarning) as caught:
+        residual = gemma.capture_residual("The capital of France is", half)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "'resid_post' at layers [8, 12]" in message and "float16 max 6.55e+04" in message
+    exact = gemma.capture_residual("The capital of France is", oculi.ResidualConfig(layers=[8, 12]))
+    assert float(exact.post_mlp.abs().max()) > 65504  # the reference: the fp32 capture
+    assert torch.isinf(residual.post_mlp).any()
+    bf16 = oculi.ResidualConfig(layers=[8, 12], storage_dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", oculi.StorageRangeWarning)
+        gemma.capture_residual("The capital of France is", bf16)  # bf16 has fp32's range
+
+
+# -- 6. gradients under inference mode -----------------------------------------------------------
+def test_attribution_patching_under_inference_mode_equals_outside(llama):
+    from oculi import patching
+
+    a = llama
+    clean, corrupt = prompt_ids(7, seed=1), prompt_ids(7, seed=2)
+    metric = patching.logit_diff(5, 6)
+    want = patching.attribution_patching(a, clean, corrupt, metric=metric, site="z")
+    with torch.inference_mode():
+        got = patching.attribution_patching(a, clean, corrupt, metric=metric, site="z")
+        assert torch.is_inference_mode_enabled()  # the caller's mode is left as it was
+    assert torch.equal(got.values, want.values)
+    assert got.values.abs().sum() > 0
+
+
+def test_weights_made_under_inference_mode_are_refused_for_gradients():
+    from oculi import patching
+
+    with torch.inference_mode():
+        model = copy.deepcopy(tiny_model("llama_gqa"))
+        for p in model.parameters():
+            p.data = p.data.clone()  # inference tensors, as if loaded under inference_mode
+    a = oculi.attach(model)
+    with pytest.raises(oculi.InputError, match="weights were created under torch.inference_mode"):
+        patching.attribution_patching(
+            a, prompt_ids(7, seed=1), prompt_ids(7, seed=2), metric=patching.logit_diff(5, 6)
+        )
+
+
+def test_switching_the_implementation_inside_an_open_context_is_refused(llama):
+    """set_attn_implementation while a context is open would silently bypass its taps."""
+    a, ids = llama, prompt_ids()
+    original = a.model.config._attn_implementation
+    try:
+        with InterventionContext(a, [interventions()["scale"]]):
+            a.model.set_attn_implementation("eager")
+            # refused before the forward
+            with pytest.raises(RuntimeError, match=r"implementation was changed .* now reads"):
+                a.forward(ids)
+            with pytest.raises(RuntimeError, match=r"implementation was changed .* now reads"):
+                a.capture_full(ids)
+
+            # ... and after a forward during which it changed
+            def switch(_m, _a):
+                a.model.set_attn_implementation("eager")
+
+            a.model.set_attn_implementation("oculi")
+            handle = a.model.model.layers[0].register_forward_pre_hook(switch)
+            try:
+                with pytest.raises(RuntimeError, match=r"left by the attention of layers \[1\]"):
+                    a.forward(ids)
+            finally:
+                handle.remove()
+        assert a.model.config._attn_implementation == "eager"  # the user's choice stands
+    finally:
+        a.model.set_attn_implementation(original)

@@ -154,3 +154,76 @@ def test_fused_tracing_in_small_batches_and_interchange(kind, late, monkeypatch)
             adapter, prompt, "eiffel tower", "paris", strategy="fused", batch_size=5, **kwargs
         )
         torch.testing.assert_close(fused.values, layered.values, atol=TOL, rtol=0)
+
+
+# -- logit lens ------------------------------------------------------------------------------
+def test_lens_strategy_and_chunk_follow_the_device(monkeypatch):
+    from oculi.capture import lens
+
+    assert lens.choose_lens_strategy("auto", "cuda:0") == "rows"
+    assert lens.choose_lens_strategy("auto", "cpu") == "vocab"
+    assert lens.choose_lens_strategy("vocab", "cuda") == "vocab"
+    with pytest.raises(InputError, match="'auto', 'vocab' or 'rows'"):
+        lens.choose_lens_strategy("fast", "cpu")  # type: ignore[arg-type]
+    assert lens.default_chunk("cpu") == 16 * 2**20
+    # on CUDA the block is half the free memory at 16 bytes per logit (the probe is faked:
+    # no GPU here), never below the CPU's 16M logits
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (64 * 2**30, 80 * 2**30))
+    assert lens.default_chunk("cuda") == 32 * 2**30 // 16
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**20, 80 * 2**30))
+    assert lens.default_chunk("cuda") == 16 * 2**20
+
+
+@pytest.mark.parametrize("chunk", [None, 300, 10**9])
+@pytest.mark.parametrize("family", ["llama_gqa", "gemma2", "gpt2"])
+def test_lens_rows_strategy_equals_full_logits(family, chunk):
+    """Top-k, logsumexp, probabilities, ranks and KL of the ``rows`` strategy (the GPU one)
+    forced on the CPU, against full logits and log-softmax computed here."""
+    from oculi.capture.configs import LogitConfig
+
+    adapter = oculi.attach(tiny_model(family))
+    ids = torch.stack([prompt_ids(7), prompt_ids(7, seed=3)])
+    got = {}
+    for strategy in ("rows", "vocab"):
+        cfg = LogitConfig(top_k=4, chunk_size=chunk, strategy=strategy)
+        got[strategy] = adapter.capture_logits(ids, cfg)
+    lens = got["rows"]
+    full = lens.logits()  # [B, L, T, V], checked against the HF model in test_parity.py
+    logp = torch.log_softmax(full, dim=-1)
+    top = full.topk(4, dim=-1)
+    torch.testing.assert_close(lens.top_k_values, top.values, atol=TOL, rtol=0)
+    assert torch.equal(lens.top_k_indices, top.indices)
+    torch.testing.assert_close(lens.logsumexp, full.logsumexp(-1), atol=TOL, rtol=0)
+    torch.testing.assert_close(lens.top_k_probs, top.values.sub(full.logsumexp(-1, True)).exp())
+    token = int(top.indices[0, 0, -1, 1])
+    torch.testing.assert_close(lens.token_probs(token), logp[..., token].exp(), atol=TOL, rtol=0)
+    assert torch.equal(lens.ranks(token), (full > full[..., token, None]).sum(-1))
+    final = logp[:, -1:]
+    kl = (final.exp() * (final - logp)).sum(-1)
+    torch.testing.assert_close(lens.kl_to_final(), kl, atol=TOL, rtol=0)
+    torch.testing.assert_close(lens.entropy(), -(logp.exp() * logp).sum(-1), atol=TOL, rtol=0)
+    vocab = got["vocab"]
+    torch.testing.assert_close(vocab.logsumexp, lens.logsumexp, atol=TOL, rtol=0)
+    assert torch.equal(vocab.top_k_indices, lens.top_k_indices)
+    torch.testing.assert_close(vocab.kl_to_final(), kl, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(receivers=[(2, 1)], receiver_input="q"),
+        dict(receivers=[(2, 0), (1, 3)], receiver_input="k"),
+        dict(receivers=[(2, 2)], receiver_input="v", senders=[(0, 1), (1, 0), (0, 3)]),
+    ],
+    ids=["logits", "q", "k", "v-some-senders"],
+)
+@pytest.mark.parametrize("family", ["llama_gqa", "gpt2", "gemma3"])
+def test_fused_path_patching_equals_layered(family, options):
+    adapter, clean, corrupt = _pair(family)
+    kwargs = dict(metric=patching.logit_diff(CORRECT, WRONG), progress=False, **options)
+    layered = patching.path_patching(adapter, clean, corrupt, strategy="layered", **kwargs)
+    fused = patching.path_patching(adapter, clean, corrupt, strategy="fused", **kwargs)
+    torch.testing.assert_close(fused.values, layered.values, atol=TOL, rtol=0, equal_nan=True)
+    tested = ~torch.isnan(layered.values)
+    assert (layered.values[tested] - layered.clean_metric).abs().max() > 1e-4

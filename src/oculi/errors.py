@@ -55,6 +55,14 @@ class MissingExtraError(OculiError, ImportError):
     """An optional dependency is not installed."""
 
 
+class NonFiniteError(OculiError, FloatingPointError):
+    """An intervention wrote inf or NaN into the model's activations (an overflow)."""
+
+
+class StorageRangeWarning(UserWarning):
+    """Captured values exceed the range of the storage dtype (stored as inf)."""
+
+
 def did_you_mean(name: str, valid: Iterable[str], n: int = 3, *, prefix: str = "") -> str:
     """``"; did you mean 'x'?"`` for the closest valid names, or ``""`` if none is close.
 
@@ -84,3 +92,7 @@ def require_extra(module: str, extra: str):
         raise MissingExtraError(
             f"{module} is not installed; install it with `pip install 'oculi[{extra}]'`"
         ) from exc
+
+
+class MemoryPlanError(OculiError, MemoryError):
+    """A capture or sweep whose estimated peak memory exceeds what the device has free."""

@@ -13,7 +13,9 @@ tensors and returns tensors, indexed like the captures: ``[L, H, T]`` per head a
     CircuitDetection.detect_previous_token_heads(capture)           # [L, H]
 """
 
+from oculi.analysis.attribution import AttributionMethods, AttributionResult
 from oculi.analysis.circuits import CircuitDetection
+from oculi.analysis.composition import CompositionAnalysis, CompositionResult
 from oculi.analysis.correlation import (
     CorrelationAnalysis,
     pearson_pvalue,
@@ -23,9 +25,15 @@ from oculi.analysis.entropy import EntropyAnalysis
 from oculi.analysis.logit_lens import LogitLensAnalysis, LogitLensResult, crossover_layer
 from oculi.analysis.norms import NormAnalysis
 from oculi.analysis.stratified import StratifiedView, find_extreme_heads
+from oculi.analysis.weights import HeadWeights
 
 __all__ = [
+    "AttributionMethods",
+    "AttributionResult",
+    "HeadWeights",
     "CircuitDetection",
+    "CompositionAnalysis",
+    "CompositionResult",
     "CorrelationAnalysis",
     "EntropyAnalysis",
     "LogitLensAnalysis",

@@ -206,3 +206,27 @@ def check_fraction(value: float, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
         raise ValueError(f"{what} must be a number in [0, 1], got {value!r}")
     return float(value)
+
+
+def real_positions(
+    metadata: dict[str, Any], batch: int | None, n_pos: int, positions: Sequence[int]
+) -> Tensor:
+    """Tensor indices ``[B, P]`` of ``positions`` counted among each row's real tokens.
+
+    ``-1`` is each row's last real token, also in left- or right-padded batches; a capture of
+    one sequence gives ``B = 1``.
+
+    Raises:
+        IndexError: a position outside some row's real tokens.
+    """
+    real = real_mask(metadata, batch, n_pos)
+    rows = 1 if batch is None else batch
+    if real is None:
+        real = torch.ones((rows, n_pos), dtype=torch.bool)
+    elif batch is None:
+        real = real[None]
+    out = []
+    for row in real:
+        index = row.nonzero().flatten().tolist()
+        out.append([index[check_index(p, len(index), "position")] for p in positions])
+    return torch.tensor(out, dtype=torch.long)

@@ -20,6 +20,9 @@ from query ``t`` to key ``j``):
   sequence repeated twice, ``S_t`` is the one position ``t - n + 1`` (``n`` the period) for
   every query of the second copy. The token ids come from ``capture.metadata["input_ids"]``
   unless given; a sequence without a repeated token cannot measure induction.
+* **duplicate-token** (the IOI paper's heads that notice a repeated name): for a query ``t``,
+  let ``D_t = {s < t : x_s = x_t}``, the earlier occurrences of the same token. The score is
+  the mean, over queries with ``D_t`` not empty, of ``Σ_{s ∈ D_t} A[t, s]``.
 * **BOS** (attention sink): the mean over ``t = 1 .. T-1`` of ``A[t, 0]``, attention to the
   first token (row 0 has nowhere else to look, so it is left out).
 * **recent**: the mean over ``t = w .. T-1`` of ``Σ_{j = t-w+1}^{t} A[t, j]``, attention to
@@ -49,9 +52,17 @@ from oculi.analysis._common import (
     sequences,
     token_ids,
 )
+from oculi.analysis.validation import ioi_heads, validate
 from oculi.errors import InputError
 
-PATTERNS = ("induction", "previous_token", "bos", "recent", "unknown")
+PATTERNS = ("induction", "duplicate_token", "previous_token", "bos", "recent", "unknown")
+DEFAULT_THRESHOLDS = {
+    "induction": 0.5,
+    "duplicate_token": 0.5,
+    "previous_token": 0.8,
+    "bos": 0.5,
+    "recent": 0.8,
+}
 
 
 # -- one sequence: A [L, H, t, t] -> [L, H] ------------------------------------------------
@@ -91,13 +102,39 @@ def _induction_targets(ids: list[int]) -> Tensor:
     return targets
 
 
-def _induction(pattern: Tensor, ids: list[int]) -> Tensor | None:
-    """Induction scores ``[L, H]``, or None when no token repeats."""
-    targets = _induction_targets(ids).to(pattern.device)
+def _targeted(pattern: Tensor, targets: Tensor) -> Tensor | None:
+    """Mean over queries with a target of the attention on their targets; None if none has."""
+    targets = targets.to(pattern.device)
     queries = targets.any(-1)
     if not bool(queries.any()):
         return None
     return (pattern * targets).sum(-1)[..., queries].mean(-1)
+
+
+def _induction(pattern: Tensor, ids: list[int]) -> Tensor | None:
+    """Induction scores ``[L, H]``, or None when no token repeats."""
+    return _targeted(pattern, _induction_targets(ids))
+
+
+def _duplicate(pattern: Tensor, ids: list[int]) -> Tensor | None:
+    """Duplicate-token scores ``[L, H]``: attention to earlier copies (``s < q``, same token)."""
+    x = torch.tensor(ids)
+    return _targeted(pattern, (x[:, None] == x[None, :]).tril(diagonal=-1))
+
+
+def _repeated(name: str, score):
+    """``score`` for ``_per_sequence``, raising when a sequence has no repeated token."""
+
+    def run(pattern: Tensor, ids: list[int]) -> Tensor:
+        out = score(pattern, ids)
+        if out is None:
+            raise InputError(
+                f"no token repeats in this sequence, so there is no {name} to measure; "
+                "capture a repeated random sequence, e.g. torch.cat([ids, ids], dim=1)"
+            )
+        return out
+
+    return run
 
 
 def _per_sequence(capture: Any, score, input_ids: Any = None, need_ids: bool = False) -> Tensor:
@@ -121,7 +158,13 @@ def _per_sequence(capture: Any, score, input_ids: Any = None, need_ids: bool = F
 
 
 class CircuitDetection:
-    """Scores of attention heads against canonical mechanisms; pure functions of a capture."""
+    """Scores of attention heads against canonical mechanisms; pure functions of a capture.
+
+    :meth:`validate` checks found heads causally (see :mod:`oculi.analysis.validation`).
+    """
+
+    validate = staticmethod(validate)
+    ioi_heads = staticmethod(ioi_heads)
 
     @staticmethod
     def detect_induction_heads(
@@ -150,17 +193,29 @@ class CircuitDetection:
             InputError: no token ids, or no token that repeats (for a batch: in some row).
         """
         check_fraction(threshold, "threshold")
+        return _per_sequence(capture, _repeated("induction", _induction), input_ids, True)
 
-        def score(pattern: Tensor, ids: list[int]) -> Tensor:
-            out = _induction(pattern, ids)
-            if out is None:
-                raise InputError(
-                    "no token repeats in this sequence, so there is no induction to measure; "
-                    "capture a repeated random sequence, e.g. torch.cat([ids, ids], dim=1)"
-                )
-            return out
+    @staticmethod
+    def detect_duplicate_token_heads(
+        capture: Any, threshold: float = 0.5, *, input_ids: Any = None
+    ) -> Float[Tensor, "*batch layer head"]:
+        """Attention from each token to its earlier copies, per head (module docstring).
 
-        return _per_sequence(capture, score, input_ids, need_ids=True)
+        Example::
+
+            ids = adapter.prepare("When Mary and John went to the store, John gave").input_ids
+            dup = CircuitDetection.detect_duplicate_token_heads(adapter.capture(ids))  # [L, H]
+
+        Returns:
+            ``[L, H]`` in ``[0, 1]`` (``[B, L, H]`` for batches).
+
+        Raises:
+            InputError: no token ids, or no token that repeats.
+        """
+        check_fraction(threshold, "threshold")
+        return _per_sequence(
+            capture, _repeated("duplicate-token attention", _duplicate), input_ids, True
+        )
 
     @staticmethod
     def detect_previous_token_heads(
@@ -230,7 +285,8 @@ class CircuitDetection:
         """Name the mechanism one head follows best.
 
         Each pattern is scored as in the module docstring; the head gets the first of
-        ``induction``, ``previous_token``, ``bos``, ``recent`` whose score reaches its
+        ``induction``, ``duplicate_token``, ``previous_token``, ``bos``, ``recent`` whose score
+        reaches its
         threshold (most specific first: a previous-token head also attends to recent tokens),
         or ``unknown``. Induction is only tried when the token ids are known and some token
         repeats, and recent only on sequences longer than ``window``. For batches the scores
@@ -247,8 +303,8 @@ class CircuitDetection:
                 model's last layer).
             head: a query-head index ``0 .. n_heads - 1`` (negatives count from the end).
             input_ids: token ids for the induction score (default: the capture's metadata).
-            thresholds: overrides of the defaults ``{"induction": 0.5, "previous_token": 0.8,
-                "bos": 0.5, "recent": 0.8}``.
+            thresholds: overrides of the defaults ``{"induction": 0.5, "duplicate_token": 0.5,
+                "previous_token": 0.8, "bos": 0.5, "recent": 0.8}``.
             window: the recent-token window.
 
         Returns:
@@ -264,35 +320,91 @@ class CircuitDetection:
         batched = is_batched(patterns, "patterns")
         i = capture_layer(att.layers, layer, att.metadata.get("n_layers_model"))
         h = check_index(head, patterns.shape[-3], "head")
-        limits = {"induction": 0.5, "previous_token": 0.8, "bos": 0.5, "recent": 0.8}
-        for name, value in (thresholds or {}).items():
-            if name not in limits:
-                raise ValueError(f"unknown pattern {name!r} in thresholds; valid: {list(limits)}")
-            limits[name] = check_fraction(value, f"thresholds[{name!r}]")
-
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be a positive int, got {window!r}")
-
+        limits = _limits(thresholds, window)
         # score only the one head: slice it out as [(B,) 1, 1, T, T]
         one = patterns[:, i, h, None, None] if batched else patterns[i, h][None, None]
-        ids = token_ids(att, input_ids, patterns.shape[0] if batched else None, patterns.shape[-1])
-        seqs = sequences(one, att.metadata, batched, ids)
-        shortest = min(p.shape[-1] for p, _ in seqs)
-
-        def mean_over_rows(score) -> float:
-            return float(torch.stack([score(p, row_ids) for p, row_ids in seqs]).mean())
-
-        scores: dict[str, float] = {}
-        if ids is not None:  # then sequences() gives every row its ids
-            induction = (_induction(p, row_ids) for p, row_ids in seqs if row_ids is not None)
-            found = [s for s in induction if s is not None]
-            if found:
-                scores["induction"] = float(torch.stack(found).mean())
-        scores["previous_token"] = mean_over_rows(lambda p, _: _previous_token(p))
-        scores["bos"] = mean_over_rows(lambda p, _: _bos(p))
-        if shortest > window:  # shorter sequences have no query whose window excludes token 0
-            scores["recent"] = mean_over_rows(lambda p, _: _recent(p, window))
+        tensors = _scores(att, one, batched, input_ids, window)
+        scores = {name: float(t[0, 0]) for name, t in tensors.items()}
         for name in PATTERNS[:-1]:
             if name in scores and scores[name] >= limits[name]:
                 return {"pattern": name, "score": scores[name], "scores": scores}
         return {"pattern": "unknown", "score": max(scores.values()), "scores": scores}
+
+    @staticmethod
+    def classify_heads(
+        capture: Any,
+        *,
+        input_ids: Any = None,
+        thresholds: dict[str, float] | None = None,
+        window: int = 3,
+    ) -> dict[str, Any]:
+        """:meth:`classify_attention_head` for every head of the capture at once.
+
+        Example::
+
+            found = CircuitDetection.classify_heads(capture, thresholds={"induction": 0.3})
+            found["labels"][5][1]          # 'induction'
+            found["scores"]["bos"]         # [L, H]
+
+        Returns:
+            ``{"labels": [[str] * H] * L, "scores": {pattern: Float[L, H]},
+            "layers": capture.layers, "thresholds": {pattern: float}}``.
+        """
+        att = attention_of(capture)
+        patterns = field(att, "patterns")
+        batched = is_batched(patterns, "patterns")
+        limits = _limits(thresholds, window)
+        scores = _scores(att, patterns, batched, input_ids, window)
+        n_layers, n_heads = patterns.shape[-4], patterns.shape[-3]
+        labels = [["unknown"] * n_heads for _ in range(n_layers)]
+        for name in reversed(PATTERNS[:-1]):  # the most specific pattern is written last
+            if name in scores:
+                for i, h in (scores[name] >= limits[name]).nonzero().tolist():
+                    labels[i][h] = name
+        return {
+            "labels": labels,
+            "scores": scores,
+            "layers": tuple(att.layers),
+            "thresholds": limits,
+        }
+
+
+def _limits(thresholds: dict[str, float] | None, window: int) -> dict[str, float]:
+    limits = dict(DEFAULT_THRESHOLDS)
+    for name, value in (thresholds or {}).items():
+        if name not in limits:
+            raise ValueError(f"unknown pattern {name!r} in thresholds; valid: {list(limits)}")
+        limits[name] = check_fraction(value, f"thresholds[{name!r}]")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive int, got {window!r}")
+    return limits
+
+
+def _scores(
+    att: Any, patterns: Tensor, batched: bool, input_ids: Any, window: int
+) -> dict[str, Tensor]:
+    """Every pattern's score ``[L', H']`` of ``patterns [(B,) L', H', T, T]``, rows averaged.
+
+    Induction and duplicate-token need token ids and some repeated token; recent needs
+    sequences longer than ``window`` (else a window holds every key).
+    """
+    ids = token_ids(att, input_ids, patterns.shape[0] if batched else None, patterns.shape[-1])
+    seqs = sequences(patterns, att.metadata, batched, ids)
+    shortest = min(p.shape[-1] for p, _ in seqs)
+
+    def mean_over_rows(score) -> Tensor:
+        return torch.stack([score(p, row_ids) for p, row_ids in seqs]).mean(0)
+
+    scores: dict[str, Tensor] = {}
+    if ids is not None:  # then sequences() gives every row its ids
+        for name, score in (("induction", _induction), ("duplicate_token", _duplicate)):
+            rows = (score(p, row_ids) for p, row_ids in seqs if row_ids is not None)
+            found = [s for s in rows if s is not None]
+            if found:
+                scores[name] = torch.stack(found).mean(0)
+    if shortest >= 2:
+        scores["previous_token"] = mean_over_rows(lambda p, _: _previous_token(p))
+        scores["bos"] = mean_over_rows(lambda p, _: _bos(p))
+    if shortest > window:  # shorter sequences have no query whose window excludes token 0
+        scores["recent"] = mean_over_rows(lambda p, _: _recent(p, window))
+    return scores

@@ -9,8 +9,7 @@
 ``t = r √(n - 2) / √(1 - r²)`` follows Student's t distribution with ``ν = n - 2`` degrees of
 freedom. The two-sided p-value ``P(|T| ≥ |t|)`` equals the regularised incomplete beta function
 ``I_{ν / (ν + t²)}(ν/2, 1/2)``, and since ``ν / (ν + t²) = 1 - r²`` that is simply
-``I_{1 - r²}(ν/2, 1/2)``. It is computed here in double precision from its continued fraction,
-so oculi needs no SciPy.
+``I_{1 - r²}(ν/2, 1/2)``, computed by SciPy (``scipy.special.betainc``, the ``stats`` extra).
 """
 
 from __future__ import annotations
@@ -25,57 +24,27 @@ from torch import Tensor
 from oculi.analysis._common import attention_of, position_mask
 from oculi.analysis.entropy import EntropyAnalysis
 from oculi.analysis.norms import NormAnalysis
-from oculi.errors import InputError
-
-_TINY = 1e-300
-_EPS = 1e-15
+from oculi.errors import InputError, MissingExtraError
 
 
-def _beta_continued_fraction(a: float, b: float, x: float) -> float:
-    """The continued fraction ``1 / (1 + d1 / (1 + d2 / (1 + ...)))`` of ``I_x(a, b)``.
-
-    Its terms are ``d_{2m+1} = -(a+m)(a+b+m) x / ((a+2m)(a+2m+1))`` and
-    ``d_{2m} = m (b-m) x / ((a+2m-1)(a+2m))``; evaluated with Lentz's method, which converges
-    quickly for ``x < (a + 1) / (a + b + 2)``.
-    """
-    # as b0 + a1 / (b1 + a2 / (b2 + ...)) with b0 = 0, every b_j = 1, a1 = 1, a_{j+1} = d_j
-    f = c = _TINY  # b0 = 0, nudged off zero as Lentz's method requires
-    d = 0.0
-    numerator = 1.0
-    for step in range(1, 10_000):
-        d = 1.0 + numerator * d
-        d = 1.0 / (d if abs(d) > _TINY else _TINY)
-        c = 1.0 + numerator / c
-        c = c if abs(c) > _TINY else _TINY
-        delta = c * d
-        f *= delta
-        if abs(delta - 1.0) < _EPS:
-            return f
-        m, odd = divmod(step, 2)
-        if odd:  # d_{2m+1}
-            numerator = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
-        else:  # d_{2m}
-            numerator = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
-    raise ArithmeticError(
-        f"incomplete beta continued fraction did not converge (a={a}, b={b}, x={x})"
-    )
+def scipy_special() -> Any:
+    """``scipy.special``, or an error saying which extra installs it."""
+    try:
+        from scipy import special
+    except ImportError:  # pragma: no cover - the stats extra (and dev) install scipy
+        raise MissingExtraError(
+            "p-values use SciPy; install with `pip install 'oculi[stats]'`"
+        ) from None
+    return special
 
 
 def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
-    """``I_x(a, b) = B(x; a, b) / B(a, b)`` for ``a, b > 0`` and ``0 ≤ x ≤ 1``."""
+    """``I_x(a, b) = B(x; a, b) / B(a, b)`` for ``a, b > 0`` and ``0 ≤ x ≤ 1`` (SciPy's betainc)."""
     if a <= 0 or b <= 0:
         raise ValueError(f"a and b must be positive, got a={a}, b={b}")
     if not 0.0 <= x <= 1.0:
         raise ValueError(f"x must lie in [0, 1], got {x}")
-    if x == 0.0 or x == 1.0:
-        return x
-    log_front = (
-        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    )
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
-    # the symmetry I_x(a, b) = 1 - I_{1-x}(b, a) keeps the fraction in its fast region
-    return 1.0 - math.exp(log_front) * _beta_continued_fraction(b, a, 1.0 - x) / b
+    return float(scipy_special().betainc(a, b, x))
 
 
 def pearson_pvalue(r: float, n: int) -> float:

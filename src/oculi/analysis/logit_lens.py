@@ -235,6 +235,12 @@ class LogitLensResult:
             crossover_layer=crossover_layer(ranks, lc.layers),
         )
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the target's probability and rank per layer, as in the report."""
+        from oculi.visualize.views import lens_result_view, notebook
+
+        return notebook(lens_result_view(self))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain numbers and strings, ready for ``json.dump``."""
         return {

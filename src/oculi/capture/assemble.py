@@ -193,6 +193,7 @@ def _logit_capture(adapter, batch, recorded, layers, cfg: LogitConfig, meta) -> 
         softcap=cap,
         top_k=cfg.top_k,
         chunk_size=cfg.chunk_size,
+        strategy=cfg.strategy,
         final_normalized=final[0] if batch.single else final,
         metadata=dict(meta),
     )

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -71,11 +71,36 @@ class LayerTaps:
 
 
 @dataclass(eq=False)
-class _BridgeState:
+class BridgeState:
     layer_of: dict[int, int]  # id(attention module) -> layer index
     taps: dict[int, LayerTaps]
     fallback: str  # the model's own implementation name
+    configs: list[Any] = field(default_factory=list)  # what the switch is set on
     live: bool = True
+    seen: set[int] = field(default_factory=set)  # tapped layers whose attention call came here
+
+    def check_switched(self) -> None:
+        """Before a forward: raise if the configs no longer route attention to the bridge."""
+        names = {c._attn_implementation for c in self.configs}
+        if names - {IMPL_NAME}:
+            raise RuntimeError(_SWITCHED.format(what=f"now reads {sorted(names)}"))
+
+    def check_routed(self, layers: Iterable[int]) -> None:
+        """After a forward: raise if a tapped layer's attention did not come through the
+        bridge (the implementation was switched away from ``"oculi"`` during it)."""
+        missed = sorted(set(layers) - self.seen)
+        self.seen.clear()
+        if missed:
+            raise RuntimeError(
+                _SWITCHED.format(what=f"was left by the attention of layers {missed}")
+            )
+
+
+_SWITCHED = (
+    "the model's attention implementation was changed (set_attn_implementation?) while an "
+    "oculi capture or intervention context was open: the bridge its taps run in {what}, so "
+    "they would not run; change it only when no oculi context is open"
+)
 
 
 @dataclass(eq=False)
@@ -90,9 +115,9 @@ class _Owner:
 
 
 # Every open bridge, all threads together (for inspection; dispatch reads _OPEN).
-_ACTIVE: list[_BridgeState] = []
+_ACTIVE: list[BridgeState] = []
 # The bridges open in the current thread / contextvars context, in the order they opened.
-_OPEN: ContextVar[tuple[_BridgeState, ...]] = ContextVar("oculi_open_bridges", default=())
+_OPEN: ContextVar[tuple[BridgeState, ...]] = ContextVar("oculi_open_bridges", default=())
 _OWNERS: dict[int, _Owner] = {}  # id(first config) -> owner, while any bridge is open
 _FALLBACK_OF: dict[int, str] = {}  # id(attention module) -> its model's own implementation
 _LOCK = threading.Lock()
@@ -135,7 +160,8 @@ def _release(owner: _Owner) -> None:
         if owner.count > 0:
             return
         for c, name in zip(owner.configs, owner.originals):
-            c._attn_implementation = name
+            if c._attn_implementation == IMPL_NAME:  # else its user set it meanwhile: theirs
+                c._attn_implementation = name
         for m in owner.modules:
             _FALLBACK_OF.pop(m, None)
         _OWNERS.pop(id(owner.configs[0]), None)
@@ -160,6 +186,7 @@ def _taps_for(module: nn.Module) -> tuple[str, LayerTaps | None] | None:
         taps = state.taps.get(layer)
         if taps is None:
             continue
+        state.seen.add(layer)
         merged = taps if merged is None else merged.merged_with(taps)
     return None if fallback is None else (fallback, merged)
 
@@ -280,7 +307,7 @@ def eager_attention(
 @contextmanager
 def attention_bridge(
     configs: list[Any], layer_of: dict[int, int], taps: dict[int, LayerTaps]
-) -> Iterator[None]:
+) -> Iterator[BridgeState]:
     """Route the model's attention through oculi while the block runs; always restore it.
 
     The taps apply only in the thread (and ``contextvars`` context) that opened the bridge.
@@ -291,15 +318,19 @@ def attention_bridge(
         configs: the config objects whose ``_attn_implementation`` the attention modules read.
         layer_of: ``id(attention module) -> layer index``.
         taps: per-layer taps; layers without an entry run the original implementation.
+
+    Yields:
+        The bridge's state; ``state.check_routed(layers)`` after a forward confirms that the
+        taps of ``layers`` ran.
     """
     _register_once()
     owner = _acquire(configs, layer_of)
-    state = _BridgeState(layer_of=layer_of, taps=taps, fallback=owner.fallback)
+    state = BridgeState(layer_of, taps, owner.fallback, configs=owner.configs)
     with _LOCK:
         _ACTIVE.append(state)
     _OPEN.set((*_OPEN.get(), state))
     try:
-        yield
+        yield state
     finally:
         state.live = False
         _OPEN.set(tuple(s for s in _OPEN.get() if s is not state))

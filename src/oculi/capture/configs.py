@@ -146,12 +146,16 @@ class LogitConfig(_Config):
         layers: layer indices, or ``None`` for all.
         top_k: how many top tokens ``top_k_indices``/``top_k_values``/``top_k_probs`` keep.
         chunk_size: how many logits (floats) one block computes at once, the lens's memory
-            cap; ``None`` means 16M (64 MB). The top-k pass blocks the vocabulary, the
-            other passes block rows of ``[rows, V]``.
+            cap; ``None`` means 16M (64 MB) on the CPU and half the free memory on CUDA
+            (:func:`oculi.capture.lens.default_chunk`). The top-k pass blocks the vocabulary
+            or the rows (``strategy``), the other passes block rows of ``[rows, V]``.
+        strategy: ``"vocab"`` (CPU), ``"rows"`` (GPU) or ``"auto"`` (by the unembedding's
+            device); see :func:`oculi.capture.lens.choose_lens_strategy`. Same numbers.
     """
 
     top_k: int = 10
     chunk_size: int | None = None
+    strategy: Literal["auto", "vocab", "rows"] = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -159,3 +163,5 @@ class LogitConfig(_Config):
             raise ValueError(f"top_k must be a positive int, got {self.top_k!r}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {self.chunk_size}")
+        if self.strategy not in ("auto", "vocab", "rows"):
+            raise ValueError(f"strategy must be 'auto', 'vocab' or 'rows', got {self.strategy!r}")

@@ -10,6 +10,7 @@ of the FLOPs) and stops after the last layer anything was asked of.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
@@ -17,18 +18,36 @@ import torch
 from torch import nn
 
 from oculi.capture.bridge import LayerTaps, attention_bridge
-from oculi.capture.hooks import HookSet, StopForward
+from oculi.capture.hooks import HookSet, StopForward, forward_ended
 from oculi.capture.inputs import Batch
 from oculi.capture.places import ModelParts, add_reader, locate
 from oculi.capture.sites import SITE_KINDS
+from oculi.errors import StorageRangeWarning
 
 # Recorded for capture structures but not sites of their own: the MLP module's output, which
 # differs from ``mlp_out`` (what joins the residual) where an output norm follows the MLP.
 INTERNAL_KINDS = frozenset({"mlp_result"})
 
 
+def streams_to_host(compute: torch.device, storage: torch.device) -> bool:
+    """Whether a recorded tensor on ``compute`` is streamed into pinned ``storage`` buffers
+    (a CUDA forward storing on the CPU) rather than copied where it is produced."""
+    return compute.type == "cuda" and storage.type == "cpu"
+
+
+# Device bytes of recorded tensors waiting for their copy to the host before the forward
+# waits for the oldest (so streaming never holds more than this on the device).
+IN_FLIGHT_BYTES = 2 * 2**30
+
+
 class Recorder:
-    """Preallocated per-kind buffers ``[B, n_layers_selected, ...]``."""
+    """Preallocated per-kind buffers ``[B, n_layers_selected, ...]``.
+
+    With a CUDA forward and host storage, buffers are pinned and each recorded tensor is
+    copied on a side stream without blocking (a device-side snapshot first, so later work on
+    the tensor cannot race the copy), overlapping the rest of the forward; :meth:`wait` joins
+    the copies once at the end. Anywhere else a tensor is copied where it is recorded.
+    """
 
     def __init__(
         self,
@@ -40,19 +59,90 @@ class Recorder:
         }
         self.buffers: dict[str, torch.Tensor] = {}
         self.storage = storage
+        self._stream: Any = None
+        self._pending: list[tuple[Any, int, torch.Tensor]] = []  # (event, bytes, snapshot)
+        self._peaks: list[tuple[str, int, torch.Tensor]] = []  # narrowing stores, checked once
 
     def store(self, kind: str, layer: int, tensor: torch.Tensor) -> None:
         buf = self.buffers.get(kind)
         if buf is None:
             n = len(self.slots[kind])
             dtype, device = self.storage.get(kind, (None, None))
+            where = torch.device(device) if device is not None else tensor.device
             buf = torch.empty(
                 (tensor.shape[0], n, *tensor.shape[1:]),
                 dtype=dtype or tensor.dtype,
-                device=device or tensor.device,
+                device=where,
+                pin_memory=streams_to_host(tensor.device, where),
             )
             self.buffers[kind] = buf
-        buf[:, self.slots[kind][layer]].copy_(tensor.detach())
+        dst = buf[:, self.slots[kind][layer]]
+        if streams_to_host(tensor.device, buf.device):
+            self._stream_copy(dst, tensor.detach())
+        else:
+            dst.copy_(tensor.detach())
+        if buf.dtype in NARROW and torch.finfo(tensor.dtype).max > torch.finfo(buf.dtype).max:
+            self._peaks.append((kind, layer, finite_peak(tensor.detach())))
+
+    def _stream_copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        device = src.device
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=device)
+        # a snapshot on the forward's stream: later in-place work cannot race the copy
+        snap = torch.empty_like(src, dtype=dst.dtype, memory_format=torch.contiguous_format)
+        snap.copy_(src)
+        self._stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(self._stream):
+            for b in range(dst.shape[0]):  # rows are contiguous in the [B, n, ...] buffer
+                dst[b].copy_(snap[b], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        self._pending.append((event, snap.nbytes, snap))
+        while sum(n for _, n, _ in self._pending) > IN_FLIGHT_BYTES and len(self._pending) > 1:
+            self._pending.pop(0)[0].synchronize()
+
+    def wait(self) -> None:
+        """Join the host copies still in flight (one synchronisation per capture)."""
+        if self._stream is not None:
+            self._stream.synchronize()
+        self._pending.clear()
+
+    def check_range(self) -> None:
+        """Warn (once per capture) where fp16/bf16 storage turned values into inf.
+
+        One reduction per stored tensor during the forward, one host sync here.
+        """
+        peaks, self._peaks = self._peaks, []
+        if not peaks:
+            return
+        values = torch.stack([p.to(peaks[0][2].device, torch.float32) for *_, p in peaks])
+        over: dict[tuple[str, torch.dtype], list[tuple[int, float]]] = {}
+        for (kind, layer, _), peak in zip(peaks, values.tolist()):
+            dtype = self.buffers[kind].dtype
+            if peak > torch.finfo(dtype).max:
+                over.setdefault((kind, dtype), []).append((layer, peak))
+        if over:
+            sites = "; ".join(
+                f"{kind!r} at layers {[layer for layer, _ in hits]} (|values| up to "
+                f"{max(p for _, p in hits):.4g}, {str(dtype).removeprefix('torch.')} max "
+                f"{torch.finfo(dtype).max:.4g})"
+                for (kind, dtype), hits in over.items()
+            )
+            warnings.warn(
+                f"values beyond the storage dtype's range were stored as inf: {sites}; "
+                "store these sites in float32 (storage_dtype=torch.float32)",
+                StorageRangeWarning,
+                stacklevel=4,
+            )
+
+
+NARROW = (torch.float16, torch.bfloat16)
+
+
+def finite_peak(x: torch.Tensor) -> torch.Tensor:
+    """The largest finite ``|x|`` (a 0-dim tensor on x's device; no host sync)."""
+    a = x.abs()
+    return a.masked_fill(~torch.isfinite(a), 0).amax()
 
 
 def _register(
@@ -135,18 +225,28 @@ def record(
             hooks.forward(adapter.layer_modules[last], stop)
         try:
             if taps:
-                with attention_bridge(adapter.attention_configs, adapter.attention_layer_ids, taps):
-                    out = adapter.decoder(**batch.model_kwargs(), use_cache=False)
+                with attention_bridge(
+                    adapter.attention_configs, adapter.attention_layer_ids, taps
+                ) as routed:
+                    routed.check_switched()
+                    try:
+                        out = adapter.decoder(**batch.model_kwargs(), use_cache=False)
+                    except StopForward:
+                        routed.check_routed(taps)  # every tapped layer ran before the stop
+                        raise
+                    routed.check_routed(taps)
             else:
                 out = adapter.decoder(**batch.model_kwargs(), use_cache=False)
             if on_output is not None:
                 on_output(out)
         except StopForward:
-            pass
+            forward_ended()  # the open interventions' overflow checks
+    rec.check_range()
     return _finish(adapter, rec, requests)
 
 
 def _finish(adapter: ModelParts, rec: Recorder, requests: Mapping[str, Sequence[int]]):
+    rec.wait()
     bufs = rec.buffers
 
     def pick(kind: str, wanted: Sequence[int]) -> torch.Tensor:

@@ -32,6 +32,28 @@ class StopForward(Exception):  # noqa: N818 - a control-flow signal, not an erro
     """Raised by a hook to end a forward pass once everything asked for is recorded."""
 
 
+# Checks that run when a forward ends (interventions' overflow checks), per thread / context.
+_FORWARD_END: ContextVar[tuple[Callable[[], None], ...]] = ContextVar(
+    "oculi_forward_end", default=()
+)
+
+
+def add_forward_end(fn: Callable[[], None]) -> None:
+    """Run ``fn()`` in :func:`forward_ended` of this thread / context until removed."""
+    _FORWARD_END.set((*_FORWARD_END.get(), fn))
+
+
+def remove_forward_end(fn: Callable[[], None]) -> None:
+    _FORWARD_END.set(tuple(f for f in _FORWARD_END.get() if f is not fn))
+
+
+def forward_ended() -> None:
+    """Called where a :class:`StopForward` ended a forward early (no forward hook of the
+    decoder ran): the open contexts' end-of-forward checks run here instead."""
+    for fn in _FORWARD_END.get():
+        fn()
+
+
 # The hook sets open in the current thread / context (keys, never reused).
 _OPEN: ContextVar[frozenset[int]] = ContextVar("oculi_open_hooksets", default=frozenset())
 _KEYS = itertools.count()

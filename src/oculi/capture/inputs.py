@@ -8,7 +8,7 @@ positions (and hence the rotary phases) of real tokens.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
@@ -52,6 +52,12 @@ class Batch:
         }
 
 
+ACCEPTED = (
+    "a string, a list of strings, token ids (a [T] or [B, T] integer tensor or array, or "
+    "lists of ints), or a mapping with 'input_ids' such as a tokenizer's BatchEncoding"
+)
+
+
 def prepare_batch(
     inputs: Inputs,
     *,
@@ -64,62 +70,43 @@ def prepare_batch(
     """Check and normalise ``inputs`` into a :class:`Batch`.
 
     Raises:
-        InputError: an empty prompt, a token id outside the vocabulary, a prompt longer than
-            the model's context, a padded batch without a mask, or masks of the wrong shape.
+        InputError: something that is not a prompt (``None``, a generator, bytes, a lone
+            surrogate in a string); an empty prompt; token ids that are not integers or whose
+            dtype cannot hold the vocabulary; a token id outside the vocabulary; a prompt, or a
+            padded batch, wider than the model's context; a padded batch without a mask; a
+            mask that is not integer/bool, holds values other than 0 and 1, or has the wrong
+            shape.
     """
+    _check_prompt_type(inputs)
     mask_given = attention_mask is not None
-    mask: torch.Tensor | None
+    mask: Any
     if _is_text(inputs):
         ids, mask = _tokenize(inputs, tokenizer)
         mask_given = True
     elif isinstance(inputs, Mapping):
         if "input_ids" not in inputs:
             raise InputError(f"a mapping input needs 'input_ids'; got keys {sorted(inputs)}")
-        ids = torch.as_tensor(inputs["input_ids"])
-        mask = inputs.get("attention_mask")
-        mask = torch.as_tensor(mask) if mask is not None else None
-        if attention_mask is not None:
-            mask = attention_mask
+        ids = _as_ids(inputs["input_ids"])
+        mask = inputs.get("attention_mask") if attention_mask is None else attention_mask
         mask_given = mask is not None
     else:
         if isinstance(inputs, Sequence) and len(inputs) == 0:
             raise InputError("no input given: an empty list of prompts")
-        ids = torch.as_tensor(inputs)
+        ids = _as_ids(inputs)
         mask = attention_mask
 
-    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise InputError(f"token ids must be integers, got dtype {ids.dtype}")
-    if ids.dim() == 1:
-        ids = ids.unsqueeze(0)
-        if mask is not None and mask.dim() == 1:
-            mask = mask.unsqueeze(0)
-    elif ids.dim() != 2:
+    _check_id_dtype(ids, vocab_size)
+    if ids.dim() not in (1, 2):
         raise InputError(f"token ids must be [T] or [B, T], got shape {list(ids.shape)}")
+    one_row = ids.dim() == 1
+    if one_row:
+        ids = ids.unsqueeze(0)
+    mask = None if mask is None else _as_mask(mask, ids, one_row)
     ids = ids.long()
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    if (
-        not mask_given
-        and ids.shape[0] > 1
-        and pad_id is not None
-        and pad_id
-        not in (
-            getattr(tokenizer, "bos_token_id", None),
-            getattr(tokenizer, "eos_token_id", None),
-        )
-    ):
-        edges = torch.cat([ids[:, :1], ids[:, -1:]], dim=1)
-        if bool((edges == pad_id).any()):
-            raise InputError(
-                f"padded batch without attention_mask: rows start or end with the pad token "
-                f"{pad_id}; pass attention_mask= (or strings, which oculi pads itself)"
-            )
-
-    if mask is None:
+    if not mask_given:
+        _check_unmasked_padding(ids, tokenizer)
         mask = torch.ones_like(ids)
-    elif tuple(mask.shape) != tuple(ids.shape):
-        raise InputError(
-            f"attention_mask has shape {list(mask.shape)}, expected {list(ids.shape)} like input_ids"
-        )
+    assert mask is not None
     mask = mask.long()
 
     lengths = mask.sum(dim=1)
@@ -134,22 +121,145 @@ def prepare_batch(
         raise InputError(
             f"token id {bad} is outside the vocabulary (valid ids 0..{vocab_size - 1})"
         )
-    if max_positions is not None and int(lengths.max()) > max_positions:
-        raise InputError(
-            f"{int(lengths.max())} tokens > context {max_positions} "
-            "(the model's max_position_embeddings)"
-        )
+    _check_width(lengths, ids.shape[1], max_positions)
     _check_contiguous(mask)
 
     # Positions count real tokens only, so a left-padded row sees the same positions as the
     # same prompt alone. Padding gets position 0 (it is masked out anyway).
     position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    if not torch.is_inference_mode_enabled():  # ids made under inference_mode, used outside
+        ids, mask = _normal(ids), _normal(mask)
     return Batch(
         input_ids=ids.to(device),
         attention_mask=mask.to(device),
         position_ids=position_ids.to(device),
         single=ids.shape[0] == 1,
     )
+
+
+def _normal(x: torch.Tensor) -> torch.Tensor:
+    """An inference tensor cannot be saved for autograd (the embedding saves its ids)."""
+    return x.clone() if x.is_inference() else x
+
+
+def _check_prompt_type(inputs: Any) -> None:
+    """Refuse what is not a prompt at all before anything tries to read it."""
+    if inputs is None:
+        raise InputError(f"no input given (None); pass {ACCEPTED}")
+    if isinstance(inputs, (bytes, bytearray, memoryview)):
+        raise InputError(
+            f"got {type(inputs).__name__}, not text: decode it first (data.decode('utf-8')); "
+            f"inputs are {ACCEPTED}"
+        )
+    readable = (str, Sequence, Mapping, torch.Tensor)
+    if not isinstance(inputs, readable) and not hasattr(inputs, "__array__"):
+        kind = type(inputs).__name__
+        hint = " (materialise it with list(...) first)" if isinstance(inputs, Iterator) else ""
+        raise InputError(f"got a {kind}{hint}; inputs are {ACCEPTED}")
+    texts = [inputs] if isinstance(inputs, str) else None
+    if isinstance(inputs, Sequence) and not isinstance(inputs, str):
+        texts = [t for t in inputs if isinstance(t, str)]
+        if texts and len(texts) != len(inputs):
+            raise InputError(f"a list mixing strings and other values; inputs are {ACCEPTED}")
+    for i, text in enumerate(texts or []):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InputError(
+                f"prompt {i} is not valid Unicode text: it holds the lone surrogate "
+                f"{text[exc.start]!r} at character {exc.start}, which no tokenizer can encode "
+                "(was it decoded with errors='surrogateescape', or cut inside a UTF-16 pair?)"
+            ) from None
+
+
+def _as_ids(value: Any) -> torch.Tensor:
+    """Token ids as a tensor, or an ``InputError`` saying what form they must take."""
+    if isinstance(value, torch.Tensor):
+        return value
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InputError(
+            f"could not read the input as token ids ({exc}); rows of different lengths must "
+            f"be padded (or passed as strings); inputs are {ACCEPTED}"
+        ) from None
+
+
+def _check_id_dtype(ids: torch.Tensor, vocab_size: int) -> None:
+    """Integer ids of a dtype wide enough for the vocabulary (narrower ones may have wrapped)."""
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise InputError(
+            f"token ids must be integers (int64 as tokenizers return them), got dtype "
+            f"{ids.dtype}; inputs are {ACCEPTED}"
+        )
+    top = torch.iinfo(ids.dtype).max
+    if top < vocab_size - 1:
+        raise InputError(
+            f"token ids of dtype {ids.dtype} hold values up to {top}, but the vocabulary has "
+            f"ids up to {vocab_size - 1}: larger ids were lost when they were stored in this "
+            "dtype; pass int64 ids"
+        )
+
+
+def _as_mask(mask: Any, ids: torch.Tensor, one_row: bool) -> torch.Tensor:
+    """A ``{0, 1}`` integer or bool mask shaped like ``ids``, else ``InputError``.
+
+    ``one_row``: the ids were given as ``[T]`` (and made ``[1, T]``); a ``[T]`` mask follows.
+    """
+    form = "an integer or bool tensor of 1 (real token) and 0 (padding), shaped like input_ids"
+    try:
+        mask = torch.as_tensor(mask)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InputError(f"attention_mask could not be read ({exc}); it must be {form}") from None
+    if one_row and mask.dim() == 1:
+        mask = mask.unsqueeze(0)
+    if tuple(mask.shape) != tuple(ids.shape):
+        raise InputError(
+            f"attention_mask has shape {list(mask.shape)}, expected {list(ids.shape)} like input_ids"
+        )
+    if mask.is_floating_point() or mask.is_complex():
+        raise InputError(
+            f"attention_mask has dtype {mask.dtype}; it must be {form} (a float mask is "
+            "ambiguous: additive masks use 0 and -inf); convert a 0/1 float mask with .long()"
+        )
+    if mask.dtype != torch.bool:
+        bad = mask[(mask != 0) & (mask != 1)]
+        if bad.numel():
+            values = sorted(set(bad.unique().tolist()))
+            raise InputError(f"attention_mask holds values {values[:5]}; it must be {form}")
+    return mask
+
+
+def _check_unmasked_padding(ids: torch.Tensor, tokenizer: Any) -> None:
+    """A batch without a mask whose rows start or end with the pad token is refused."""
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    special = (getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None))
+    if ids.shape[0] < 2 or pad_id is None or pad_id in special:
+        return
+    edges = torch.cat([ids[:, :1], ids[:, -1:]], dim=1)
+    if bool((edges == pad_id).any()):
+        raise InputError(
+            f"padded batch without attention_mask: rows start or end with the pad token "
+            f"{pad_id}; pass attention_mask= (or strings, which oculi pads itself)"
+        )
+
+
+def _check_width(lengths: torch.Tensor, width: int, max_positions: int | None) -> None:
+    """Real tokens, and the padded width every forward computes over, fit the context."""
+    if max_positions is None:
+        return
+    if int(lengths.max()) > max_positions:
+        raise InputError(
+            f"{int(lengths.max())} tokens > context {max_positions} "
+            "(the model's max_position_embeddings)"
+        )
+    if width > max_positions:
+        raise InputError(
+            f"the padded batch is {width} columns wide > context {max_positions} (the model's "
+            f"max_position_embeddings), although its longest prompt has {int(lengths.max())} "
+            "tokens: attention runs over every column, padding included; trim the padding "
+            "columns that no row uses"
+        )
 
 
 def _is_text(inputs: Inputs) -> TypeGuard[str | Sequence[str]]:

@@ -18,14 +18,14 @@ a loaded capture keeps its top-k and can compute the rest after :meth:`attach_un
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from oculi.capture.structures import LayerIndexed
+from oculi.capture.structures import LayerIndexed, Storable
+from oculi.capture.unembed import project_logits
 from oculi.errors import InputError
 
 _CHUNK_BYTES = 64 * 2**20
@@ -38,6 +38,46 @@ _MAX_ROWS = 8192
 
 
 _SUB = 64
+
+# Share of the free accelerator memory one lens block may take, and the bytes it needs per
+# logit: the float32 logits and up to three float32 temporaries of the same shape (KL).
+_FREE_SHARE = 0.5
+_BYTES_PER_LOGIT = 16
+
+LensStrategy = Literal["auto", "vocab", "rows"]
+
+
+def choose_lens_strategy(strategy: LensStrategy, device: torch.device | str) -> str:
+    """How the lens's top-k pass blocks its work: ``strategy``, or by device for ``"auto"``.
+
+    ``"vocab"`` keeps all rows against one block of the vocabulary at a time, so the
+    ``[V, d]`` unembedding is read once and the top-k is merged block by block: a CPU's
+    caches make that about one bare matmul. ``"rows"`` takes a block of rows against the
+    whole vocabulary, one matmul and one ``torch.topk`` per block: on a GPU the cost is the
+    number of launches, and with the default ``chunk_size`` (sized from free memory) all rows
+    usually fit in one block.
+
+    Example:
+        >>> choose_lens_strategy("auto", "cuda"), choose_lens_strategy("auto", "cpu")
+        ('rows', 'vocab')
+    """
+    if strategy not in ("auto", "vocab", "rows"):
+        raise InputError(f"strategy must be 'auto', 'vocab' or 'rows', got {strategy!r}")
+    if strategy != "auto":
+        return strategy
+    return "vocab" if torch.device(device).type == "cpu" else "rows"
+
+
+def default_chunk(device: torch.device | str) -> int:
+    """Logits one lens block computes at once when ``chunk_size`` is not given: 16M (64 MB)
+    on the CPU; on CUDA, half the free device memory (``torch.cuda.mem_get_info``) at 16
+    bytes per logit, and never less than the CPU's."""
+    device = torch.device(device)
+    floor = _CHUNK_BYTES // 4
+    if device.type != "cuda":
+        return floor
+    free, _total = torch.cuda.mem_get_info(device)
+    return max(floor, int(free * _FREE_SHARE) // _BYTES_PER_LOGIT)
 
 
 def _block_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,18 +104,21 @@ def _block_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     return values, cand.gather(1, pick)
 
 
-def _sum_exp_(logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+def _sum_exp_(logits: torch.Tensor, shift: torch.Tensor, floor: bool = True) -> torch.Tensor:
     """``Σ exp(logits - shift)`` over the last dim, ``[N, 1]``, overwriting ``logits``.
 
     ``shift [N, 1]`` is at least the row maximum. Clamping at ``_EXP_FLOOR`` keeps exp() off
     subnormals (several times faster on real logits, where most of the vocabulary sits far
     below the maximum) and changes the sum by less than float32 can represent.
     """
-    return logits.sub_(shift).clamp_(min=_EXP_FLOOR).exp_().sum(-1, keepdim=True)
+    logits = logits.sub_(shift)
+    if floor:
+        logits = logits.clamp_(min=_EXP_FLOOR)
+    return logits.exp_().sum(-1, keepdim=True)
 
 
 @dataclass
-class LogitCapture(LayerIndexed):
+class LogitCapture(LayerIndexed, Storable):
     """Lazy layer-wise logits.
 
     Attributes:
@@ -86,6 +129,8 @@ class LogitCapture(LayerIndexed):
         unembed_bias: its bias ``[V]``, if any.
         softcap: the final logit soft-cap, if the family has one.
         top_k: ``K`` for the top-k fields.
+        chunk_size: logits computed at once (the memory cap), default :func:`default_chunk`.
+        strategy: how the top-k pass blocks its work (:func:`choose_lens_strategy`).
         final_normalized: the last layer's normalised residual ``[T, d]``, the reference of
             :meth:`kl_to_final` (kept even when the last layer is not in ``layers``).
     """
@@ -97,6 +142,7 @@ class LogitCapture(LayerIndexed):
     softcap: float | None = None
     top_k: int = 10
     chunk_size: int | None = None
+    strategy: LensStrategy = "auto"
     final_normalized: torch.Tensor | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     _topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
@@ -115,23 +161,6 @@ class LogitCapture(LayerIndexed):
         self.unembed, self.unembed_bias, self.softcap = adapter.unembedding()
         return self
 
-    def save(
-        self, path: str | os.PathLike, *, format: str = "safetensors", overwrite: bool = True
-    ) -> None:
-        """Save with the top-k (computed first if needed), without the unembedding.
-
-        See :mod:`oculi.capture.io`.
-        """
-        from oculi.capture.io import save_capture
-
-        save_capture(self, path, format=format, overwrite=overwrite)
-
-    def to_numpy(self) -> dict[str, Any]:
-        """``normalized``, ``final_normalized`` and the top-k as NumPy arrays, as saved."""
-        from oculi.capture.io import capture_to_numpy
-
-        return capture_to_numpy(self)
-
     def _w(self) -> torch.Tensor:
         if self.unembed is None:
             raise InputError(
@@ -141,19 +170,14 @@ class LogitCapture(LayerIndexed):
         return self.unembed
 
     def _elements(self) -> int:
-        return self.chunk_size or _CHUNK_BYTES // 4
+        return self.chunk_size or default_chunk(self._w().device)
 
     def _rows(self, normalized: torch.Tensor) -> int:
         return max(1, self._elements() // self.d_vocab)
 
     def _project(self, h: torch.Tensor) -> torch.Tensor:
         """Logits in float32 for rows ``h [N, d]``, exactly as the model computes them."""
-        w = self._w()
-        out = torch.nn.functional.linear(h.to(w.device, w.dtype), w, self.unembed_bias)
-        out = out.float()
-        if self.softcap is not None:
-            out = torch.tanh(out / self.softcap) * self.softcap
-        return out
+        return project_logits(h, self._w(), self.unembed_bias, self.softcap)
 
     def _flat(self) -> torch.Tensor:
         return self.normalized.reshape(-1, self.normalized.shape[-1])
@@ -165,10 +189,14 @@ class LogitCapture(LayerIndexed):
     def _compute_topk(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._topk is None:
             flat = self._flat()
+            whole = choose_lens_strategy(self.strategy, self._w().device) == "rows"
+            step, rows = (
+                (self._rows(flat), self._topk_whole) if whole else (_MAX_ROWS, self._topk_rows)
+            )
             vals, idx, lse = [], [], []
             with torch.no_grad():
-                for start in range(0, flat.shape[0], _MAX_ROWS):
-                    v, i, z = self._topk_rows(flat[start : start + _MAX_ROWS])
+                for start in range(0, flat.shape[0], step):
+                    v, i, z = rows(flat[start : start + step])
                     vals.append(v)
                     idx.append(i)
                     lse.append(z)
@@ -179,6 +207,16 @@ class LogitCapture(LayerIndexed):
                 self._unflat(logz[:, None])[..., 0],
             )
         return self._topk
+
+    def _topk_whole(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k and logsumexp of ``h [N, d]``'s logits against the whole vocabulary at once:
+        one matmul, one ``torch.topk``, one in-place exp-sum (the ``"rows"`` strategy)."""
+        logits = self._project(h)
+        values, indices = torch.topk(logits, min(self.top_k, logits.shape[1]), dim=-1)
+        top = values[:, :1]
+        # subnormals cost nothing on GPUs: no clamping pass there
+        floor = logits.device.type == "cpu"
+        return values, indices, (_sum_exp_(logits, top, floor).log() + top)[:, 0]
 
     def _topk_rows(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top-k and logsumexp of ``h [N, d]``'s logits, a block of the vocabulary at a time.
@@ -195,9 +233,7 @@ class LogitCapture(LayerIndexed):
         best_v = best_i = run_max = run_sum = None
         for v0 in range(0, w.shape[0], block):
             bias = self.unembed_bias[v0 : v0 + block] if self.unembed_bias is not None else None
-            logits = torch.nn.functional.linear(h, w[v0 : v0 + block], bias).float()
-            if self.softcap is not None:
-                logits = torch.tanh(logits / self.softcap) * self.softcap
+            logits = project_logits(h, w[v0 : v0 + block], bias, self.softcap)
             v, i = _block_topk(logits, k)
             i += v0
             block_max = v[:, :1]
@@ -251,11 +287,7 @@ class LogitCapture(LayerIndexed):
             raise InputError(f"token id out of range for a vocabulary of {w.shape[0]}")
         rows = w[ids.to(w.device)]
         bias = self.unembed_bias[ids.to(w.device)] if self.unembed_bias is not None else None
-        h = self.normalized.to(w.device, w.dtype)
-        out = torch.nn.functional.linear(h, rows, bias).float()
-        if self.softcap is not None:
-            out = torch.tanh(out / self.softcap) * self.softcap
-        return out
+        return project_logits(self.normalized, rows, bias, self.softcap)
 
     def token_probs(self, token_id: int) -> torch.Tensor:
         """Probability of ``token_id`` at every layer and position, ``[L, T]``."""
@@ -295,22 +327,27 @@ class LogitCapture(LayerIndexed):
         return self._unflat(torch.cat(out)[:, None])[..., 0]
 
     def kl_to_final(self) -> torch.Tensor:
-        """``KL(p_final ‖ p_layer)`` per layer and position, ``[L, T]`` (0 at the last layer)."""
+        """``KL(p_final ‖ p_layer)`` per layer and position, ``[L, T]`` (0 at the last layer).
+
+        Blocks of positions, all layers at once: the final layer's distribution is computed
+        once per block and compared with every layer's.
+        """
         if self.final_normalized is None:
             raise InputError("this capture has no final-layer residual to compare with")
-        ref = self.final_normalized
-        # broadcast the final layer's rows against every layer's rows
-        ref = ref.unsqueeze(-3).expand_as(self.normalized)
-        flat, ref_flat = self._flat(), ref.reshape(-1, ref.shape[-1])
-        step = self._rows(flat)
-        out = []
+        h = self.normalized if self.batched else self.normalized[None]  # [B, L, T, d]
+        ref = self.final_normalized if self.batched else self.final_normalized[None]
+        b, n_layers, t, d = h.shape
+        step = max(1, self._rows(h) // (n_layers + 1))
+        out = torch.empty(b, n_layers, t, device=self._w().device)
         with torch.no_grad():
-            for start in range(0, flat.shape[0], step):
-                sl = slice(start, start + step)
-                logq = torch.log_softmax(self._project(flat[sl]), dim=-1)
-                logp = torch.log_softmax(self._project(ref_flat[sl]), dim=-1)
-                out.append((logp.exp() * (logp - logq)).sum(-1))
-        return self._unflat(torch.cat(out)[:, None])[..., 0]
+            for i in range(b):
+                for t0 in range(0, t, step):
+                    logp = torch.log_softmax(self._project(ref[i, t0 : t0 + step]), dim=-1)
+                    rows = h[i, :, t0 : t0 + step].reshape(-1, d)
+                    logq = torch.log_softmax(self._project(rows), dim=-1)
+                    logq = logq.view(n_layers, -1, logq.shape[-1])
+                    out[i, :, t0 : t0 + step] = (logp.exp() * (logp - logq)).sum(-1)
+        return out if self.batched else out[0]
 
     def logits(
         self, layer: int | None = None, positions: Sequence[int] | slice | None = None

@@ -54,8 +54,38 @@ class LayerIndexed:
             ) from None
 
 
+class Storable:
+    """``save`` and ``to_numpy`` for every capture structure (the formats: :mod:`oculi.capture.io`)."""
+
+    def save(
+        self, path: str | os.PathLike, *, format: str = "safetensors", overwrite: bool = True
+    ) -> None:
+        """Write this capture to ``path`` (:func:`oculi.capture.io.save_capture`).
+
+        Example::
+
+            full.save("~/runs/eiffel.safetensors", overwrite=False)
+
+        ``format`` is ``"safetensors"`` (the default), ``"npz"``, ``"hdf5"``, ``"json"``
+        (metadata only) or ``"pickle"``. An existing file is replaced unless
+        ``overwrite=False``; the folder must exist. A ``LogitCapture`` is saved with its top-k
+        (computed first if needed), without the unembedding, which belongs to the model.
+        """
+        # oculi.capture.io imports these classes to rebuild them from files: imported on use
+        from oculi.capture.io.save import save_capture
+
+        save_capture(self, path, format=format, overwrite=overwrite)
+
+    def to_numpy(self) -> dict[str, Any]:
+        """The tensors a saved file holds, as NumPy arrays by the same names (``"queries"``;
+        ``"attention.queries"`` for a ``FullCapture``), on the CPU, bf16/fp8 as float32."""
+        from oculi.capture.io.save import capture_to_numpy
+
+        return capture_to_numpy(self)
+
+
 @dataclass
-class _Capture(LayerIndexed):
+class _Capture(LayerIndexed, Storable):
     """Shared behaviour: layer lookup, metadata, I/O."""
 
     layers: tuple[int, ...]
@@ -68,20 +98,6 @@ class _Capture(LayerIndexed):
             for f in fields(self)
             if isinstance(getattr(self, f.name), torch.Tensor)
         }
-
-    def save(
-        self, path: str | os.PathLike, *, format: str = "safetensors", overwrite: bool = True
-    ) -> None:
-        """Save to ``path`` (safetensors + JSON metadata); see :mod:`oculi.capture.io`."""
-        from oculi.capture.io import save_capture
-
-        save_capture(self, path, format=format, overwrite=overwrite)
-
-    def to_numpy(self) -> dict[str, Any]:
-        """The set tensor fields as NumPy arrays on the CPU (bf16/fp8 become float32)."""
-        from oculi.capture.io import capture_to_numpy
-
-        return capture_to_numpy(self)
 
     def _batch_dims(self) -> int:
         return 0 if self.metadata.get("single", True) else 1
@@ -115,6 +131,14 @@ class AttentionCapture(_Capture):
     n_kv_heads: int = 0
     head_dim: int = 0
     qk_stage: str = "post_rope"
+
+    def _repr_html_(self) -> str | None:
+        """Jupyter's view of captured patterns: head picker and token hover, as in the report."""
+        if self.patterns is None or self.patterns.dim() != 4:
+            return None  # nothing to draw for q/k/v-only or batched captures: plain repr
+        from oculi.visualize.views import capture_attention_view, notebook
+
+        return notebook(capture_attention_view(self), interactive=True)
 
     @property
     def n_tokens(self) -> int:
@@ -190,7 +214,7 @@ _PART_CONFIGS = {"attention": "CaptureConfig", "residual": "ResidualConfig", "ml
 
 
 @dataclass
-class FullCapture:
+class FullCapture(Storable):
     """Attention, residual, MLP and layer-wise logits from one forward pass.
 
     Index it with TransformerLens names to reuse analysis code::
@@ -212,6 +236,10 @@ class FullCapture:
     mlp: MLPCapture | None = None
     logits: Any = None  # LogitCapture
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    def _repr_html_(self) -> str | None:
+        """Jupyter's view: the attention part's head picker (when patterns were captured)."""
+        return self.attention._repr_html_() if self.attention is not None else None
 
     def __getitem__(self, name: str) -> torch.Tensor:
         """The tensor a TransformerLens hook name refers to, for one layer.
@@ -296,17 +324,3 @@ class FullCapture:
                 f"{name!r}: layer {layer} out of range for a model with {n} layers (0..{n - 1})"
             )
         return layer % n
-
-    def save(
-        self, path: str | os.PathLike, *, format: str = "safetensors", overwrite: bool = True
-    ) -> None:
-        """Save every part to ``path``; see :mod:`oculi.capture.io`."""
-        from oculi.capture.io import save_capture
-
-        save_capture(self, path, format=format, overwrite=overwrite)
-
-    def to_numpy(self) -> dict[str, Any]:
-        """Every part's tensors as NumPy arrays, keyed ``"attention.queries"``, ... (as saved)."""
-        from oculi.capture.io import capture_to_numpy
-
-        return capture_to_numpy(self)

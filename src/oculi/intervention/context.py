@@ -34,9 +34,10 @@ from collections.abc import Iterable
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
-from oculi.capture.bridge import LayerTaps, attention_bridge
-from oculi.capture.hooks import HookSet
+from oculi.capture.bridge import BridgeState, LayerTaps, attention_bridge
+from oculi.capture.hooks import HookSet, add_forward_end, remove_forward_end
 from oculi.intervention.base import Binding, Intervention, NoEffectWarning
+from oculi.intervention.finite import FiniteGuard
 from oculi.intervention.state import Session, Tracker
 from oculi.intervention.writers import install
 
@@ -87,6 +88,9 @@ class InterventionContext:
         self._forward_effects: dict[int, bool] = {}  # owner id -> changed, this forward
         self._applied: set[int] = set()
         self._warned: set[int] = set()
+        self._guard = FiniteGuard()
+        self._routed: BridgeState | None = None  # this context's bridge while open
+        self._tapped: list[int] = []
 
     # -- lifecycle ------------------------------------------------------------------------
     def __enter__(self) -> InterventionContext:
@@ -119,14 +123,21 @@ class InterventionContext:
         hooks.forward(adapter.decoder, self._after_forward)
         taps: dict[int, LayerTaps] = {}
         report = self._report if self.check_effect else None
-        install(adapter, hooks, taps, [e for b in self.bindings for e in b.edits], tracker, report)
+        edits = [e for b in self.bindings for e in b.edits]
+        install(adapter, hooks, taps, [self._guard.wrap(e) for e in edits], tracker, report)
+        self._guard.watch_attention(taps, edits)
+        add_forward_end(self._guard.check)
+        stack.callback(remove_forward_end, self._guard.check)
         if taps:
-            stack.enter_context(
+            self._routed = stack.enter_context(
                 attention_bridge(adapter.attention_configs, adapter.attention_layer_ids, taps)
             )
+            self._tapped = list(taps)
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:
         self._close()
+        if exc_type is None:
+            self._guard.check()  # a forward that a capture ended early
         if self.check_effect and exc_type is None:
             self._flush()
             for iv, b in zip(self.interventions, self.bindings):
@@ -146,6 +157,7 @@ class InterventionContext:
             if self._hooks is not None:
                 self._hooks.remove()
             self._hooks = self._stack = None
+            self._routed = None
 
     @property
     def active(self) -> bool:
@@ -154,7 +166,12 @@ class InterventionContext:
     # -- per forward ----------------------------------------------------------------------
     def _before_forward(self, tracker: Tracker):
         def hook(module: Any, args: tuple, kwargs: dict) -> None:
-            self._flush()  # a forward ended early (a capture's StopForward) is reported here
+            # a forward ended early (a capture's StopForward) is reported here
+            self._guard.check()
+            if self._routed is not None:
+                self._routed.seen.clear()
+                self._routed.check_switched()
+            self._flush()
             tracker.pre_hook(module, args, kwargs)
 
         return hook
@@ -164,6 +181,9 @@ class InterventionContext:
             b.begin(session)
 
     def _after_forward(self, *_: Any) -> None:
+        self._guard.check()
+        if self._routed is not None:  # every layer ran: each tapped one came through the bridge
+            self._routed.check_routed(self._tapped)
         self._flush()
 
     # -- effect checks --------------------------------------------------------------------

@@ -24,6 +24,7 @@ import torch
 from oculi.capture.engine import record as record_sites
 from oculi.capture.inputs import Batch, Inputs
 from oculi.capture.sites import check_kind
+from oculi.capture.unembed import soft_cap
 from oculi.intervention.base import Intervention
 from oculi.intervention.context import InterventionContext
 from oculi.models.anatomy import get_path
@@ -144,7 +145,5 @@ def _unembed(adapter: Adapter, output: Any, index: Any) -> torch.Tensor:
         cols, single = index
         h = torch.gather(hidden, 1, cols[..., None].expand(-1, -1, hidden.shape[-1]))
     logits = get_path(adapter.model, adapter.anatomy.unembed)(h)
-    _, _, cap = adapter.unembedding()
-    if cap is not None:
-        logits = torch.tanh(logits / cap) * cap
+    logits = soft_cap(logits, adapter.unembedding()[2])  # in the model's dtype, as HF does
     return logits[:, 0] if single else logits

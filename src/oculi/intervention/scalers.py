@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from oculi.intervention.base import Binding, Intervention, check_number
 from oculi.intervention.patch import SiteWrite
 
@@ -34,7 +36,11 @@ class SpectraScaler(Intervention):
         alpha: the factor, ``≥ 0``. ``alpha == 1`` installs nothing (an exact no-op).
 
     Raises:
-        ValueError: a negative or non-finite alpha; a head out of range (on binding).
+        ValueError: a negative or non-finite alpha; a head out of range, or an alpha beyond
+            the model dtype's range (on binding).
+
+    A forward in which the scaled scores overflow (inf or NaN) raises
+    :class:`~oculi.errors.NonFiniteError` naming the scaler.
         IndexError: a layer out of range (on binding).
     """
 
@@ -51,6 +57,13 @@ class SpectraScaler(Intervention):
         return {"layer": self.layer, "head": self.head, "alpha": self.alpha}
 
     def bind(self, adapter: Adapter) -> Binding:
+        top = torch.finfo(adapter.dtype).max
+        if self.alpha > top:
+            raise ValueError(
+                f"{self!r}: alpha={self.alpha:g} exceeds the largest {adapter.dtype} value "
+                f"({top:g}), so the scaled queries would be inf; alpha far above 1 already "
+                "makes the head attend to its top key alone"
+            )
         write = SiteWrite(
             adapter, "q", self.layer, self.alpha, mode="mul", head=self.head, owner=self
         )

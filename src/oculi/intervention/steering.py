@@ -69,7 +69,8 @@ class SteeringVector(Intervention):
 
     Raises:
         ValueError: a vector that is not 1-D, has NaN/Inf or zero norm, or (on binding) whose
-            width is not ``d_model`` or whose dtype/device differ from the model's; steps that
+            width is not ``d_model``, whose dtype/device differ from the model's, or that
+            overflows the model's dtype once multiplied by ``coefficient``; steps that
             are not ``"all"``, a range or a list of non-negative ints.
         IndexError: a layer out of range (on binding); a position past the prompt.
     """
@@ -125,11 +126,20 @@ class SteeringVector(Intervention):
                 f"{adapter.d_model} (shape [{adapter.d_model}])"
             )
         vector = check_placement(self.vector, adapter, "vector", what)
+        scaled = vector * self.coefficient
+        if not bool(torch.isfinite(scaled.float().square().sum())):
+            # the next norm squares the residual in float32
+            raise ValueError(
+                f"{what}: coefficient {self.coefficient:g} times the vector (|values| up to "
+                f"{float(vector.abs().max()):g}) overflows: the steered residual or its squared "
+                f"norm (which the next normalisation computes in float32, largest value "
+                f"{torch.finfo(torch.float32).max:g}) would be inf; use a smaller coefficient"
+            )
         write = SiteWrite(
             adapter,
             self.site,
             self.layer,
-            vector * self.coefficient,
+            scaled,
             mode="add",
             position=self.positions,
             steps="all" if self._steps is None else self._steps,

@@ -23,9 +23,9 @@ from torch import nn
 
 from oculi.capture.assemble import build_full_capture
 from oculi.capture.configs import CaptureConfig, LogitConfig, MLPConfig, ResidualConfig
-from oculi.capture.engine import record
 from oculi.capture.inputs import Batch, Inputs, prepare_batch
 from oculi.capture.lens import LogitCapture
+from oculi.capture.memory import record_planned
 from oculi.capture.sites import check_kind
 from oculi.capture.structures import AttentionCapture, FullCapture, MLPCapture, ResidualCapture
 from oculi.errors import InputError, LayerIndexError, UnsupportedArchitectureError
@@ -366,7 +366,7 @@ class Adapter:
         for kind, (layers, dtype, device) in plan.requests.items():
             requests[kind] = layers
             storage[kind] = (dtype, device)
-        recorded = record(self, batch, requests, storage=storage)
+        recorded = record_planned(self, batch, requests, storage=storage)
         return plan.assemble(self, batch, recorded)
 
     def __repr__(self) -> str:

@@ -205,10 +205,16 @@ def patched_copies(
     if items == [None]:
         return clean[start:].unsqueeze(0).to(base.dtype)
     n = len(items)
-    pos = torch.tensor(items, device=base.device)
+    pos = to_device(items, base.device)
     hidden = base.unsqueeze(0).expand(n, -1, -1).clone()
     hidden[torch.arange(n, device=base.device), pos - start] = clean[pos].to(hidden.dtype)
     return hidden
+
+
+def to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """An index tensor on ``device`` without waiting for the device's queue (a plain
+    ``torch.tensor(..., device="cuda")`` synchronises the host with the stream)."""
+    return torch.tensor(values).to(device, non_blocking=True)
 
 
 class _NoBar:

@@ -27,12 +27,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import groupby
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 
 from oculi.capture.engine import record
 from oculi.capture.inputs import Batch
+from oculi.capture.memory import plan_sweep
 from oculi.capture.sites import PER_HEAD, WRITABLE
 from oculi.errors import InputError
 from oculi.patching._common import (
@@ -123,6 +124,12 @@ class PatchingResult:
             for i in order
         ]
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the recovery grid, as in the report."""
+        from oculi.visualize.views import notebook, patching_view
+
+        return notebook(patching_view(self))
+
     def plot(self, normalized: bool = True, ax: Any = None) -> Any:
         """Heatmap of the recovery (or the raw metric); needs matplotlib (``oculi[viz]``)."""
         values = self.normalized() if normalized else self.values
@@ -151,7 +158,7 @@ def activation_patching(
     positions: Sequence[int] | None = None,
     per_head: bool = False,
     per_position: bool = True,
-    batch_size: int | None = 64,
+    batch_size: int | Literal["auto"] | None = "auto",
     strategy: Strategy = "auto",
     progress: bool = True,
 ) -> PatchingResult:
@@ -169,7 +176,9 @@ def activation_patching(
             ``pattern``); each patch covers every position of one head.
         per_position: sweep positions; ``False`` (and not ``per_head``) patches the whole
             site at once, giving ``[n_layers]``.
-        batch_size: patched copies per forward (lower it to cap memory; ``None``: all).
+        batch_size: patched copies per forward (lower it to cap memory; ``None``: all;
+            ``"auto"``: 64 with the layered strategy, all with the fused one). Lowered to
+            what fits in free memory (:func:`oculi.capture.memory.plan_sweep`).
         strategy: how copies are batched (same numbers either way): ``"layered"`` runs the
             copies of each layer from that layer on (fewest FLOPs: CPUs), ``"fused"`` joins
             every layer's copies into one forward that grows as it goes (fewest launches:
@@ -209,7 +218,9 @@ def activation_patching(
     sweep = _Sweep(adapter, corrupt_run, site, layer_list, clean_acts, read_pos, axis)
     late = axis == "position" and corrupt_run.can_start_late()
     run = _run_fused if fused else _run_layered
-    rows, cells = run(sweep, live, late, batch_size, progress)
+    wanted = (None if fused else 64) if batch_size == "auto" else batch_size
+    size = plan_sweep(adapter, t, wanted, max(1, sum(map(len, live))))
+    rows, cells = run(sweep, live, late, size, progress)
     out = torch.full((len(layer_list), len(items)), corrupt_value)
     if rows:
         li_idx, col_idx = (torch.tensor(ix) for ix in zip(*cells))

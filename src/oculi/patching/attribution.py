@@ -66,7 +66,21 @@ def attribution_patching(
 
     Returns:
         A :class:`PatchingResult` whose ``values`` approximate the exact sweep's.
+
+    Works under ``torch.no_grad()`` and ``torch.inference_mode()``: gradients are enabled
+    locally.
     """
+    if torch.is_inference_mode_enabled():  # gradients need tensors made outside it
+        with torch.inference_mode(False):
+            return attribution_patching(
+                adapter, clean, corrupt, site=site, metric=metric, layers=layers, per_head=per_head
+            )
+    if next(adapter.model.parameters()).is_inference():
+        raise InputError(
+            "attribution_patching needs gradients, but the model's weights were created under "
+            "torch.inference_mode() (inference tensors never take part in autograd); load the "
+            "model outside inference_mode"
+        )
     kind = check_patchable(adapter, site)
     if per_head and not kind.per_head:
         raise InputError(

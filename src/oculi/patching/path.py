@@ -29,8 +29,10 @@ from oculi.capture.bridge import LayerTaps, attention_bridge
 from oculi.capture.engine import record
 from oculi.errors import InputError
 from oculi.patching._common import (
+    Strategy,
     check_aligned,
     check_read_position,
+    choose_strategy,
     metric_of,
     progress_bar,
     prompt_tokens,
@@ -38,7 +40,7 @@ from oculi.patching._common import (
 )
 from oculi.patching.activation import PatchingResult
 from oculi.patching.metrics import Metric
-from oculi.patching.resume import LayerPatchers, ResumableRun, unembed
+from oculi.patching.resume import Join, LayerPatchers, ResumableRun, run_joined, unembed
 from oculi.patching.writers import PatchSpec, patchers_for
 
 if TYPE_CHECKING:
@@ -56,6 +58,7 @@ def path_patching(
     receivers: Sequence[Head] | None = None,
     receiver_input: str = "q",
     senders: Sequence[Head] | None = None,
+    strategy: Strategy = "auto",
     progress: bool = True,
 ) -> PatchingResult:
     """Path-patch each sender head (default: every head) into the receivers.
@@ -69,6 +72,9 @@ def path_patching(
         receiver_input: which input of the receivers: ``"q"``, ``"k"`` or ``"v"``.
         senders: heads to sweep (default all); the result still has shape
             ``[n_layers, n_heads]`` with untested heads left at NaN.
+        strategy: ``"layered"`` (one forward per sender layer: CPUs), ``"fused"`` (every
+            sender layer in one growing forward: GPUs) or ``"auto"`` (by device); see
+            :func:`~oculi.patching._common.choose_strategy`. Same numbers either way.
         progress: show a progress bar.
     """
     if receiver_input not in ("q", "k", "v"):
@@ -101,15 +107,17 @@ def path_patching(
     by_layer: dict[int, list[int]] = {}
     for layer, head in wanted:
         by_layer.setdefault(layer, []).append(head)
-    bar = progress_bar(len(by_layer), progress, "path patching")
-    for layer, heads in sorted(by_layer.items()):
+    groups = [(layer, heads) for layer, heads in sorted(by_layer.items()) if layer < first_recv]
+    for layer, heads in by_layer.items():
         if layer >= first_recv:
             out[layer, heads] = clean_value  # no path from here into the receivers
-        else:
-            normed = paths.senders_at(layer, heads)
-            out[layer, heads] = metric(unembed(adapter, normed, metric.columns())).cpu()
-        bar.update(1)
-    bar.close()
+    if groups:
+        fused = choose_strategy(strategy, adapter.device) == "fused"
+        normed = paths.fused(groups) if fused else paths.layered(groups, progress)
+        values = metric(unembed(adapter, normed, metric.columns())).float().cpu()
+        rows = [(layer, hd) for layer, heads in groups for hd in heads]
+        layer_idx, head_idx = (torch.tensor(ix) for ix in zip(*rows))
+        out[layer_idx, head_idx] = values
     tokens = prompt_tokens(adapter, cb)
     name = "logits" if not recv else f"{receiver_input} of {recv}"
     return PatchingResult(
@@ -133,29 +141,84 @@ class _Paths:
     receiver_input: str
     read: int
 
-    def senders_at(self, layer: int, heads: list[int]) -> torch.Tensor:
-        """Final-normed rows ``[len(heads), d]``: each head of ``layer`` path-patched."""
+    def layered(self, groups: list[tuple[int, list[int]]], progress: bool) -> torch.Tensor:
+        """Final-normed rows, one forward per sender layer run from that layer on."""
+        bar = progress_bar(len(groups), progress, "path patching")
+        rows = []
+        run = self.clean_run
+        for layer, heads in groups:
+            start = run.resid[layer].unsqueeze(0).expand(len(heads), -1, -1)
+
+            def runner(patchers, stop, layer=layer, start=start):
+                if stop is not None:
+                    return run.run_from(layer, start, patchers=patchers, stop_after=stop)
+                return run.run_from(layer, start, patchers=patchers, positions=[self.read])[:, 0]
+
+            rows.append(self._finish(runner, self._patchers([(layer, heads)])))
+            bar.update(1)
+        bar.close()
+        return torch.cat(rows)
+
+    def fused(self, groups: list[tuple[int, list[int]]]) -> torch.Tensor:
+        """Final-normed rows of every sender layer in one growing forward (see ``run_joined``)."""
+        run = self.clean_run
+        joins: list[Join] = [
+            (layer, 0, run.resid[layer].unsqueeze(0).expand(len(heads), -1, -1))
+            for layer, heads in groups
+        ]
+        patchers = self._patchers(groups)
+        return self._finish(
+            lambda p, stop: run_joined(
+                [run], joins, patchers=p, position=self.read, stop_after=stop
+            ),
+            patchers,
+        )
+
+    def _patchers(self, groups: list[tuple[int, list[int]]]) -> LayerPatchers:
+        """Senders' corrupt ``z`` at their layer, and every later attention output frozen to
+        its clean value, for rows numbered group after group."""
         adapter, run = self.adapter, self.clean_run
-        rows = len(heads)
-        specs = [PatchSpec(row=r, head=hd) for r, hd in enumerate(heads)]
-        patchers = patchers_for(adapter, "z", layer, self.corrupt_z[layer], specs, run.resid[layer])
-        everything = [PatchSpec(row=r) for r in range(rows)]
-        for later in range(layer + 1, adapter.n_layers):
-            frozen = self.clean_attn_out[later]
-            patchers.update(
-                patchers_for(adapter, "attn_out", later, frozen, everything, run.resid[later])
-            )
-        start = run.resid[layer].unsqueeze(0).expand(rows, -1, -1)
+        patchers: LayerPatchers = {}
+        row = 0
+        for layer, heads in groups:
+            specs = [PatchSpec(row=row + r, head=hd) for r, hd in enumerate(heads)]
+            z = self.corrupt_z[layer]
+            _add(patchers, patchers_for(adapter, "z", layer, z, specs, run.resid[layer]))
+            row += len(heads)
+        for later in range(groups[0][0] + 1, adapter.n_layers):
+            before = sum(len(heads) for layer, heads in groups if layer < later)
+            frozen = [PatchSpec(row=r) for r in range(before)]
+            attn = self.clean_attn_out[later]
+            _add(patchers, patchers_for(adapter, "attn_out", later, attn, frozen, run.resid[later]))
+        return patchers
+
+    def _finish(self, runner, patchers: LayerPatchers) -> torch.Tensor:
+        """Run with ``patchers``: to the metric's position, or via the receivers' inputs."""
         if not self.receivers:
-            return run.run_from(layer, start, patchers=patchers, positions=[self.read])[:, 0]
+            return runner(patchers, None)
         kind = self.receiver_input
-        inputs = _receiver_inputs(adapter, run, layer, start, patchers, self.receivers, kind)
-        return _run_with_receivers(adapter, run, inputs, self.receivers, kind, self.read)
+        inputs = _receiver_inputs(self.adapter, runner, patchers, self.receivers, kind)
+        return _run_with_receivers(
+            self.adapter, self.clean_run, inputs, self.receivers, kind, self.read
+        )
 
 
-def _receiver_inputs(
-    adapter, run: ResumableRun, layer, start, patchers, recv, kind
-) -> dict[int, torch.Tensor]:
+def _add(patchers: LayerPatchers, more: LayerPatchers) -> None:
+    """Merge ``more`` into ``patchers``; a layer in both registers both."""
+    for layer, register in more.items():
+        previous = patchers.get(layer)
+        if previous is None:
+            patchers[layer] = register
+            continue
+
+        def both(hooks, stack, first=previous, second=register):
+            first(hooks, stack)
+            second(hooks, stack)
+
+        patchers[layer] = both
+
+
+def _receiver_inputs(adapter, runner, patchers, recv, kind) -> dict[int, torch.Tensor]:
     """Step 1: receivers' ``kind`` input per row, ``{layer: [rows, H(_kv), T, D]}``."""
     recv_layers = sorted({rl for rl, _ in recv})
     got: dict[int, torch.Tensor] = {}
@@ -172,7 +235,7 @@ def _receiver_inputs(
             )
 
         patchers[rl] = register
-    run.run_from(layer, start, patchers=patchers, stop_after=max(recv_layers))
+    runner(patchers, max(recv_layers))
     return got
 
 

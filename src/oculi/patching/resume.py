@@ -22,6 +22,7 @@ import torch
 from oculi.capture.bridge import LayerTaps, attention_bridge
 from oculi.capture.hooks import HookSet, StopForward, first_tensor, hidden_arg
 from oculi.capture.inputs import Batch
+from oculi.capture.unembed import project_logits
 from oculi.models.anatomy import get_path
 
 if TYPE_CHECKING:
@@ -246,13 +247,10 @@ def unembed(adapter: Adapter, normed: torch.Tensor, columns: Sequence[int] | Non
     """Logits ``[..., V]`` or ``[..., len(columns)]`` from final-normed residuals."""
     w, bias, cap = adapter.unembedding()
     if columns is not None:
-        idx = torch.as_tensor(list(columns), device=w.device)
+        idx = torch.as_tensor(list(columns)).to(w.device, non_blocking=True)
         w = w[idx]
         bias = bias[idx] if bias is not None else None
-    out = torch.nn.functional.linear(normed.to(w.dtype), w, bias).float()
-    if cap is not None:
-        out = torch.tanh(out / cap) * cap
-    return out
+    return project_logits(normed, w, bias, cap)
 
 
 # A copy joining a joined run: (layer it enters, index of its base run, hidden [n, T', d]).
@@ -264,8 +262,9 @@ def run_joined(
     joins: Sequence[Join],
     *,
     patchers: LayerPatchers | None = None,
-    position: int,
+    position: int | None = None,
     start: int = 0,
+    stop_after: int | None = None,
 ) -> torch.Tensor:
     """Copies that enter at different layers, run as one growing batch; ``[N, d]`` at ``position``.
 
@@ -281,6 +280,8 @@ def run_joined(
         joins: ``(layer, run index, hidden [n, T - start, d])``, sorted by layer.
         patchers: per layer, hooks for patches inside it (row indices as in the final batch).
         position: the absolute position whose final-normed residual is returned.
+        stop_after: run only up to and including this layer and return its raw output for
+            every row joined by then, ``[n, T - start, d]``.
         start: run positions ``start..T-1`` only; keys and values before ``start`` come from
             each row's base run (every copy must equal its base run before ``start``).
     """
@@ -290,7 +291,8 @@ def run_joined(
     t = base.resid.shape[1]
     calls = [_suffix(c, start, t) for c in base.calls] if start else base.calls
     order = [r for _, r, hidden in joins for _ in range(hidden.shape[0])]
-    row_run = torch.tensor(order, device=base.resid.device)
+    # built on the host and sent without waiting for the device's queue
+    row_run = torch.tensor(order).to(base.resid.device, non_blocking=True)
     first = joins[0][0]
     with ExitStack() as stack, torch.no_grad():
         if start:
@@ -302,13 +304,18 @@ def run_joined(
             )
         h: torch.Tensor | None = None
         pending = list(joins)
-        for i in range(first, adapter.n_layers):
+        end = adapter.n_layers if stop_after is None else stop_after + 1
+        for i in range(first, end):
             entering = [hidden for layer, _, hidden in pending if layer == i]
             pending = [j for j in pending if j[0] != i]
             if entering:
                 h = torch.cat([h, *entering] if h is not None else entering)
             assert h is not None  # the first join enters at `first`
             h = base._run_layers(i, i + 1, h, calls, patchers)
+        if stop_after is not None:
+            assert h is not None
+            return h
+        assert position is not None, "run_joined needs a position or stop_after"
         # copies patched after the last layer (resid_post of it): their input is the output
         h = torch.cat([x for x in [h, *(hidden for _, _, hidden in pending)] if x is not None])
         norm = get_path(adapter.model, adapter.anatomy.final_norm)

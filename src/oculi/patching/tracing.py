@@ -28,6 +28,7 @@ import torch
 
 from oculi.capture.engine import record
 from oculi.capture.inputs import Batch
+from oculi.capture.memory import plan_sweep
 from oculi.errors import InputError
 from oculi.models.anatomy import get_path
 from oculi.patching._common import (
@@ -99,6 +100,12 @@ class TracingResult:
         rows = [f"L{i}" for i in range(self.values.shape[0])]
         return text_grid(self.values, rows, self._columns(), fmt="{:5.3f}")
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the tracing grid, as in the report."""
+        from oculi.visualize.views import notebook, tracing_view
+
+        return notebook(tracing_view(self))
+
     def plot(self, ax: Any = None) -> Any:
         """ROME-style heatmap of ``p(target)`` per restored (layer, position)."""
         return heatmap(
@@ -168,7 +175,8 @@ def causal_tracing(
         samples: noise samples to average (ignored with ``corrupt``).
         seed: seed of the noise.
         batch_size: restored copies per forward with the ``"fused"`` strategy (``None``: all,
-            every noise sample included, in one forward per group of late starts).
+            every noise sample included, in one forward per group of late starts), lowered
+            to what fits in free memory (:func:`oculi.capture.memory.plan_sweep`).
         strategy: ``"layered"`` (each layer's restorations of one sample as a batch run from
             there: CPUs), ``"fused"`` (all layers and all noise samples in one growing
             forward: GPUs) or ``"auto"`` (by device); see
@@ -197,7 +205,8 @@ def causal_tracing(
         for p in range(_first_difference(run, trace.clean_run), trace.read + 1)
     ]
     sweep = _trace_fused if fused else _trace_layered
-    rows, order = sweep(trace, runs, cells, batch_size, progress)
+    size = plan_sweep(adapter, t, batch_size, max(1, len(cells)))
+    rows, order = sweep(trace, runs, cells, size, progress)
     grids = torch.tensor(bases)[:, None, None].repeat(1, n, t)
     if rows:
         r_idx, l_idx, p_idx = (torch.tensor(ix) for ix in zip(*order))

@@ -46,6 +46,10 @@ def load_capture(path: str | os.PathLike, *, allow_pickle: bool = False) -> Capt
         return _load(real, allow_pickle=allow_pickle)
     except FileProblem as problem:
         raise CaptureFileError(f"cannot load capture file {shown}: {problem}") from None
+    except OSError as exc:  # a permission or device error the readers did not name
+        raise CaptureFileError(
+            f"cannot load capture file {shown}: cannot read it ({exc.strerror or exc})"
+        ) from None
 
 
 def _load(path: Path, *, allow_pickle: bool) -> Capture:

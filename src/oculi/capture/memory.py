@@ -1,0 +1,272 @@
+"""The memory plan: will a capture or a sweep fit, and in how many micro-batches?
+
+Before a capture allocates, :func:`plan_capture` estimates its peak: the result buffers on
+the storage device, plus, on the compute device, one micro-batch's buffers and the forward's
+working set (one layer's activations at a time under ``no_grad``, attention scores for the
+layers that compute patterns). It compares them with the free memory of each device
+(:func:`free_bytes`: ``torch.cuda.mem_get_info`` on CUDA, the kernel's available memory on
+the CPU) and returns the largest micro-batch that fits; :func:`record_planned` then runs the
+batch in micro-batches whose rows land in one preallocated result (rows of a batch do not
+interact, so the numbers are those of one forward). When not even the result or one row fits,
+:class:`~oculi.errors.MemoryPlanError` names the estimate, the free memory and the knob to turn.
+
+::
+
+    plan = plan_capture(adapter, batch, requests, storage)
+    plan.rows          # rows per forward
+    plan.need, plan.free
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from oculi.capture.engine import (
+    IN_FLIGHT_BYTES,
+    INTERNAL_KINDS,
+    expand_requests,
+    record,
+    streams_to_host,
+)
+from oculi.capture.inputs import Batch
+from oculi.capture.places import ModelParts
+from oculi.capture.sites import SITE_KINDS
+from oculi.errors import MemoryPlanError
+
+
+class Adapter(ModelParts, Protocol):
+    """The model sizes a plan reads (an :class:`~oculi.Adapter`)."""
+
+    d_model: int
+    d_mlp: int
+
+
+# Share of the free memory a plan may use: allocators fragment, and other tensors come and go.
+SHARE = 0.8
+Storage = Mapping[str, tuple[torch.dtype | None, "str | torch.device | None"]]
+
+
+def free_bytes(device: torch.device | str) -> int | None:
+    """Free memory on ``device`` in bytes, or ``None`` where it cannot be known.
+
+    CUDA: ``torch.cuda.mem_get_info``; CPU: the kernel's available memory (psutil when
+    installed, else ``MemAvailable`` of ``/proc/meminfo``).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        import psutil
+    except ImportError:
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def site_elements(adapter: Adapter, kind: str, t: int) -> int:
+    """Elements one row of one layer of ``kind`` holds for a ``t``-token input."""
+    if kind == "o_in":
+        return t * adapter.n_heads * adapter.d_head
+    if kind in INTERNAL_KINDS or kind == "o_out":
+        return t * adapter.d_model
+    site = SITE_KINDS[kind]
+    last = {"d_model": adapter.d_model, "d_head": adapter.d_head, "d_mlp": adapter.d_mlp}
+    width = t if site.width == "pos" else last[site.width]
+    heads = (adapter.n_kv_heads if site.kv else adapter.n_heads) if site.per_head else 1
+    return heads * t * width
+
+
+def forward_bytes(adapter: Adapter, t: int, eager_layers: bool) -> int:
+    """Peak working set of one row's forward (no grad): one layer's activations at a time —
+    residual, norms, q/k/v and attention output, the MLP's gate, up and activation — plus
+    the scores and probabilities of eager attention where patterns are computed, and the
+    additive mask."""
+    size = torch.finfo(adapter.dtype).bits // 8
+    hidden = t * (8 * adapter.d_model + 3 * adapter.d_mlp)
+    hidden += 3 * t * (adapter.n_heads + 2 * adapter.n_kv_heads) * adapter.d_head
+    scores = 2 * adapter.n_heads * t * t * 4 if eager_layers else 0
+    return hidden * size + scores + t * t * 4
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """A capture's estimated memory and the micro-batch that fits.
+
+    Attributes:
+        rows: batch rows per forward (the whole batch when it fits).
+        need: ``{device: bytes}`` estimated at ``rows`` rows per forward.
+        free: ``{device: bytes}`` free when planned (``None``: unknown, not checked).
+    """
+
+    rows: int
+    need: dict[str, int]
+    free: dict[str, int | None]
+
+
+def plan_capture(
+    adapter: Adapter,
+    batch: Batch,
+    requests: Mapping[str, Sequence[int]],
+    storage: Storage | None = None,
+    *,
+    free: Mapping[str, int | None] | None = None,
+) -> MemoryPlan:
+    """How many rows of ``batch`` one forward of the capture ``requests`` may take.
+
+    Args:
+        adapter, batch, requests, storage: as for :func:`~oculi.capture.engine.record`.
+        free: free bytes per device (default: measured by :func:`free_bytes`).
+
+    Raises:
+        MemoryPlanError: the result alone, or one row's forward, does not fit.
+    """
+    storage = storage or {}
+    b, t = batch.input_ids.shape
+    compute = str(adapter.device)
+    result: dict[str, int] = {}  # bytes per row of the result, per storage device
+    for kind, layers in expand_requests(adapter, requests).items():
+        dtype, device = storage.get(kind, (None, None))
+        size = torch.finfo(dtype or adapter.dtype).bits // 8
+        where = str(torch.device(device)) if device is not None else compute
+        result[where] = result.get(where, 0) + len(layers) * site_elements(adapter, kind, t) * size
+    eager = "pattern" in requests
+    per_row_forward = forward_bytes(adapter, t, eager)
+    devices = sorted(set(result) | {compute})
+    free = dict(free) if free is not None else {d: free_bytes(d) for d in devices}
+
+    def need(rows: int) -> dict[str, int]:
+        # the whole result, plus one micro-batch of buffers when there is more than one
+        out = {
+            d: b * result.get(d, 0) + (rows * result.get(d, 0) if rows < b else 0) for d in devices
+        }
+        out[compute] += rows * per_row_forward
+        for d in devices:  # snapshots waiting for their copy to pinned host buffers
+            if streams_to_host(torch.device(compute), torch.device(d)):
+                out[compute] += min(IN_FLIGHT_BYTES, rows * result.get(d, 0))
+        return out
+
+    def fits(rows: int) -> bool:
+        return all(free.get(d) is None or n <= SHARE * free[d] for d, n in need(rows).items())
+
+    if fits(b):
+        return MemoryPlan(b, need(b), free)
+    lo = 0
+    hi = b
+    while lo < hi:  # the largest micro-batch that fits
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    if lo == 0:
+        raise MemoryPlanError(_message(need(1), need(b), free, result, compute, b))
+    return MemoryPlan(lo, need(lo), free)
+
+
+def _message(one: dict, whole: dict, free: dict, result: dict, compute: str, b: int) -> str:
+    short = [d for d, n in one.items() if free.get(d) is not None and n > SHARE * free[d]]
+    parts = [
+        f"about {_size(whole[d])} on {d} for the batch of {b} ({_size(one[d])} even in "
+        f"micro-batches of one row), {_size(free[d])} free"
+        for d in short
+    ]
+    knobs = []
+    if any(result.get(d) for d in short):
+        knobs.append("fewer `layers` or sites, or a smaller `storage_dtype`")
+        if any(d != "cpu" and result.get(d) for d in short):
+            knobs.append('`storage_device="cpu"` to keep the result off the accelerator')
+    knobs.append("fewer or shorter inputs per call")
+    return (
+        "this capture does not fit in memory: it needs "
+        + "; ".join(parts)
+        + " (the plan uses at most "
+        + f"{SHARE:.0%} of it). Try "
+        + ", or ".join(knobs)
+        + "."
+    )
+
+
+def record_planned(
+    adapter: Adapter,
+    batch: Batch,
+    requests: Mapping[str, Sequence[int]],
+    *,
+    storage: Storage | None = None,
+    free: Mapping[str, int | None] | None = None,
+) -> dict[str, tuple[tuple[int, ...], torch.Tensor]]:
+    """:func:`~oculi.capture.engine.record` in the micro-batches :func:`plan_capture` allows.
+
+    The rows of each micro-batch are copied into one result allocated at the first, so the
+    peak is the result plus one micro-batch, not two results.
+    """
+    plan = plan_capture(adapter, batch, requests, storage, free=free)
+    b = batch.input_ids.shape[0]
+    if plan.rows >= b:
+        return record(adapter, batch, requests, storage=storage)
+    out: dict[str, tuple[tuple[int, ...], torch.Tensor]] = {}
+    for r0 in range(0, b, plan.rows):
+        part = _rows(batch, r0, r0 + plan.rows)
+        for kind, (layers, tensor) in record(adapter, part, requests, storage=storage).items():
+            if kind not in out:
+                full = torch.empty((b, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+                out[kind] = (layers, full)
+            out[kind][1][r0 : r0 + tensor.shape[0]].copy_(tensor)
+    return out
+
+
+def _rows(batch: Batch, r0: int, r1: int) -> Batch:
+    return Batch(
+        input_ids=batch.input_ids[r0:r1],
+        attention_mask=batch.attention_mask[r0:r1],
+        position_ids=batch.position_ids[r0:r1],
+        single=batch.single,
+    )
+
+
+def plan_sweep(
+    adapter: Adapter,
+    t: int,
+    wanted: int | None,
+    copies: int,
+    *,
+    free: int | None = None,
+) -> int:
+    """Patched copies per forward for a sweep over a ``t``-token prompt: ``wanted`` (``None``:
+    all ``copies``), lowered to what fits in the compute device's free memory.
+
+    A copy holds its ``[t, d]`` residual through every layer, one layer's activations at a
+    time and, in patched layers, eager attention scores.
+
+    Raises:
+        MemoryPlanError: not even one copy fits.
+    """
+    want = max(1, min(wanted or copies, copies))
+    per_copy = forward_bytes(adapter, t, eager_layers=True)
+    free = free_bytes(adapter.device) if free is None else free
+    if free is None:
+        return want
+    fit = int(SHARE * free) // per_copy
+    if fit < 1:
+        raise MemoryPlanError(
+            f"one patched copy of this {t}-token prompt needs about {_size(per_copy)} on "
+            f"{adapter.device}, {_size(free)} free (the plan uses at most {SHARE:.0%} of it); "
+            "use a shorter prompt or free memory on the device (`batch_size` is already 1)"
+        )
+    return min(want, fit)

@@ -1,0 +1,54 @@
+"""Figures and views: matplotlib figures (the ``[viz]`` extra), HTML views for Jupyter, and
+the self-contained report page.
+
+::
+
+    from oculi import visualize
+    visualize.attention_heatmap(adapter.capture(prompt), layer=3, head=1)
+    visualize.logit_lens_grid(adapter.capture_logits(prompt), adapter.tokenizer)
+    visualize.write_report(adapter, "The Eiffel Tower is located in the city of", "report.html")
+
+Importing this package imports neither matplotlib nor the report's model-running code; each
+function imports what it needs when called.
+"""
+
+from oculi.visualize.attribution import head_attribution_bars, layer_attribution, top_heads
+from oculi.visualize.circuit import circuit_graph, circuit_layout, draw_circuit
+from oculi.visualize.embeddings import compare_methods, plot_embeddings, reduce_dimensions
+from oculi.visualize.heatmaps import attention_grid, attention_heatmap, heatmap, text_grid
+from oculi.visualize.lens import (
+    convergence,
+    input_preservation,
+    lens_probability,
+    logit_lens_grid,
+)
+
+__all__ = [
+    "attention_grid",
+    "attention_heatmap",
+    "circuit_graph",
+    "circuit_layout",
+    "compare_methods",
+    "convergence",
+    "draw_circuit",
+    "head_attribution_bars",
+    "heatmap",
+    "input_preservation",
+    "layer_attribution",
+    "lens_probability",
+    "logit_lens_grid",
+    "plot_embeddings",
+    "reduce_dimensions",
+    "text_grid",
+    "top_heads",
+    "write_report",
+]
+
+
+def __getattr__(name: str):
+    # the report pulls in the model-running code; load it on first use only
+    if name == "write_report":
+        from oculi.visualize.report import write_report
+
+        return write_report
+    raise AttributeError(f"module 'oculi.visualize' has no attribute {name!r}")

@@ -1,0 +1,245 @@
+"""AttributionMethods against the models' own outputs and hand computations.
+
+References: the Hugging Face model's own logits (pre-cap logits from its base model's last
+hidden state and ``lm_head``), explicit loops over hand-built patterns for rollout, the
+closed form of max-flow on a two-layer graph, an explicit per-head ``α·v·W_O`` product, and a
+finite-difference derivative for gradient × input.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import oculi
+from models import FAMILIES, prompt_ids, tiny_model
+from oculi import AttentionCapture, CaptureConfig, InputError, ResidualConfig
+from oculi.analysis import AttributionMethods, HeadWeights
+from oculi.models.anatomy import get_path
+
+HEADS = CaptureConfig(capture_head_contributions=True)
+
+
+def pre_cap_logits(adapter, ids):
+    """The model's logits before any final soft-cap: ``lm_head(base_model(ids))`` ``[T, V]``."""
+    with torch.no_grad():
+        hidden = adapter.decoder(ids[None]).last_hidden_state[0]
+        return get_path(adapter.model, adapter.anatomy.unembed)(hidden)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return {f: oculi.attach(tiny_model(f)) for f in FAMILIES}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_dla_adds_up_to_the_models_logit(tiny, family):
+    adapter = tiny[family]
+    ids = prompt_ids()
+    full = adapter.capture_full(ids, attention=HEADS)
+    ref = pre_cap_logits(adapter, ids)
+    target = int(ref[-1].argmax())
+    for position in (-1, 4):
+        dla = AttributionMethods.direct_logit_attribution(
+            full, target, position=position, adapter=adapter
+        )
+        want = float(ref[position, target])
+        assert float(dla.total) == pytest.approx(want, rel=1e-4, abs=1e-5)
+        assert float(dla.logit) == pytest.approx(want, rel=1e-4, abs=1e-5)
+        assert dla.values.shape == (adapter.n_layers,)
+        assert dla.heads.shape == (adapter.n_layers, adapter.n_heads)
+        torch.testing.assert_close(dla.heads.sum(-1) + dla.attention_bias, dla.attention)
+        anat = adapter.anatomy
+        if adapter.part(0, f"{anat.attn}.{anat.o_proj}").bias is None:
+            assert dla.attention_bias.abs().max() < 1e-4  # no output bias: heads are everything
+
+
+def test_gemma2_soft_cap_is_stated_and_the_pre_cap_logit_exact(tiny):
+    adapter = tiny["gemma2"]
+    ids = prompt_ids()
+    full = adapter.capture_full(ids)
+    with torch.no_grad():
+        capped = adapter.model(ids[None]).logits[0, -1]
+    pre = pre_cap_logits(adapter, ids)[-1]
+    target = int(capped.argmax())
+    dla = AttributionMethods.direct_logit_attribution(full, target)
+    assert "soft-cap" in dla.note and "pre-cap" in dla.note
+    assert float(dla.total) == pytest.approx(float(pre[target]), rel=1e-5)
+    assert float(dla.capped_logit) == pytest.approx(float(capped[target]), rel=1e-5)
+    assert abs(float(pre[target]) - float(capped[target])) > 1e-3  # the cap does bite here
+
+
+def test_dla_logit_difference_and_padded_batch(tiny):
+    adapter = tiny["llama_gqa"]
+    short, long = prompt_ids(6, seed=1), prompt_ids(9, seed=2)
+    ids = torch.zeros(2, 9, dtype=torch.long)
+    ids[0, 3:], ids[1] = short, long  # left padding
+    mask = (torch.arange(9) >= torch.tensor([[3], [0]])).long()
+    batch = adapter.capture_full(ids, attention_mask=mask)
+    a, b = 5, 17
+    dla = AttributionMethods.direct_logit_attribution(batch, (a, b))
+    assert dla.values.shape == (2, adapter.n_layers)
+    for row, one in enumerate((short, long)):
+        ref = pre_cap_logits(adapter, one)[-1]
+        assert float(dla.total[row]) == pytest.approx(float(ref[a] - ref[b]), rel=1e-4, abs=1e-5)
+
+
+def test_dla_several_positions_at_once(tiny):
+    adapter = tiny["qwen3"]
+    ids = prompt_ids()
+    full = adapter.capture_full(ids)
+    ref = pre_cap_logits(adapter, ids)
+    dla = AttributionMethods.direct_logit_attribution(full, 7, position=[0, 3, -1])
+    assert dla.values.shape == (3, adapter.n_layers)
+    torch.testing.assert_close(dla.total.float(), ref[[0, 3, -1], 7], rtol=1e-4, atol=1e-5)
+
+
+def test_seed_form_residual_and_unembed(tiny):
+    adapter = tiny["llama_mha"]
+    ids = prompt_ids()
+    residual = adapter.capture_residual(ids)
+    unembed = adapter.model.lm_head.weight
+    ref = pre_cap_logits(adapter, ids)[-1]
+    exact = AttributionMethods.direct_logit_attribution(
+        residual, unembed, 9, -1, final_norm=adapter.model.model.norm
+    )
+    assert float(exact.total) == pytest.approx(float(ref[9]), rel=1e-4, abs=1e-5)
+    raw = AttributionMethods.direct_logit_attribution(residual, unembed, 9, -1)
+    assert "not the model's logit" in raw.note
+    comp = AttributionMethods.component_attribution(residual, None, unembed, 9)
+    assert comp.values.shape == (adapter.n_layers, 2)
+
+
+def test_dla_refuses_partial_captures_and_bad_targets(tiny):
+    adapter = tiny["llama_mha"]
+    ids = prompt_ids()
+    part = adapter.capture_full(ids, residual=ResidualConfig(layers=[0]))
+    with pytest.raises(InputError, match="every layer"):
+        AttributionMethods.direct_logit_attribution(part, 3)
+    full = adapter.capture_full(ids)
+    with pytest.raises(InputError, match="outside the vocabulary"):
+        AttributionMethods.direct_logit_attribution(full, 10**7)
+    with pytest.raises(InputError, match="LayerNorm"):
+        AttributionMethods.direct_logit_attribution(tiny["gpt2"].capture_full(ids), 3)
+    with pytest.raises(InputError, match="head_contributions"):
+        AttributionMethods.head_attribution(full, 3)
+
+
+def test_top_attributions_orders_by_magnitude():
+    values = torch.tensor([[0.1, -3.0], [2.0, 0.5]])
+    top = AttributionMethods.top_attributions(values, k=2)
+    assert top == [((0, 1), -3.0), ((1, 0), 2.0)]
+    assert AttributionMethods.top_attributions(values, k=1, by="value") == [((1, 0), 2.0)]
+
+
+# -- rollout and flow against hand computations -----------------------------------------------
+def two_layer_capture(t: int = 4, heads: int = 2) -> AttentionCapture:
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(2, heads, t, t, generator=gen)
+    scores = scores.masked_fill(torch.ones(t, t).triu(1).bool(), float("-inf"))
+    return AttentionCapture(layers=(0, 1), patterns=scores.softmax(-1), n_heads=heads)
+
+
+def mixed(pattern, layer: int, t: int):
+    """``0.5·mean_h A + 0.5·I`` element by element."""
+    heads = pattern.shape[1]
+    return [
+        [
+            0.5 * sum(float(pattern[layer, h, i, j]) for h in range(heads)) / heads
+            + (0.5 if i == j else 0.0)
+            for j in range(t)
+        ]
+        for i in range(t)
+    ]
+
+
+def test_rollout_is_the_product_of_residual_mixed_layers():
+    cap = two_layer_capture()
+    t = 4
+    a0, a1 = mixed(cap.patterns, 0, t), mixed(cap.patterns, 1, t)
+    product = [[sum(a1[i][k] * a0[k][j] for k in range(t)) for j in range(t)] for i in range(t)]
+    rollout = AttributionMethods.attention_rollout(cap).values
+    torch.testing.assert_close(rollout[0], torch.tensor(a0, dtype=torch.float64))
+    torch.testing.assert_close(rollout[1], torch.tensor(product, dtype=torch.float64))
+    torch.testing.assert_close(rollout[1].sum(-1), torch.ones(t, dtype=torch.float64))
+
+
+def test_flow_on_two_layers_is_the_sum_of_path_bottlenecks():
+    # every path source (0, j) -> (1, k) -> (2, p) is edge-disjoint from the others, so the
+    # max flow is the sum over k of each path's smallest capacity
+    cap = two_layer_capture()
+    t, p = 4, 3
+    a0, a1 = mixed(cap.patterns, 0, t), mixed(cap.patterns, 1, t)
+    flow = AttributionMethods.attention_flow(cap, position=p).values  # scipy, integer capacities
+    exact = AttributionMethods.attention_flow(cap, position=p, backend="networkx").values
+    for j in range(t):
+        want = sum(min(a0[k][j], a1[p][k]) for k in range(t))
+        assert float(exact[j]) == pytest.approx(want, abs=1e-12)
+        assert float(flow[j]) == pytest.approx(want, abs=1e-8)  # capacities scaled by 2^30
+    early = AttributionMethods.attention_flow(cap, position=1).values
+    assert early[2:].abs().max() == 0  # later tokens cannot reach position 1
+
+
+def test_value_weighted_attention_is_the_per_head_product(tiny):
+    adapter = tiny["llama_gqa"]
+    cap = adapter.capture(prompt_ids())
+    got = AttributionMethods.value_weighted_attention(cap, adapter).values
+    rep = adapter.n_heads // adapter.n_kv_heads
+    o_proj = [adapter.part(i, "self_attn.o_proj").weight for i in range(adapter.n_layers)]
+    for layer in (0, adapter.n_layers - 1):
+        for h in range(adapter.n_heads):
+            w_o = o_proj[layer][:, h * adapter.d_head : (h + 1) * adapter.d_head]  # [d, D]
+            v = cap.values[layer, h // rep]  # [T, D]
+            want = cap.patterns[layer, h] * (v @ w_o.T).norm(dim=-1)[None, :]
+            torch.testing.assert_close(got[layer, h], want, rtol=1e-5, atol=1e-6)
+    plain = AttributionMethods.value_weighted_attention(cap)
+    assert "‖α·v‖" in plain.note
+    w = HeadWeights.from_adapter(adapter)
+    assert w.w_k.shape == (adapter.n_layers, adapter.n_heads, adapter.d_model, adapter.d_head)
+
+
+def test_gradient_x_input_matches_a_finite_difference(tiny):
+    adapter = tiny["llama_mha"]
+    model = adapter.model
+    ids = prompt_ids()
+    gxi = AttributionMethods.gradient_x_input(adapter, ids, 11).values
+    emb = model.model.embed_tokens(ids[None]).detach()
+
+    def logit(scale: float, j: int) -> float:
+        bumped = emb.clone()
+        bumped[0, j] *= scale
+        with torch.no_grad():
+            return float(model(inputs_embeds=bumped.double().float()).logits[0, -1, 11])
+
+    def central(h: float, j: int) -> float:
+        return (logit(1 + h, j) - logit(1 - h, j)) / (2 * h)
+
+    for j in (0, 5, ids.numel() - 1):
+        # Richardson extrapolation of central differences: error O(h^4)
+        want = (4 * central(5e-3, j) - central(1e-2, j)) / 3
+        assert float(gxi[j]) == pytest.approx(want, rel=1e-3, abs=1e-5)
+
+
+# -- Gemma 3 270M ------------------------------------------------------------------------------
+FACT = "The Eiffel Tower is in the city of"
+
+
+@pytest.mark.gemma
+def test_gemma_dla_is_the_models_logit_at_several_positions_and_in_a_padded_batch(gemma):
+    full = gemma.capture_full(FACT, attention=HEADS)
+    logits = gemma.forward(FACT)
+    paris = gemma.to_single_token(" Paris")
+    for position in (-1, 2, 5):
+        dla = AttributionMethods.direct_logit_attribution(full, paris, position=position)
+        want = float(logits[position, paris])
+        assert abs(float(dla.total) - want) <= 1e-4 * abs(want)
+        torch.testing.assert_close(
+            dla.heads.sum(-1), dla.attention, rtol=0, atol=1e-5 * float(dla.attention.abs().max())
+        )
+    prompts = [FACT, "Rome is the capital of"]
+    batch = gemma.capture_full(prompts)
+    dla = AttributionMethods.direct_logit_attribution(batch, paris)
+    for row, prompt in enumerate(prompts):
+        want = float(gemma.forward(prompt)[-1, paris])
+        assert abs(float(dla.total[row]) - want) <= 1e-4 * abs(want)
+    assert dla.note == ""  # Gemma 3 does not soft-cap its final logits

@@ -1,0 +1,249 @@
+"""Figures draw exactly the numbers of the results they show (checked against independent
+computations from the model's own logits where a figure derives something)."""
+
+from __future__ import annotations
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+
+import oculi
+from models import tiny_model, tiny_tokenizer
+from oculi import patching, visualize
+from oculi.analysis import CircuitDetection
+
+matplotlib.use("Agg")
+PROMPT = "the cat sat on the tree and the dog sat on the"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return oculi.attach(tiny_model("gemma3"), tiny_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def lc(tiny):
+    return tiny.capture_logits(PROMPT)
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def _image(ax):
+    return np.asarray(ax.images[0].get_array(), dtype=np.float64)
+
+
+def test_attention_heatmap_and_grid_draw_the_captured_patterns(tiny):
+    cap = tiny.capture(PROMPT)
+    tokens = tiny.to_str_tokens(PROMPT)
+    ax = visualize.attention_heatmap(cap, layer=1, head=2, tokens=tokens)
+    np.testing.assert_array_equal(_image(ax), cap.patterns[1, 2].double().numpy())
+    assert [t.get_text() for t in ax.get_xticklabels()][3] == f"3 {tokens[3]!r}"
+    fig = visualize.attention_grid(cap, layer=2, tokens=tokens)
+    for h, ax in enumerate(fig.axes[: tiny.n_heads]):
+        np.testing.assert_array_equal(_image(ax), cap.patterns[2, h].float().numpy())
+    with pytest.raises(ValueError, match=r"head 9 out of range: the capture has heads 0..3"):
+        visualize.attention_heatmap(cap, layer=1, head=9)
+
+
+def test_logit_lens_grid_shows_each_layers_top1(tiny, lc):
+    ax = visualize.logit_lens_grid(lc, tiny.tokenizer)
+    full = lc.logits()  # [L, T, V], computed from the normalised residual
+    np.testing.assert_allclose(
+        _image(ax), torch.softmax(full, -1).amax(-1).double().numpy(), atol=1e-6
+    )
+    texts = [t.get_text() for t in ax.texts]
+    n = full.shape[1]
+    own = tiny.forward(PROMPT).argmax(-1)  # the model's own prediction per position
+    assert texts[-n:] == [tiny.tokenizer.decode([int(i)])[:10] for i in own]
+
+
+def test_convergence_panels_against_full_logits(lc):
+    fig = visualize.convergence(lc)
+    logits = lc.logits().double()  # [L, T, V]
+    logp = torch.log_softmax(logits, -1)
+    final = logits[-1].argmax(-1)  # [T]
+    kl = (logp[-1].exp() * (logp[-1] - logp)).sum(-1)
+    target = logits.gather(-1, final.expand(logits.shape[0], -1)[..., None])
+    ranks = (logits > target).sum(-1)
+    kl_img, match_img, rank_img, logit_img = (_image(ax) for ax in fig.axes[:4])
+    np.testing.assert_allclose(kl_img, kl.numpy(), atol=1e-4)
+    np.testing.assert_array_equal(match_img, (logits.argmax(-1) == final).double().numpy())
+    np.testing.assert_array_equal(rank_img, ranks.double().numpy())
+    np.testing.assert_allclose(logit_img, logits.amax(-1).numpy(), atol=1e-4)
+    assert (rank_img[-1] == 0).all()
+
+
+def test_input_preservation_ranks_the_input_token(tiny, lc):
+    fig = visualize.input_preservation(lc)
+    logits = lc.logits().double()
+    ids = torch.tensor(lc.metadata["input_ids"][0])
+    own = logits.gather(-1, ids.expand(logits.shape[0], -1)[..., None])
+    np.testing.assert_array_equal(
+        _image(fig.axes[0]), ((logits > own).sum(-1) + 1).double().numpy()
+    )
+    line = fig.axes[1].lines[0]  # axes: rank panel, line panel, then the colour bar
+    mean_p = torch.softmax(logits, -1).gather(-1, ids.expand(logits.shape[0], -1)[..., None])
+    np.testing.assert_allclose(line.get_ydata(), mean_p[..., 0].mean(1).numpy(), atol=1e-6)
+
+
+def test_lens_probability_plots_the_results_probabilities(tiny):
+    res = oculi.logit_lens(tiny, PROMPT, "tree")
+    ax = visualize.lens_probability(res)
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), res.probs.numpy(), atol=0)
+
+
+def test_attribution_bars(tiny):
+    scores = CircuitDetection.detect_previous_token_heads(tiny.capture(PROMPT)) - 0.5  # [L, H]
+    ax = visualize.head_attribution_bars(scores, k=5)
+    widths = [p.get_width() for p in ax.patches][::-1]  # drawn bottom-up
+    flat = scores.flatten().double()
+    expected = flat[flat.abs().argsort(descending=True)[:5]]
+    np.testing.assert_allclose(widths, expected.numpy(), atol=1e-6)
+    attn, mlp = scores[:, 0], scores[:, 1]
+    ax = visualize.layer_attribution(attn, mlp)
+    heights = [p.get_height() for p in ax.patches]
+    np.testing.assert_allclose(heights, torch.cat([attn, mlp]).numpy(), atol=1e-6)
+
+
+def test_circuit_graph_keeps_the_strongest_components_and_edges():
+    importance = torch.zeros(3, 2)
+    importance[0, 1], importance[1, 0], importance[2, 1], importance[2, 0] = 2.0, -3.0, 5.0, 0.1
+    conn = torch.zeros(3, 2, 3, 2)
+    conn[0, 1, 2, 1] = 0.9  # L0H1 -> L2H1
+    conn[1, 0, 2, 1] = -0.4  # L1H0 -> L2H1
+    conn[2, 1, 1, 0] = 7.0  # a later head cannot feed an earlier one: ignored
+    graph = visualize.circuit_graph(importance, conn, mlp=torch.tensor([0.0, 4.0, 0.0]), top_k=4)
+    assert set(graph.nodes) == {"L2H1", "MLP1", "L1H0", "L0H1", "logits"}
+    head_edges = {(a, b): d["weight"] for a, b, d in graph.edges(data=True) if b != "logits"}
+    assert head_edges == pytest.approx({("L0H1", "L2H1"): 0.9, ("L1H0", "L2H1"): -0.4})
+    pos = visualize.circuit_layout(graph)
+    assert {n: pos[n][0] for n in graph.nodes} == {
+        "L2H1": 2, "MLP1": 1, "L1H0": 1, "L0H1": 0, "logits": 3
+    }  # fmt: skip
+    ax = visualize.draw_circuit(graph)
+    assert len(ax.collections) >= 1
+
+
+def test_pca_projection_matches_an_svd_and_is_what_is_drawn():
+    gen = torch.Generator().manual_seed(0)
+    points = torch.randn(12, 8, generator=gen, dtype=torch.float64)
+    coords = visualize.reduce_dimensions(points, "pca", 2)
+    centred = points - points.mean(0)
+    u, s, _ = torch.linalg.svd(centred, full_matrices=False)
+    ref = (u[:, :2] * s[:2]).numpy()
+    np.testing.assert_allclose(np.abs(coords), np.abs(ref), atol=1e-9)
+    ax = visualize.plot_embeddings(points, [str(i) for i in range(12)], method="pca")
+    np.testing.assert_allclose(ax.collections[0].get_offsets(), coords, atol=1e-12)
+    ax3 = visualize.plot_embeddings(points, method="pca", dims=3)
+    assert ax3.name == "3d"
+
+
+@pytest.mark.parametrize("method", ["tsne", "umap"])
+def test_nonlinear_projections(method):
+    if method == "umap":
+        pytest.importorskip("umap", reason="umap-learn is optional (oculi[umap])")
+    gen = torch.Generator().manual_seed(0)
+    # two well-separated clusters stay separated
+    points = torch.cat([torch.randn(10, 6, generator=gen), 20 + torch.randn(10, 6, generator=gen)])
+    # UMAP's first call compiles it (numba, tens of seconds): one run of it is enough
+    for dims in (2, 3) if method == "tsne" else (3,):
+        coords = visualize.reduce_dimensions(points, method, dims)
+        assert coords.shape == (20, dims) and np.isfinite(coords).all()
+        dist = np.linalg.norm(coords[:, None] - coords[None], axis=-1)
+        np.fill_diagonal(dist, np.inf)
+        nearest = dist.argmin(1)  # each point's nearest neighbour is in its own cluster
+        assert ((nearest < 10) == (np.arange(20) < 10)).all()
+
+
+def test_projection_bad_inputs():
+    with pytest.raises(ValueError, match=r"unknown method 'lda'; choose one of pca, tsne, umap"):
+        visualize.reduce_dimensions(np.zeros((5, 3)), "lda")
+    with pytest.raises(ValueError, match="needs more than 2 points, got 2"):
+        visualize.reduce_dimensions(np.zeros((2, 3)), "pca")
+
+
+def test_patching_and_tracing_plots_through_the_old_viz_alias(tiny):
+    from oculi import viz
+
+    assert viz.heatmap is visualize.heatmap
+    res = patching.activation_patching(
+        tiny, "the cat sat on the tree", "the dog sat on the tree", site="resid_pre",
+        metric=patching.logit_diff("tree", "dog"), progress=False,
+    )  # fmt: skip
+    np.testing.assert_allclose(_image(res.plot()), res.normalized().double().numpy(), atol=1e-6)
+    tr = oculi.causal_tracing(tiny, PROMPT, "cat", "tree", samples=2, progress=False)
+    np.testing.assert_allclose(_image(tr.plot()), tr.values.double().numpy(), atol=1e-6)
+
+
+def _data_v(html: str) -> list[float]:
+    import re
+
+    return [float(v) for v in re.findall(r'<td[^>]* data-v="([^"]+)"', html)]
+
+
+def test_results_render_in_jupyter_with_their_numbers(tiny):
+    import json
+    import re
+
+    tr = oculi.causal_tracing(tiny, PROMPT, "cat", "tree", samples=2, progress=False)
+    assert _data_v(tr._repr_html_()) == tr.values.flatten().double().tolist()
+    res = patching.activation_patching(
+        tiny, "the cat sat on the tree", "the dog sat on the tree", site="z", per_head=True,
+        metric=patching.logit_diff("tree", "dog"), progress=False,
+    )  # fmt: skip
+    np.testing.assert_allclose(_data_v(res._repr_html_()), res.normalized().flatten(), atol=1e-6)
+    lens = oculi.logit_lens(tiny, PROMPT, "tree")
+    assert _data_v(lens._repr_html_()) == lens.probs.double().tolist()
+    cap = tiny.capture(PROMPT)
+    html = cap._repr_html_()
+    payload = json.loads(re.search(r'class="oc-data">(.*?)</script>', html).group(1))
+    assert [h["key"] for h in payload["heads"]][:5] == ["0.0", "0.1", "0.2", "0.3", "1.0"]
+    pattern = cap.patterns[1, 2]
+    rows = payload["heads"][6]["pattern"]  # L1 H2, lower triangle rounded to 3 decimals
+    for i, row in enumerate(rows):
+        np.testing.assert_allclose(row, pattern[i, : i + 1].numpy(), atol=5e-4)
+    assert "<script>" in html  # the picker and hover come with the output
+    n = cap.patterns.shape[-1]
+    small = visualize.views.capture_attention_view(cap, max_values=3 * n * (n + 1) // 2)
+    assert "3 of 12 heads shown" in small
+
+
+def test_attribution_renders_in_jupyter(tiny):
+    import re
+
+    from oculi.analysis import AttributionMethods
+    from oculi.capture import CaptureConfig
+
+    full = tiny.capture_full(PROMPT, attention=CaptureConfig(capture_head_contributions=True))
+    target = int(tiny.forward(PROMPT)[-1].argmax())
+    dla = AttributionMethods.direct_logit_attribution(full, target)
+    html = dla._repr_html_()
+    values = [float(v) for v in re.findall(r'<td data-v="([^"]+)"', html)]  # the two grids
+    total = [float(v) for v in re.findall(r'class="oc-sum" data-v="([^"]+)"', html)]
+    assert total[-1] == pytest.approx(float(tiny.forward(PROMPT)[-1].max()), abs=1e-4)
+    n, h = tiny.n_layers, tiny.n_heads
+    expected = torch.cat([torch.stack([dla.attention, dla.mlp], 1).flatten(), dla.heads.flatten()])
+    np.testing.assert_allclose(values, expected.double().numpy(), atol=1e-6)
+    assert len(values) == 2 * n + n * h
+
+
+def test_figures_import_matplotlib_lazily_and_name_the_extra():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import oculi.visualize as v\n"
+        "assert not any(m.split('.')[0] in ('matplotlib', 'sklearn', 'networkx', 'umap') "
+        "for m in sys.modules), 'imported eagerly'\n"
+        "sys.modules['matplotlib'] = None  # as if the extra were missing\n"
+        "try:\n    v.heatmap(__import__('torch').zeros(2, 2))\n"
+        "except ImportError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "install it with `pip install 'oculi[viz]'`" in out.stdout
