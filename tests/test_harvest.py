@@ -332,3 +332,11 @@ def test_incomplete_store_is_refused_unless_asked(adapter, tmp_path):
     done = oculi.harvest(adapter, prompts, sites="resid_post", layers=[0], out=tmp_path, **SMALL)
     assert done.units_computed == done.units - 2
     assert oculi.open_harvest(tmp_path).complete
+
+
+def test_oculi_pickles_by_reference():
+    """Ray ships a user's loader function with the modules it uses: oculi (a lazy module
+    subclass) must pickle as a reference to the imported module."""
+    import pickle
+
+    assert pickle.loads(pickle.dumps(oculi)) is oculi
