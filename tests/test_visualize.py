@@ -247,3 +247,25 @@ def test_figures_import_matplotlib_lazily_and_name_the_extra():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "install it with `pip install 'oculi[viz]'`" in out.stdout
+
+
+def test_circuit_graph_from_composition_scores_and_dla(tiny):
+    from oculi.analysis import AttributionMethods, CompositionAnalysis
+    from oculi.capture import CaptureConfig
+
+    full = tiny.capture_full(PROMPT, attention=CaptureConfig(capture_head_contributions=True))
+    dla = AttributionMethods.direct_logit_attribution(full, int(tiny.forward(PROMPT)[-1].argmax()))
+    scores = CompositionAnalysis.composition_scores(tiny, "k")  # [L, H, L, H]
+    graph = visualize.circuit_graph(dla.heads, scores, top_k=6, edges_per_node=2)
+    heads = [n for n, d in graph.nodes(data=True) if d["kind"] == "head"]
+    ranked = visualize.top_heads(dla.heads, 6)
+    assert heads == [name for name, _ in ranked]  # the six heads with the largest |DLA|
+    for a, b, data in graph.edges(data=True):
+        if b == "logits":
+            assert data["weight"] == pytest.approx(graph.nodes[a]["importance"])
+            continue
+        s, r = graph.nodes[a], graph.nodes[b]
+        assert s["layer"] < r["layer"]
+        assert data["weight"] == pytest.approx(
+            float(scores[s["layer"], s["head"], r["layer"], r["head"]])
+        )
