@@ -152,8 +152,10 @@ def test_nonlinear_projections(method):
     # two well-separated clusters stay separated
     points = torch.cat([torch.randn(10, 6, generator=gen), 20 + torch.randn(10, 6, generator=gen)])
     # UMAP's first call compiles it (numba, tens of seconds): one run of it is enough
+    threads = torch.get_num_threads()
     for dims in (2, 3) if method == "tsne" else (3,):
         coords = visualize.reduce_dimensions(points, method, dims)
+        assert torch.get_num_threads() == threads  # torch's settings left as they were
         assert coords.shape == (20, dims) and np.isfinite(coords).all()
         dist = np.linalg.norm(coords[:, None] - coords[None], axis=-1)
         np.fill_diagonal(dist, np.inf)
