@@ -23,7 +23,7 @@ import oculi  # noqa: E402
 from common import header, measure_all  # noqa: E402
 from oculi.visualize.report import default_subject, write_report  # noqa: E402
 
-# 12 tokens with BOS
+# 12 tokens of text (13 with BOS)
 PROMPT = "The Eiffel Tower is located in the heart of the city of"
 
 

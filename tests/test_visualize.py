@@ -231,3 +231,19 @@ def test_attribution_renders_in_jupyter(tiny):
     expected = torch.cat([torch.stack([dla.attention, dla.mlp], 1).flatten(), dla.heads.flatten()])
     np.testing.assert_allclose(values, expected.double().numpy(), atol=1e-6)
     assert len(values) == 2 * n + n * h
+
+
+def test_figures_import_matplotlib_lazily_and_name_the_extra():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import oculi.visualize as v\n"
+        "assert not any(m.split('.')[0] in ('matplotlib', 'sklearn', 'networkx', 'umap') "
+        "for m in sys.modules), 'imported eagerly'\n"
+        "sys.modules['matplotlib'] = None  # as if the extra were missing\n"
+        "try:\n    v.heatmap(__import__('torch').zeros(2, 2))\n"
+        "except ImportError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "install it with `pip install 'oculi[viz]'`" in out.stdout

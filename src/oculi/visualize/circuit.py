@@ -45,7 +45,7 @@ def circuit_graph(
     """
     nx = optional("networkx")
     heads = array(importance)
-    candidates = [
+    candidates: list[tuple[float, str, int, int | None, float]] = [
         (abs(float(heads[layer, h])), f"L{layer}H{h}", layer, h, float(heads[layer, h]))
         for layer in range(heads.shape[0])
         for h in range(heads.shape[1])

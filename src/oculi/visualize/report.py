@@ -36,8 +36,10 @@ from oculi.visualize import views
 from oculi.visualize.html import esc, script, style
 
 LENS_TOP_K = 5
-# attention heads whose patterns the page carries (the picker offers these)
+# attention heads whose patterns the page carries (the picker offers these), and a budget of
+# pattern entries (about 6 bytes each) that keeps long prompts' pages small
 MAX_HEADS = 32
+MAX_PATTERN_VALUES = 400_000
 
 
 @dataclass
@@ -85,7 +87,9 @@ def _rank_heads(full: Any, attribution: Any) -> list[tuple[str, str, Any]]:
     """Heads by ``|direct logit attribution|``, largest first, with their patterns."""
     attn = full.attention
     score = attribution.heads.float()
-    order = score.abs().flatten().argsort(descending=True)[:MAX_HEADS].tolist()
+    n = attn.patterns.shape[-1]
+    keep = min(MAX_HEADS, max(1, MAX_PATTERN_VALUES // (n * (n + 1) // 2)))
+    order = score.abs().flatten().argsort(descending=True)[:keep].tolist()
     n_heads = score.shape[1]
     out = []
     for flat in order:

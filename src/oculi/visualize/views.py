@@ -100,7 +100,10 @@ def lens_result_view(result: Any) -> str:
         '<table class="oc-list"><tr><th>layer</th><th>top-1</th><th>p(target)</th>'
         f"<th>rank</th></tr>{rows}</table>"
     )
-    return f'<div class="oc-lens"><p class="oc-note">{note}.</p>{chart}{table}</div>'
+    return (
+        f'<div class="oc-lens"><p class="oc-note">{note}.</p>'
+        f'<div class="oc-row"><div>{chart}</div><div>{table}</div></div></div>'
+    )
 
 
 def lens_grid_view(
