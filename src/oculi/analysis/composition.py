@@ -56,27 +56,33 @@ class CompositionResult:
 
 
 def _grams(w: HeadWeights, dtype: torch.dtype, kinds: tuple[str, ...] = KINDS) -> dict[str, Tensor]:
-    """Per head ``[L*H, d, d]``: ``OVᵀOV`` (writer side) and ``BBᵀ`` for each reader kind."""
-    n = w.n_layers * w.n_heads
+    """Per head ``[L*H, d, d]``: ``OVᵀOV`` (writer side) and ``BBᵀ`` for each reader kind.
+
+    Each is a sandwich ``outer · middle · outerᵀ`` with a ``D × D`` middle; the middles of
+    ``K`` and ``V`` are computed once per key/value head (grouped-query attention shares them).
+    """
+    n, rep = w.n_layers * w.n_heads, w.n_heads // w.n_kv_heads
 
     def flat(t: Tensor) -> Tensor:
         return t.reshape(n, *t.shape[2:]).to(dtype)
 
-    q, k, v, o = flat(w.w_q), flat(w.w_k), flat(w.w_v), flat(w.w_o)  # [n, d, D] x3, [n, D, d]
+    def shared_gram(t: Tensor) -> Tensor:
+        """``tᵀ t`` per key/value head, expanded to the query heads: ``[n, D, D]``."""
+        u = t[:, ::rep].to(dtype)
+        return (u.transpose(-1, -2) @ u).repeat_interleave(rep, 1).reshape(n, *u.shape[-1:] * 2)
 
-    def sandwich(outer: Tensor, inner: Tensor) -> Tensor:
-        """``outer (innerᵀ inner) outerᵀ`` for outer ``[n, d, D]``, inner ``[n, ., D]``."""
-        middle = inner.transpose(1, 2) @ inner  # [n, D, D]
-        return outer @ middle @ outer.transpose(1, 2)
-
-    o_t = o.transpose(1, 2)  # [n, d, D]
-    readers = {
-        "q": lambda: sandwich(q, k),  # (Q Kᵀ)(Q Kᵀ)ᵀ = Q (KᵀK) Qᵀ
-        "k": lambda: sandwich(k, q),  # (K Qᵀ)(K Qᵀ)ᵀ = K (QᵀQ) Kᵀ
-        "v": lambda: sandwich(v, o_t),  # (V O)(V O)ᵀ = V (O Oᵀ) Vᵀ
+    q, k, v = flat(w.w_q), flat(w.w_k), flat(w.w_v)  # [n, d, D]
+    o_t = flat(w.w_o).transpose(1, 2)  # [n, d, D]
+    middles = {
+        "writer": (o_t, lambda: shared_gram(w.w_v)),  # (V O)ᵀ (V O) = Oᵀ (VᵀV) O
+        "q": (q, lambda: shared_gram(w.w_k)),  # (Q Kᵀ)(Q Kᵀ)ᵀ = Q (KᵀK) Qᵀ
+        "k": (k, lambda: q.transpose(1, 2) @ q),  # (K Qᵀ)(K Qᵀ)ᵀ = K (QᵀQ) Kᵀ
+        "v": (v, lambda: flat(w.o_gram)),  # (V O)(V O)ᵀ = V (O Oᵀ) Vᵀ
     }
-    out = {"writer": sandwich(o_t, v)}  # (V O)ᵀ (V O) = Oᵀ (VᵀV) O
-    out.update({kind: readers[kind]() for kind in kinds})
+    out = {}
+    for name in ("writer", *kinds):
+        outer, middle = middles[name]
+        out[name] = outer @ middle() @ outer.transpose(1, 2)
     return out
 
 

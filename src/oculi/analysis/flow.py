@@ -217,8 +217,9 @@ def value_weighted_attention(capture: Any, weights: Any = None) -> AttributionRe
     else:
         from oculi.analysis.weights import weights_of
 
-        w_o = weights_of(weights).w_o[list(att.layers)].to(v.device, v.dtype)  # [L, H, D, d]
-        norms = torch.einsum("...lhtd,lhdm->...lhtm", v, w_o).norm(dim=-1)
+        # ‖v W_O‖² = v (W_O W_Oᵀ) vᵀ: a D×D Gram per head, computed once per HeadWeights
+        gram = weights_of(weights).o_gram[list(att.layers)].to(v.device, v.dtype)  # [L, H, D, D]
+        norms = ((v @ gram) * v).sum(-1).clamp(min=0).sqrt()
     out = patterns * norms.unsqueeze(-2)  # [.., L, H, T(query), T(key)]
     if batched:
         real = real_mask(att.metadata, patterns.shape[0], patterns.shape[-1])

@@ -28,6 +28,7 @@ scale is a positive number per token, which no normalised composition score sees
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -59,6 +60,11 @@ class HeadWeights:
     @property
     def n_heads(self) -> int:
         return int(self.w_q.shape[1])
+
+    @functools.cached_property
+    def o_gram(self) -> Float[Tensor, "layer head d_head d_head"]:
+        """``W_O W_O^T`` per head (computed once): ``‖z W_O‖² = z (W_O W_O^T) z^T``."""
+        return self.w_o @ self.w_o.transpose(-1, -2)
 
     def qk(self, layer: int, head: int) -> Float[Tensor, "d_model d_model"]:
         """``W_Q W_K^T`` of one head."""
