@@ -41,6 +41,12 @@ def test_tutorial_notebook_executes(gemma, tmp_path):
     assert errors == []
     text = "\n".join(_text(c) for c in nb.cells if c.cell_type == "code")
 
+    # attention heads: the API (on a repeated sentence) and the CLI (on a repeated random
+    # sequence) find the same strongest induction head
+    api = re.search(r"induction heads \(layer, head, score\): \[\((\d+), (\d+)", text)
+    cli = re.search(r"induction\s+L(\d+)\.H(\d+)", text)
+    assert api.groups() == cli.groups()
+
     # IOI: the printed logit differences are the model's own (from its logits)
     mary, john = gemma.to_single_token(" Mary"), gemma.to_single_token(" John")
     clean = gemma.forward("When Mary and John went to the store, John gave a drink to")[-1]
