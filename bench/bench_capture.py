@@ -210,15 +210,19 @@ def bench_lens(adapter, ids: torch.Tensor, repeats: int, report: Report, strateg
         "lens top-10 (chunked, on a capture)", lens_topk, repeats=repeats, device=adapter.device
     )
     report.add(topk, bare, f" {topk.seconds / bare_topk.seconds:.2f}x matmul + topk")
-    for strategy in ("vocab", "rows"):  # each strategy forced (auto picks by device)
-        forced_lens = adapter.capture_logits(ids, LogitConfig(top_k=10, strategy=strategy))
+    for forced_strategy in ("vocab", "rows"):  # each strategy forced (auto picks by device)
+        config = LogitConfig(top_k=10, strategy=forced_strategy)
+        forced_lens = adapter.capture_logits(ids, config)
 
         def forced_topk(lens=forced_lens):
             lens._topk = None
             return lens.top_k_indices
 
         forced = measure(
-            f"lens top-10, strategy={strategy}", forced_topk, repeats=repeats, device=adapter.device
+            f"lens top-10, strategy={forced_strategy}",
+            forced_topk,
+            repeats=repeats,
+            device=adapter.device,
         )
         report.add(forced, bare, f" {forced.seconds / bare_topk.seconds:.2f}x matmul + topk")
     kl = measure(

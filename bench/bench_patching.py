@@ -307,7 +307,9 @@ def bench_tracing(adapter, args, report: Report) -> None:
     )
     report.add(naive, naive)
     report.add(ours, naive, f"  speed-up {naive.seconds / ours.seconds:.1f}x")
-    other = "layered" if cuda else "fused"  # the strategy auto did not pick, for comparison
+    # the strategy not timed above, for comparison
+    chosen = patching.choose_strategy(args.strategy, adapter.device)
+    other = "fused" if chosen == "layered" else "layered"
     forced = measure(
         f"oculi causal_tracing, strategy={other}",
         lambda: patching.causal_tracing(

@@ -158,3 +158,37 @@ def test_weights_read_off_the_modules_with_gqa_and_norm_gains(family):
     # it runs on a real capture's pattern too
     cap = adapter.capture(prompt_ids())
     assert CompositionAnalysis.virtual_attention(cap, [(0, 0), (1, 0)]).values.shape[-1] == 11
+
+
+@pytest.mark.parametrize("family", ["gpt2", "neox_sequential", "phi3", "llama_gqa", "qwen2"])
+def test_fused_and_split_projections_reproduce_the_models_queries_and_values(family):
+    # q_t - q_s = (n_t - n_s) @ W_raw with n the attention norm's output; the norm's gain
+    # (and a LayerNorm's bias, which cancels in the difference) is folded, so
+    # q_t - q_s = ((n_t - n_s) / gain) @ W_folded for every query head, and likewise for v
+    adapter = oculi.attach(tiny_model(family))
+    anat = adapter.anatomy
+    w = HeadWeights.from_adapter(adapter, dtype=torch.float64)
+    ids = prompt_ids()
+    cap = adapter.capture(
+        ids,
+        oculi.CaptureConfig(
+            qk_stage="pre_rope", capture_head_outputs=True, capture_head_contributions=True
+        ),
+    )
+    resid = adapter.capture_residual(ids).pre_attn
+    layer = 1
+    norm = adapter.part(layer, anat.attn_norm)
+    with torch.no_grad():
+        normed = norm(resid[layer]).double()
+    gain = norm.weight.double() + anat.norm_offset
+    diff = (normed[5] - normed[2]) / gain
+    rep = adapter.n_heads // adapter.n_kv_heads
+    for head in range(adapter.n_heads):
+        q = cap.queries[layer, head].double()
+        torch.testing.assert_close(q[5] - q[2], diff @ w.w_q[layer, head], rtol=1e-4, atol=1e-5)
+        v = cap.values[layer, head // rep].double()
+        torch.testing.assert_close(v[5] - v[2], diff @ w.w_v[layer, head], rtol=1e-4, atol=1e-5)
+        # and each head's residual contribution is its z through W_O
+        z = cap.head_outputs[layer, head].double()
+        out = cap.head_contributions[layer, head].double()
+        torch.testing.assert_close(out, z @ w.w_o[layer, head], rtol=1e-4, atol=1e-5)

@@ -152,8 +152,10 @@ def test_nonlinear_projections(method):
     # two well-separated clusters stay separated
     points = torch.cat([torch.randn(10, 6, generator=gen), 20 + torch.randn(10, 6, generator=gen)])
     # UMAP's first call compiles it (numba, tens of seconds): one run of it is enough
+    threads = torch.get_num_threads()
     for dims in (2, 3) if method == "tsne" else (3,):
         coords = visualize.reduce_dimensions(points, method, dims)
+        assert torch.get_num_threads() == threads  # torch's settings left as they were
         assert coords.shape == (20, dims) and np.isfinite(coords).all()
         dist = np.linalg.norm(coords[:, None] - coords[None], axis=-1)
         np.fill_diagonal(dist, np.inf)
@@ -247,3 +249,25 @@ def test_figures_import_matplotlib_lazily_and_name_the_extra():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "install it with `pip install 'oculi[viz]'`" in out.stdout
+
+
+def test_circuit_graph_from_composition_scores_and_dla(tiny):
+    from oculi.analysis import AttributionMethods, CompositionAnalysis
+    from oculi.capture import CaptureConfig
+
+    full = tiny.capture_full(PROMPT, attention=CaptureConfig(capture_head_contributions=True))
+    dla = AttributionMethods.direct_logit_attribution(full, int(tiny.forward(PROMPT)[-1].argmax()))
+    scores = CompositionAnalysis.composition_scores(tiny, "k")  # [L, H, L, H]
+    graph = visualize.circuit_graph(dla.heads, scores, top_k=6, edges_per_node=2)
+    heads = [n for n, d in graph.nodes(data=True) if d["kind"] == "head"]
+    ranked = visualize.top_heads(dla.heads, 6)
+    assert heads == [name for name, _ in ranked]  # the six heads with the largest |DLA|
+    for a, b, data in graph.edges(data=True):
+        if b == "logits":
+            assert data["weight"] == pytest.approx(graph.nodes[a]["importance"])
+            continue
+        s, r = graph.nodes[a], graph.nodes[b]
+        assert s["layer"] < r["layer"]
+        assert data["weight"] == pytest.approx(
+            float(scores[s["layer"], s["head"], r["layer"], r["head"]])
+        )

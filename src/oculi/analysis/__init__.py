@@ -1,7 +1,10 @@
 """Analysis: pure functions over captures.
 
-Nothing here registers a hook or runs a model (the one exception, :func:`oculi.logit_lens`,
-calls the adapter's public capture method). Every function takes capture structures or
+Nothing here registers a hook. A few functions run the model through public APIs:
+:func:`oculi.logit_lens` (the adapter's capture), ``AttributionMethods.gradient_x_input`` (one
+forward and backward from the embeddings), ``CircuitDetection.validate`` and ``ioi_heads``
+(ablations through the intervention API, path patching through :mod:`oculi.patching`); the
+weight-based analyses (``CompositionAnalysis``, ``HeadWeights``) read the model's weights. Every function takes capture structures or
 tensors and returns tensors, indexed like the captures: ``[L, H, T]`` per head and position,
 ``[L, H]`` per head, with row ``i`` for model layer ``capture.layers[i]``.
 
@@ -25,21 +28,24 @@ from oculi.analysis.entropy import EntropyAnalysis
 from oculi.analysis.logit_lens import LogitLensAnalysis, LogitLensResult, crossover_layer
 from oculi.analysis.norms import NormAnalysis
 from oculi.analysis.stratified import StratifiedView, find_extreme_heads
+from oculi.analysis.validation import Task, ValidationResult
 from oculi.analysis.weights import HeadWeights
 
 __all__ = [
     "AttributionMethods",
     "AttributionResult",
-    "HeadWeights",
     "CircuitDetection",
     "CompositionAnalysis",
     "CompositionResult",
     "CorrelationAnalysis",
     "EntropyAnalysis",
+    "HeadWeights",
     "LogitLensAnalysis",
     "LogitLensResult",
     "NormAnalysis",
     "StratifiedView",
+    "Task",
+    "ValidationResult",
     "crossover_layer",
     "find_extreme_heads",
     "pearson_pvalue",

@@ -174,7 +174,7 @@ class ModelAnalyzer:
         prompt: str,
         positive_examples: list[str],
         negative_examples: list[str],
-        coefficient: float = 4.0,
+        coefficient: float = 1.0,
         layer: int | None = None,
         max_new_tokens: int = 30,
         position: int | str = -1,

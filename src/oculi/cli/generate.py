@@ -40,7 +40,12 @@ from oculi.cli._options import (
     default=None,
     help="Layer of the steering vector (default: the middle layer).",
 )
-@click.option("--coefficient", default=4.0, show_default=True, help="Steering strength.")
+@click.option(
+    "--coefficient",
+    default=1.0,
+    show_default=True,
+    help="Steering strength (1: add the mean difference once).",
+)
 @click.option(
     "--ablate", multiple=True, metavar="L.H", help="Zero-ablate head H of layer L (repeatable)."
 )
@@ -77,7 +82,7 @@ def generate(
 
     \b
     Examples:
-      oculi generate "Today I feel" --steer "I am so happy" "I am so sad" --layer 6
+      oculi generate "Today I feel" --steer "I am so happy" "I am so sad" --layer 6 --coefficient 0.5
       oculi generate "The capital of France is" --ablate 3.1 --scale 5.2=1.5 --compare
     """
     ablations = [parse_head(a, "--ablate") for a in ablate]

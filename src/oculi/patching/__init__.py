@@ -4,6 +4,7 @@ See :mod:`oculi.patching.activation` for what activation patching measures and h
 fast.
 """
 
+from oculi.patching._common import choose_strategy
 from oculi.patching.activation import PatchingResult, activation_patching
 from oculi.patching.attribution import attribution_patching
 from oculi.patching.metrics import (
@@ -24,6 +25,7 @@ __all__ = [
     "activation_patching",
     "attribution_patching",
     "causal_tracing",
+    "choose_strategy",
     "kl_divergence",
     "log_prob",
     "logit",

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from oculi.errors import require_extra
 from oculi.visualize._common import array, new_axes, pyplot
@@ -67,7 +68,13 @@ def reduce_dimensions(
     kwargs.setdefault("n_neighbors", max(2, min(15, n - 1)))
     kwargs.setdefault("init", "random")
     kwargs.setdefault("n_jobs", 1)  # a seed makes UMAP single-threaded anyway
-    return umap.UMAP(n_components=n_components, random_state=seed, **kwargs).fit_transform(x)
+    # UMAP's numba/OpenMP start-up resets torch's intra-op thread count (which changes the
+    # order of float sums in later model runs): put it back
+    threads = torch.get_num_threads()
+    try:
+        return umap.UMAP(n_components=n_components, random_state=seed, **kwargs).fit_transform(x)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def plot_embeddings(

@@ -33,7 +33,7 @@ class SteeringConfig(ExperimentConfig):
     layer: int
     site: Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"] = "resid_post"
     position: int | Literal["mean"] = -1
-    coefficients: list[float] = Field(default=[0.0, 2.0, 4.0], min_length=1)
+    coefficients: list[float] = Field(default=[0.0, 0.5, 1.0], min_length=1)
     max_new_tokens: int = Field(default=20, ge=1)
     top_k: int = Field(default=5, ge=1)
 
