@@ -146,7 +146,9 @@ def test_input_preservation_against_the_models_logits():
     own = probs.gather(-1, ids(PROMPT)[0][:, None])[:, 0]
     torch.testing.assert_close(out["probs"][-1], own, atol=1e-6, rtol=1e-5)
     assert out["probs"].shape == out["ranks"].shape == (3, 6)
-    assert torch.equal(out["kl_to_final"][-1], torch.zeros(6))
+    # the last layer against itself: zero up to fp32 reduction order (which changes with
+    # the thread count), far below any KL the lens reports
+    torch.testing.assert_close(out["kl_to_final"][-1], torch.zeros(6), atol=1e-6, rtol=0)
 
 
 def test_steering_equals_adding_the_mean_difference_by_hand():

@@ -29,7 +29,7 @@ def per_prompt(gemma, prompt, layers):
 
 @pytest.mark.gemma
 def test_gemma_harvest_equals_per_prompt_captures(gemma, tmp_path):
-    """Batched (256-token budget, padding): each row within 1e-5 of its row's largest
+    """Batched (256-token budget, padding): each row within 3e-5 of its row's largest
     magnitude (Gemma's residual reaches ~4e4 at the first token, so fp32 batching noise is
     ~1e-3 absolute there); one prompt per forward: bit-equal."""
     assert len(PROMPTS) == 100
@@ -60,4 +60,7 @@ def test_gemma_harvest_equals_per_prompt_captures(gemma, tmp_path):
             if p < 20:
                 np.testing.assert_array_equal(alone[key][rows], ref)
     assert single.tokens == starts[20]
-    assert worst <= 1e-5, worst
+    # 1e-5 holds on one thread; two threads change the GEMM blocking of padded batches
+    # (measured 1.5e-5): 3e-5 of the row's largest magnitude is still far below any
+    # difference a harvest bug (a shifted row, a wrong layer, padding stored) would make
+    assert worst <= 3e-5, worst
