@@ -166,7 +166,11 @@ def plan_capture(
         return out
 
     def fits(rows: int) -> bool:
-        return all(free.get(d) is None or n <= SHARE * free[d] for d, n in need(rows).items())
+        for d, n in need(rows).items():
+            available = free.get(d)
+            if available is not None and n > SHARE * available:
+                return False
+        return True
 
     if fits(b):
         return MemoryPlan(b, need(b), free)
