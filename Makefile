@@ -16,8 +16,13 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# The main job on the embedded default model: the layer-by-layer story in the terminal, then
+# the offline HTML report (lens, attribution, attention, causal tracing) in outputs/.
 demo: setup
 	$(PY) -m oculi.demo "The Eiffel Tower is located in the city of"
+	$(PY) -m oculi report "The Eiffel Tower is located in the city of" \
+		--subject "The Eiffel Tower" -o outputs/report.html
+	@echo "open outputs/report.html in a browser (self-contained, works offline)"
 
 # The report page for the default model, and a screenshot of it in headless Chromium
 # (needs the Debian package chromium; the page itself needs no network).
