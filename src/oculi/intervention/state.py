@@ -62,7 +62,6 @@ class Frame:
     offset: int
     length: int
     session: Session
-    scratch: dict[Any, Any] = field(default_factory=dict)  # per-forward stash (resid_mid)
 
 
 def _cache_length(cache: Any) -> int:
