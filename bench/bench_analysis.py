@@ -62,8 +62,12 @@ def main() -> None:
         ),
         ("attention rollout", lambda: AttributionMethods.attention_rollout(full)),
         (
-            "attention flow (scipy max-flow, last position)",
+            "attention flow, exact (max flow per token, last position)",
             lambda: AttributionMethods.attention_flow(full),
+        ),
+        (
+            "attention flow, cut bound (method='cut')",
+            lambda: AttributionMethods.attention_flow(full, method="cut"),
         ),
         (
             "value-weighted attention (|a v W_O|)",

@@ -55,6 +55,27 @@ def test_seed_ch6_circuit_detection(gemma, repeated):
     assert labelled == set(found)
 
 
+def whole_graph_flow(attention) -> torch.Tensor:
+    """One SciPy max flow per token on the whole graph, capacities ``round(Â·2^30)``: the
+    reference the pruned-and-proven path must reproduce bit for bit."""
+    from scipy.sparse import csr_array
+    from scipy.sparse.csgraph import maximum_flow
+
+    mixed = 0.5 * attention.patterns.double().mean(1) + 0.5 * torch.eye(
+        attention.patterns.shape[-1]
+    )
+    n_layers, n = mixed.shape[0], mixed.shape[-1]
+    layer, rows, cols = (mixed > 0).nonzero(as_tuple=True)
+    caps = (mixed[layer, rows, cols] * 2**30).round().to(torch.int32).numpy()
+    size = (n_layers + 1) * n
+    graph = csr_array(
+        (caps, ((layer * n + cols).numpy(), ((layer + 1) * n + rows).numpy())), (size, size)
+    )
+    sink = n_layers * n + n - 1
+    values = [maximum_flow(graph, j, sink, method="dinic").flow_value / 2**30 for j in range(n)]
+    return torch.tensor(values, dtype=torch.float64)
+
+
 def test_seed_ch7_attribution(gemma):
     full = gemma.capture_full(FACT, attention=CaptureConfig(capture_head_contributions=True))
     target_id = gemma.tokenizer.encode(" Paris", add_special_tokens=False)[0]
@@ -79,6 +100,9 @@ def test_seed_ch7_attribution(gemma):
     assert len(top) == 10 and abs(top[0][1]) >= abs(top[-1][1])
     flow = AttributionMethods.attention_flow(full.attention)
     assert flow.values.shape == (full.attention.patterns.shape[-1],)
+    torch.testing.assert_close(flow.values, whole_graph_flow(full.attention), rtol=0, atol=0)
+    cut = AttributionMethods.attention_flow(full.attention, method="cut")
+    assert bool((cut.values >= flow.values - 1e-8).all())
     weighted = AttributionMethods.value_weighted_attention(full.attention, gemma)
     assert weighted.values.shape == full.attention.patterns.shape
 

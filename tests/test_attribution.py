@@ -182,6 +182,69 @@ def test_flow_on_two_layers_is_the_sum_of_path_bottlenecks():
     assert early[2:].abs().max() == 0  # later tokens cannot reach position 1
 
 
+def layered_capture(layers: int, t: int, seed: int, spread: float = 1.0) -> AttentionCapture:
+    """Causal patterns of ``layers`` layers; small ``spread`` makes every weight small."""
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randn(layers, 2, t, t, generator=gen) * spread
+    scores = scores.masked_fill(torch.ones(t, t).triu(1).bool(), float("-inf"))
+    return AttentionCapture(layers=tuple(range(layers)), patterns=scores.softmax(-1), n_heads=2)
+
+
+@pytest.mark.parametrize(
+    ("layers", "t", "spread"), [(1, 5, 1.0), (2, 7, 2.0), (4, 9, 3.0), (6, 12, 1.0)]
+)
+def test_flow_is_the_networkx_max_flow_and_the_cut_bounds_it(layers, t, spread):
+    for seed in range(4):
+        cap = layered_capture(layers, t, seed, spread)
+        for position in (t - 1, t // 2):
+            exact = AttributionMethods.attention_flow(cap, position, backend="networkx").values
+            flow = AttributionMethods.attention_flow(cap, position)
+            torch.testing.assert_close(flow.values, exact, rtol=0, atol=1e-8)
+            assert sum(flow.metadata["proven"].values()) == position + 1
+            cut = AttributionMethods.attention_flow(cap, position, method="cut")
+            assert "upper bound" in cut.note
+            assert bool((cut.values >= exact - 1e-12).all())  # a cut never undercuts the flow
+            assert not cut.values[position + 1 :].any()  # later tokens cannot reach it
+
+
+def test_flow_falls_back_to_the_whole_graph_when_small_edges_carry_it():
+    # 60 tokens with near-uniform attention: every edge off the diagonal is below 1e-2, so the
+    # pruned graph cannot reach the bound and the denser graphs must prove or solve each token
+    cap = layered_capture(3, 60, seed=0, spread=0.05)
+    flow = AttributionMethods.attention_flow(cap)
+    proven = flow.metadata["proven"]
+    assert proven["edges >= 0.01"] < 60 and sum(proven.values()) == 60
+    exact = AttributionMethods.attention_flow(cap, backend="networkx").values
+    torch.testing.assert_close(flow.values, exact, rtol=0, atol=1e-7)
+
+
+def test_flow_cut_families_on_a_hand_built_graph():
+    # two layers, three tokens, a[l, i, j] the edge (l, j) -> (l + 1, i); sink (2, 2)
+    a = torch.tensor(
+        [
+            [[1.0, 0.0, 0.0], [0.1, 0.9, 0.0], [0.2, 0.3, 0.5]],
+            [[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.1, 0.3, 0.6]],
+        ],
+        dtype=torch.float64,
+    )
+    from oculi.analysis.flow import _simple_cuts
+
+    # s=0: S = {(0,0), (1,0)} cuts (0,0)->(1,1) 0.1, (0,0)->(1,2) 0.2, (1,0)->sink 0.1: 0.4,
+    #      less than the source's edges (1.3) or the sink's (1.0)
+    # s=1: S = {(0,1), (1,1)} cuts (0,1)->(1,2) 0.3 and (1,1)->sink 0.3: 0.6
+    # s=2: the one path, min(0.5, 0.6)
+    want = torch.tensor([0.4, 0.6, 0.5], dtype=torch.float64)
+    torch.testing.assert_close(_simple_cuts(a), want)
+    # each equals the sum of the path bottlenecks, the max flow of a two-layer graph
+    paths = [sum(min(a[0, k, j], a[1, 2, k]) for k in range(j, 3)) for j in range(3)]
+    torch.testing.assert_close(torch.stack(paths), want)
+
+
+def test_flow_rejects_an_unknown_method():
+    with pytest.raises(ValueError, match="'exact' or 'cut'"):
+        AttributionMethods.attention_flow(two_layer_capture(), method="approx")
+
+
 def test_value_weighted_attention_is_the_per_head_product(tiny):
     adapter = tiny["llama_gqa"]
     cap = adapter.capture(prompt_ids())

@@ -14,6 +14,12 @@ layers as a graph, nodes ``(layer, position)`` with an edge of capacity ``Â_l[i
 ``(l, j)`` to ``(l + 1, i)``, and takes the maximum flow from each input token to one position
 at the top (SciPy's compiled max-flow by default, networkx's on request). Both read the patterns only.
 
+The exact flow is found in two steps: a family of cuts bounds every token's flow at once
+(:func:`_simple_cuts`), and a max flow on the graph without its small edges that meets the
+bound proves it (a flow and a cut of equal value are both optimal); tokens left unproven are
+solved on denser graphs, the last being the whole one. ``method="cut"`` returns the bound
+alone, a stated upper bound, about 20 times faster on Gemma 3 270M.
+
 **Value-weighted attention** is ``‖α_ij · v_j W_O^h‖``: the size of what head ``h`` moves from
 key ``j`` to query ``i``, not only how much it attends (values of small norm move little). It
 needs the output projections (``HeadWeights``, with the attention-output norm's gain folded;
@@ -25,6 +31,7 @@ Batched captures are handled per sequence on its real tokens; padded positions a
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -120,6 +127,7 @@ def attention_flow(
     residual: bool = True,
     head_reduction: str = "mean",
     backend: str = "scipy",
+    method: str = "exact",
 ) -> AttributionResult:
     """Maximum attention flow from each input token to ``position`` at the top layer.
 
@@ -132,13 +140,22 @@ def attention_flow(
             are integers, so they are scaled by ``2^30`` and rounded: the flow is exact to
             about ``1e-6``) or ``"networkx"`` (float capacities, pure Python: seconds per
             input token on long prompts).
+        method: ``"exact"`` (the max flow) or ``"cut"``: the smallest of the source's, each
+            middle layer's and the sink's cut (see :func:`_simple_cuts`), for every token in
+            O(L·T²). A cut bounds the flow from above, so ``"cut"`` is never below the exact
+            value and equals it whenever the minimum cut is one of these; ``.note`` says so.
+            On Gemma 3 270M it equalled the exact flow for most tokens (README, "Attention
+            flow"), but it is a bound, not the flow.
 
     Returns:
         ``.values [T]``: the flow from each input token (0 after ``position``, which it
-        cannot reach in a causal model).
+        cannot reach in a causal model). ``.metadata["proven"]`` (exact, SciPy) counts the
+        tokens proven by a pruned graph's flow meeting a cut, and those solved whole.
     """
     if backend not in ("scipy", "networkx"):
         raise ValueError(f"backend must be 'scipy' or 'networkx', got {backend!r}")
+    if method not in ("exact", "cut"):
+        raise ValueError(f"method must be 'exact' or 'cut', got {method!r}")
     att = attention_of(capture)
     patterns = field(att, "patterns")
     if is_batched(patterns, "patterns"):
@@ -148,14 +165,20 @@ def attention_flow(
     t = real_positions(att.metadata, None, patterns.shape[-1], [position])[0, 0]
     top = int((keep == t).nonzero()[0, 0])
     a = _residual_mixed(p[..., : top + 1, : top + 1], head_reduction, residual).cpu()
-    flows = _flows_scipy(a, top) if backend == "scipy" else _flows_networkx(a, top)
+    metadata: dict[str, Any] = {"method": "flow", "position": position, "index": int(t)}
+    note = ""
+    if method == "cut":
+        flows = _simple_cuts(a.tril())
+        note = "an upper bound of the flow: the smallest source, layer or sink cut"
+        metadata["method"] = "flow-cut"
+    elif backend == "scipy":
+        flows, metadata["proven"] = _flows_scipy(a, top)
+    else:
+        flows = _flows_networkx(a, top)
+    metadata["backend"] = backend if method == "exact" else None
     values = torch.zeros(patterns.shape[-1], dtype=torch.float64)
     values[keep[: top + 1]] = flows
-    return AttributionResult(
-        values=values,
-        layers=tuple(att.layers),
-        metadata={"method": "flow", "position": position, "index": int(t), "backend": backend},
-    )
+    return AttributionResult(values=values, layers=tuple(att.layers), note=note, metadata=metadata)
 
 
 def _edges(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -165,7 +188,61 @@ def _edges(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return layer * n + cols, (layer + 1) * n + rows, a[layer, rows, cols]
 
 
-def _flows_scipy(a: Tensor, top: int) -> Tensor:
+def _simple_cuts(w: Tensor) -> Tensor:
+    """Upper bounds of the flow from every source ``s`` to the last token: ``[T]``.
+
+    ``w [L, T, T]`` holds the capacities of the edges ``(l, j) -> (l + 1, i)``, causal, cut
+    to the output position (the sink is ``(L, T - 1)``). Every set ``S`` of nodes holding the
+    source and not the sink is a cut, and its capacity (the edges leaving ``S``) bounds the
+    flow. The smallest of two families is taken, for all sources together in O(L·T²):
+
+    - windows: ``S_l`` is every token ``>= s`` before layer ``m``, the tokens ``[s, θ)``
+      from layer ``m`` to ``e``, and none after ``e`` (or, with ``e = L``, every node of the
+      last layer but the sink), for every ``1 <= m <= e`` and ``s <= θ < T``. ``θ = s`` gives
+      the layer cuts, ``m = 1`` the source's own edges, and ``θ = s + 1`` a path along the
+      source token's own position;
+    - every reachable node but the sink (the sink's edges from tokens ``>= s``).
+
+    Integer ``w`` gives exact integer capacities.
+    """
+    n_layers, n = w.shape[0], w.shape[-1]
+    top = n - 1
+    suffix = lambda x, dim: x.flip(dim).cumsum(dim).flip(dim)  # noqa: E731 - Σ from here up
+    sink = suffix(w[n_layers - 1, top], 0)  # [s]: Σ_{j >= s} w[L-1, top, j]
+    if n_layers == 1:
+        return w[0, top]  # the source's one edge to the sink is the whole graph
+    whole = suffix(suffix(w, 1), 2)  # [l, θ, s]: Σ_{i >= θ} Σ_{j >= s} w[l, i, j]
+    tokens = torch.arange(n)
+    within = lambda x: x[None, :] - x[:, None]  # noqa: E731 - [θ, s]: Σ over j in [s, θ)
+    across = whole - whole[:, tokens, tokens][:, :, None]  # Σ_{i >= θ} Σ_{s <= j < θ} w[l]
+    leaving = suffix(w.sum(1), 1)  # [l, s]: Σ_{j >= s} (every edge out of (l, j))
+    # cost of the cut edges into layers <= l, the window [s, θ) open at layer l
+    opened = suffix(w[0], 0)  # layer 1's window: the source's edges to tokens >= θ
+    best = torch.full_like(
+        opened, float("inf") if w.is_floating_point() else torch.iinfo(w.dtype).max
+    )
+    for layer in range(1, n_layers - 1):
+        best = torch.minimum(best, opened + within(leaving[layer]))  # none after this layer
+        opened = torch.minimum(opened + across[layer], whole[layer])  # open on, or open now
+    best = torch.minimum(best, opened + within(sink))  # the last layer: only the sink's edges
+    best = best.masked_fill(tokens[:, None] < tokens[None, :], best.max())  # θ < s: no window
+    return torch.minimum(best.amin(0), sink)
+
+
+# pruning thresholds tried before the whole graph, as fractions of a capacity of 1
+_PRUNE = (1e-2, 1e-3)
+# sources in blocks of this many tokens share a first graph cut to the tokens they reach
+_BLOCK = 16
+
+
+def _flows_scipy(a: Tensor, top: int) -> tuple[Tensor, dict[str, int]]:
+    """Exact max flow from every input token, integer capacities ``round(Â · 2^30)``.
+
+    A flow found on a graph without the small edges is a flow of the whole graph; when its
+    value equals one of :func:`_simple_cuts` (integers, compared exactly), that cut proves it
+    maximal, and it is the value the whole graph's max flow has. Sources not proven this way
+    are solved again on a denser graph, and last on the whole one.
+    """
     try:
         from scipy.sparse import csr_array
         from scipy.sparse.csgraph import maximum_flow
@@ -174,14 +251,36 @@ def _flows_scipy(a: Tensor, top: int) -> Tensor:
             "attention flow uses SciPy; install with `pip install 'oculi[stats]'`"
         ) from None
     n_layers, n = a.shape[0], a.shape[-1]
-    src, dst, cap = _edges(a)
     scale = 2**30
-    ints = (cap * scale).round().to(torch.int32).numpy()
-    size = (n_layers + 1) * n
-    graph = csr_array((ints, (src.numpy(), dst.numpy())), shape=(size, size))
-    sink = n_layers * n + top
-    out = [maximum_flow(graph, j, sink, method="dinic").flow_value / scale for j in range(n)]
-    return torch.tensor(out, dtype=torch.float64)
+    ints = (a * scale).round().to(torch.int64).tril()
+    bound = _simple_cuts(ints).tolist()
+    whole = ints > 0
+    levels = [whole & (ints >= int(fraction * scale)) for fraction in _PRUNE] + [whole]
+    for keep in levels[:-1]:  # the source's and the sink's edges stay: the cuts use them
+        keep[0], keep[n_layers - 1, top] = whole[0], whole[n_layers - 1, top]
+
+    @functools.cache
+    def graph(level: int, first: int) -> Any:
+        """Level ``level``'s graph over tokens ``>= first`` (the only ones reachable)."""
+        keep, caps = levels[level][:, first:, first:], ints[:, first:, first:]
+        width = n - first
+        layer, rows, cols = keep.nonzero(as_tuple=True)
+        ids = ((layer * width + cols).numpy(), ((layer + 1) * width + rows).numpy())
+        size = (n_layers + 1) * width
+        return csr_array((caps[layer, rows, cols].to(torch.int32).numpy(), ids), (size, size))
+
+    names = [f"edges >= {fraction:g}" for fraction in _PRUNE] + ["whole graph"]
+    out, proven = [], dict.fromkeys(names, 0)
+    for s in range(n):
+        for level, name in enumerate(names):
+            base = s - s % _BLOCK if level == 0 else 0
+            sink = n_layers * (n - base) + top - base
+            value = maximum_flow(graph(level, base), s - base, sink, method="dinic").flow_value
+            if value == bound[s] or level == len(names) - 1:
+                proven[name] += 1
+                break
+        out.append(value / scale)
+    return torch.tensor(out, dtype=torch.float64), proven
 
 
 def _flows_networkx(a: Tensor, top: int) -> Tensor:
