@@ -42,9 +42,8 @@ def test_dla_adds_up_to_the_models_logit(tiny, family):
     ref = pre_cap_logits(adapter, ids)
     target = int(ref[-1].argmax())
     for position in (-1, 4):
-        dla = AttributionMethods.direct_logit_attribution(
-            full, target, position=position, adapter=adapter
-        )
+        # the capture holds all it needs, a LayerNorm's bias (GPT-2, NeoX) included
+        dla = AttributionMethods.direct_logit_attribution(full, target, position=position)
         want = float(ref[position, target])
         assert float(dla.total) == pytest.approx(want, rel=1e-4, abs=1e-5)
         assert float(dla.logit) == pytest.approx(want, rel=1e-4, abs=1e-5)
@@ -96,6 +95,18 @@ def test_dla_several_positions_at_once(tiny):
     torch.testing.assert_close(dla.total.float(), ref[[0, 3, -1], 7], rtol=1e-4, atol=1e-5)
 
 
+def test_dla_of_a_saved_gpt2_capture_after_reattaching(tiny, tmp_path):
+    adapter = tiny["gpt2"]
+    ids = prompt_ids()
+    adapter.capture_full(ids).save(tmp_path / "full.safetensors")
+    loaded = oculi.load_capture(tmp_path / "full.safetensors")
+    loaded.logits.attach_unembedding(adapter)  # the unembedding and the final norm's bias
+    dla = AttributionMethods.direct_logit_attribution(loaded, 3)
+    want = float(pre_cap_logits(adapter, ids)[-1, 3])
+    assert float(dla.total) == pytest.approx(want, rel=1e-4, abs=1e-5)
+    assert float(adapter.final_norm_bias().abs().sum()) > 0  # the bias is really there
+
+
 def test_seed_form_residual_and_unembed(tiny):
     adapter = tiny["llama_mha"]
     ids = prompt_ids()
@@ -121,8 +132,13 @@ def test_dla_refuses_partial_captures_and_bad_targets(tiny):
     full = adapter.capture_full(ids)
     with pytest.raises(InputError, match="outside the vocabulary"):
         AttributionMethods.direct_logit_attribution(full, 10**7)
-    with pytest.raises(InputError, match="LayerNorm"):
-        AttributionMethods.direct_logit_attribution(tiny["gpt2"].capture_full(ids), 3)
+    gpt2 = tiny["gpt2"].capture_full(ids)
+    gpt2.logits.final_norm_bias = None  # as a hand-made capture would lack it
+    with pytest.raises(InputError, match="LayerNorm whose bias"):
+        AttributionMethods.direct_logit_attribution(gpt2, 3)
+    with_adapter = AttributionMethods.direct_logit_attribution(gpt2, 3, adapter=tiny["gpt2"])
+    want = float(pre_cap_logits(tiny["gpt2"], ids)[-1, 3])
+    assert float(with_adapter.total) == pytest.approx(want, rel=1e-4, abs=1e-5)
     with pytest.raises(InputError, match="head_contributions"):
         AttributionMethods.head_attribution(full, 3)
 

@@ -180,19 +180,20 @@ def _frozen_map(
     return a.masked_fill(zero, 0.0), b
 
 
-def _final_norm_bias(family: str | None, adapter: Any) -> tuple[Tensor | None, bool]:
+def _final_norm_bias(family: str | None, adapter: Any, recorded: Any) -> tuple[Tensor | None, bool]:
+    """``(the final LayerNorm's bias, centred)``: from ``adapter`` when given, else as the
+    capture recorded it; RMSNorm families have neither."""
     if family not in _LAYERNORM_FAMILIES:
         return None, False
-    if adapter is None:
+    if adapter is not None:
+        return adapter.final_norm_bias(), True
+    if recorded is None:
         raise InputError(
-            f"the final norm of a {family} model is a LayerNorm whose bias the capture does not "
-            "hold; pass adapter= (the model's adapter) so oculi can read it"
+            f"the final norm of a {family} model is a LayerNorm whose bias this capture does "
+            "not hold (loaded from disk?); call full.logits.attach_unembedding(adapter) or "
+            "pass adapter="
         )
-    from oculi.models.anatomy import get_path
-
-    norm = get_path(adapter.model, adapter.anatomy.final_norm)
-    bias = getattr(norm, "bias", None)
-    return (bias.detach() if bias is not None else None), True
+    return recorded, True
 
 
 def _project(share: Tensor, u: Tensor) -> Tensor:
@@ -246,7 +247,7 @@ def dla_full(
 
     w, const = _direction(lc.unembed, lc.unembed_bias, target)
     family = full.metadata.get("family", residual.metadata.get("family"))
-    norm_bias, center = _final_norm_bias(family, adapter)
+    norm_bias, center = _final_norm_bias(family, adapter, lc.final_norm_bias)
     x = _gather(streams["final"], index)
     normed = _gather(_rows(lc.final_normalized, single), index)
     a, b = _frozen_map(x, normed, norm_bias, center)
@@ -376,8 +377,8 @@ def direct_logit_attribution(
       residual and the logits (``adapter.capture_full(ids)``'s defaults; add
       ``CaptureConfig(capture_head_contributions=True)`` for ``.heads``). The final norm's
       per-position scale is frozen from the actual forward (read off the capture), so the
-      shares add up to the model's logit. GPT-2 and GPT-NeoX need ``adapter=`` too (their
-      final LayerNorm's bias is not in the capture).
+      shares add up to the model's logit; a LayerNorm's bias (GPT-2, GPT-NeoX) is read from
+      the capture (``adapter=`` reads it from the model instead).
     * the seed's ``(residual, unembed, target, position)`` on a ``ResidualCapture`` with
       ``W_U [V, d]``; pass ``final_norm=model.model.norm`` to go through the final norm
       (else the raw residual is projected, not the model's logit; ``.note`` says so).

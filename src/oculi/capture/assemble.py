@@ -195,5 +195,6 @@ def _logit_capture(adapter, batch, recorded, layers, cfg: LogitConfig, meta) -> 
         chunk_size=cfg.chunk_size,
         strategy=cfg.strategy,
         final_normalized=final[0] if batch.single else final,
+        final_norm_bias=adapter.final_norm_bias(),
         metadata=dict(meta),
     )

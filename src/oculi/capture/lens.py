@@ -133,6 +133,8 @@ class LogitCapture(LayerIndexed, Storable):
         strategy: how the top-k pass blocks its work (:func:`choose_lens_strategy`).
         final_normalized: the last layer's normalised residual ``[T, d]``, the reference of
             :meth:`kl_to_final` (kept even when the last layer is not in ``layers``).
+        final_norm_bias: the final norm's additive bias ``[d]`` (zeros when it has none),
+            shared with the model like ``unembed``; direct logit attribution reads it.
     """
 
     layers: tuple[int, ...]
@@ -144,6 +146,7 @@ class LogitCapture(LayerIndexed, Storable):
     chunk_size: int | None = None
     strategy: LensStrategy = "auto"
     final_normalized: torch.Tensor | None = None
+    final_norm_bias: torch.Tensor | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     _topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
@@ -159,6 +162,7 @@ class LogitCapture(LayerIndexed, Storable):
     def attach_unembedding(self, adapter: Any) -> LogitCapture:
         """Reconnect a loaded capture to its model's unembedding so lazy methods work again."""
         self.unembed, self.unembed_bias, self.softcap = adapter.unembedding()
+        self.final_norm_bias = adapter.final_norm_bias()
         return self
 
     def _w(self) -> torch.Tensor:

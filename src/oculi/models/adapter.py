@@ -138,6 +138,13 @@ class Adapter:
         weight, bias = cast(torch.Tensor, head.weight), cast("torch.Tensor | None", head.bias)
         return weight.detach(), (bias.detach() if bias is not None else None), cap
 
+    def final_norm_bias(self) -> torch.Tensor:
+        """The final norm's additive bias ``[d]`` (a LayerNorm's), zeros when it has none."""
+        bias = getattr(self.module(self.anatomy.final_norm), "bias", None)
+        if isinstance(bias, torch.Tensor):
+            return bias.detach()
+        return torch.zeros(self.d_model, device=self.device, dtype=self.dtype)
+
     # -- validation ----------------------------------------------------------------------
     def resolve_layer(self, layer: int) -> int:
         """Normalise a layer index (negatives count from the end) or raise ``LayerIndexError``."""
