@@ -256,6 +256,18 @@ def test_flow_cut_families_on_a_hand_built_graph():
     torch.testing.assert_close(torch.stack(paths), want)
 
 
+def test_flow_at_several_positions_is_each_position_alone():
+    cap = layered_capture(3, 8, seed=3, spread=2.0)
+    for method in ("exact", "cut"):
+        many = AttributionMethods.attention_flow(cap, [7, 2, -3], method=method)
+        assert many.values.shape == (3, 8) and many.metadata["index"] == [7, 2, 5]
+        for row, q in enumerate((7, 2, 5)):
+            one = AttributionMethods.attention_flow(cap, q, method=method).values
+            torch.testing.assert_close(many.values[row], one, rtol=0, atol=0)
+    with pytest.raises(InputError, match="non-empty"):
+        AttributionMethods.attention_flow(cap, [])
+
+
 def test_flow_rejects_an_unknown_method():
     with pytest.raises(ValueError, match="'exact' or 'cut'"):
         AttributionMethods.attention_flow(two_layer_capture(), method="approx")

@@ -230,3 +230,10 @@ def real_positions(
         index = row.nonzero().flatten().tolist()
         out.append([index[check_index(p, len(index), "position")] for p in positions])
     return torch.tensor(out, dtype=torch.long)
+
+
+def as_positions(position: Any) -> tuple[bool, list[int]]:
+    """``(one position given, the positions as a list)``."""
+    if isinstance(position, int) or (isinstance(position, Tensor) and position.dim() == 0):
+        return True, [int(position)]
+    return False, [int(p) for p in position]

@@ -40,7 +40,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from oculi.analysis._common import real_positions
+from oculi.analysis._common import as_positions, real_positions
 from oculi.capture.structures import FullCapture, ResidualCapture
 from oculi.errors import InputError
 
@@ -203,13 +203,6 @@ def _project(share: Tensor, u: Tensor) -> Tensor:
     return (share * u).sum(-1).movedim(-1, 1)
 
 
-def _as_positions(position: Any) -> tuple[bool, list[int]]:
-    """``(one position given, the positions as a list)``."""
-    if isinstance(position, int) or (isinstance(position, Tensor) and position.dim() == 0):
-        return True, [int(position)]
-    return False, [int(p) for p in position]
-
-
 def _squeeze(t: Tensor | None, single: bool, one_pos: bool) -> Tensor | None:
     if t is None:
         return None
@@ -236,7 +229,7 @@ def dla_full(
         )
     if lc.final_normalized is None:
         raise InputError("this capture's logits lack final_normalized; recapture with oculi")
-    one_pos, positions = _as_positions(position)
+    one_pos, positions = as_positions(position)
     if not positions:
         raise InputError("position must be an int or a non-empty list of ints")
     residual = full.residual
