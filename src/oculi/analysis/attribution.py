@@ -24,8 +24,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from oculi.analysis._common import real_positions
-from oculi.analysis.dla import AttributionResult, direct_logit_attribution
+from oculi.analysis.dla import direct_logit_attribution
 from oculi.analysis.flow import attention_flow, attention_rollout, value_weighted_attention
+from oculi.analysis.result import AttributionResult
 from oculi.capture.structures import ResidualCapture
 from oculi.errors import InputError
 

@@ -33,7 +33,6 @@ in ``.note``, and ``.capped_logit`` is what the model outputs.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -41,60 +40,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from oculi.analysis._common import as_positions, real_positions
+from oculi.analysis.result import AttributionResult
 from oculi.capture.structures import FullCapture, ResidualCapture
 from oculi.errors import InputError
 
 # families whose final norm is a LayerNorm with a bias (the rest use RMSNorm)
 _LAYERNORM_FAMILIES = frozenset({"gpt2", "gpt_neox"})
-
-
-@dataclass
-class AttributionResult:
-    """An attribution: ``.values`` plus, for direct logit attribution, its parts.
-
-    Attributes:
-        values: the attribution (``[L]`` for direct logit attribution: attention + MLP per
-            layer; other methods document their own shape).
-        embedding: the embedding's share (DLA).
-        bias: everything constant: final-norm bias and unembedding bias (DLA).
-        attention, mlp: each layer's attention and MLP share ``[L]`` (DLA).
-        heads: each head's share ``[L, H]`` (DLA on a capture with head contributions).
-        attention_bias: the output projection bias's share per layer ``[L]`` (no head's).
-        logit: the logit (or logit difference) the shares add up to, from the capture's own
-            final normalised residual; pre-cap where the model soft-caps.
-        capped_logit: what the model outputs after its final soft-cap (``None`` without one).
-        layers: model layer index of each row of ``values``.
-        note: what was attributed, when it is not plainly the logit.
-        metadata: method-specific details (target, positions, ...).
-    """
-
-    values: Tensor
-    embedding: Tensor | None = None
-    bias: Tensor | None = None
-    attention: Tensor | None = None
-    mlp: Tensor | None = None
-    heads: Tensor | None = None
-    attention_bias: Tensor | None = None
-    logit: Tensor | None = None
-    capped_logit: Tensor | None = None
-    layers: tuple[int, ...] = ()
-    note: str = ""
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def _repr_html_(self) -> str | None:
-        """Jupyter's view of a DLA of one sequence and position, as in the report."""
-        if self.attention is None or self.mlp is None or self.attention.dim() != 1:
-            return None  # other methods and batched results: the plain repr
-        from oculi.visualize.views import attribution_view, notebook
-
-        return notebook(attribution_view(self), interactive=True)
-
-    @property
-    def total(self) -> Tensor:
-        """``values.sum(-1) + embedding + bias``: equals ``logit`` for an exact DLA."""
-        if self.embedding is None or self.bias is None:
-            raise InputError("total is defined for direct logit attribution results only")
-        return self.values.sum(-1) + self.embedding + self.bias
 
 
 # -- inputs ---------------------------------------------------------------------------------
@@ -196,11 +147,19 @@ def _final_norm_bias(family: str | None, adapter: Any, recorded: Any) -> tuple[T
     return recorded, True
 
 
-def _project(share: Tensor, u: Tensor) -> Tensor:
-    """``share [B, ..., P, d] · u [B, P, d]`` -> ``[B, P, ...]``."""
-    extra = share.dim() - 3
-    u = u.reshape(u.shape[0], *([1] * extra), *u.shape[1:])
-    return (share * u).sum(-1).movedim(-1, 1)
+def _project(stream: Tensor, index: Tensor, u: Tensor) -> Tensor:
+    """``stream [B, L, ..., T, d]`` at ``index [B, P]``, dotted with ``u [B, P, d]`` in
+    float64: ``[B, P, L, ...]``.
+
+    One layer at a time, so the float64 copy of the positions read stays small (all layers'
+    per-head writes at every position would be a 50 MB copy for Gemma 3 270M).
+    """
+    out = []
+    for layer in range(stream.shape[1]):
+        share = _gather(stream[:, layer], index)  # [B, ..., P, d]
+        ones = [1] * (share.dim() - 3)
+        out.append((share * u.reshape(u.shape[0], *ones, *u.shape[1:])).sum(-1))
+    return torch.stack(out, 1).movedim(-1, 1)  # [B, L, ..., P] -> [B, P, L, ...]
 
 
 def _squeeze(t: Tensor | None, single: bool, one_pos: bool) -> Tensor | None:
@@ -251,8 +210,8 @@ def dla_full(
     bias = (b * w).sum(-1) + const.to(a.device)  # the frozen map's constant part
     logit = (normed * w).sum(-1) + const.to(a.device)
 
-    attention = _project(_gather(streams["attention"], index), u)  # [B, P, L]
-    mlp = _project(_gather(streams["mlp"], index), u)
+    attention = _project(streams["attention"], index, u)  # [B, P, L]
+    mlp = _project(streams["mlp"], index, u)
     embedding = (_gather(streams["embedding"], index) * u).sum(-1)
     heads = _heads(full, index, u, single)
     result = _assemble(
@@ -275,7 +234,7 @@ def _heads(full: FullCapture, index: Tensor, u: Tensor, single: bool) -> Tensor 
     if tuple(att.layers) != tuple(range(n_model)):
         return None
     contrib = _rows(att.head_contributions, single)  # [B, L, H, T, d]
-    return _project(_gather(contrib, index), u)  # [B, P, L, H]
+    return _project(contrib, index, u)  # [B, P, L, H]
 
 
 def _assemble(attention, mlp, embedding, bias, logit, heads, softcap) -> AttributionResult:
@@ -335,8 +294,8 @@ def dla_residual(
     else:
         normed, u, b = x, w.expand_as(x), torch.zeros_like(w)
         note = "no final_norm given: the raw residual is projected on W_U (not the model's logit)"
-    attention = _project(_gather(streams["attention"], index), u)
-    mlp = _project(_gather(streams["mlp"], index), u)
+    attention = _project(streams["attention"], index, u)
+    mlp = _project(streams["mlp"], index, u)
     embedding = (_gather(streams["embedding"], index) * u).sum(-1)
     bias = ((b * w).sum(-1) + const).expand_as(embedding)
     logit = (normed * w).sum(-1) + const

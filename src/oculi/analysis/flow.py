@@ -46,7 +46,7 @@ from oculi.analysis._common import (
     real_mask,
     real_positions,
 )
-from oculi.analysis.dla import AttributionResult
+from oculi.analysis.result import AttributionResult
 from oculi.errors import InputError, MissingExtraError
 
 
