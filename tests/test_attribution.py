@@ -268,6 +268,22 @@ def test_flow_at_several_positions_is_each_position_alone():
         AttributionMethods.attention_flow(cap, [])
 
 
+def test_flow_of_a_padded_batch_is_each_row_alone(tiny):
+    adapter = tiny["llama_gqa"]
+    short, long = prompt_ids(6, seed=1), prompt_ids(9, seed=2)
+    ids = torch.zeros(2, 9, dtype=torch.long)
+    ids[0, 3:], ids[1] = short, long  # left padding
+    mask = (torch.arange(9) >= torch.tensor([[3], [0]])).long()
+    batch = adapter.capture(ids, attention_mask=mask)
+    for method in ("exact", "cut"):
+        flow = AttributionMethods.attention_flow(batch, [-1, 1], method=method)
+        assert flow.values.shape == (2, 2, 9) and flow.metadata["index"] == [[8, 4], [8, 1]]
+        assert flow.values[0, :, :3].isnan().all()  # padding
+        for row, (one, cols) in enumerate(((short, slice(3, 9)), (long, slice(0, 9)))):
+            alone = AttributionMethods.attention_flow(adapter.capture(one), [-1, 1], method=method)
+            torch.testing.assert_close(flow.values[row, :, cols], alone.values, atol=1e-6, rtol=0)
+
+
 def test_flow_rejects_an_unknown_method():
     with pytest.raises(ValueError, match="'exact' or 'cut'"):
         AttributionMethods.attention_flow(two_layer_capture(), method="approx")

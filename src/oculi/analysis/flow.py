@@ -140,8 +140,8 @@ def attention_flow(
     """Maximum attention flow from each input token to ``position`` at the top layer.
 
     Args:
-        capture: an ``AttentionCapture`` (or ``FullCapture``) of one sequence, patterns of
-            every layer from 0.
+        capture: an ``AttentionCapture`` (or ``FullCapture``), patterns of every layer from
+            0; a padded batch is taken row by row on its real tokens.
         position: the output position (counted among real tokens; ``-1``: the last), or a
             list of them.
         residual, head_reduction: as in :func:`attention_rollout`.
@@ -157,8 +157,9 @@ def attention_flow(
             not the flow.
 
     Returns:
-        ``.values [T]`` (``[P, T]`` for a list of positions): the flow from each input token
-        (0 after the position, which it cannot reach in a causal model).
+        ``.values [T]`` (``[P, T]`` for a list of positions; ``[B, ...]`` for a batch, padding
+        ``NaN``): the flow from each input token (0 after the position, which it cannot
+        reach in a causal model).
         ``.metadata["proven"]`` (exact, SciPy) counts the tokens whose flow on a pruned graph
         met a cut, and those solved on a denser or the whole graph.
     """
@@ -168,39 +169,42 @@ def attention_flow(
         raise ValueError(f"method must be 'exact' or 'cut', got {method!r}")
     att = attention_of(capture)
     patterns = field(att, "patterns")
-    if is_batched(patterns, "patterns"):
-        raise InputError("attention_flow reads one sequence; capture one prompt")
+    batched = is_batched(patterns, "patterns")
     _check_consecutive(att.layers)
     one, positions = as_positions(position)
     if not positions:
         raise InputError("position must be an int or a non-empty list of ints")
-    ((p, keep),) = _rows(patterns, att.metadata, False)
-    index = real_positions(att.metadata, None, patterns.shape[-1], positions)[0]
-    mixed = _residual_mixed(p, head_reduction, residual).cpu()
-    values = torch.zeros(len(positions), patterns.shape[-1], dtype=torch.float64)
+    rows = _rows(patterns, att.metadata, batched)
+    n_pos = patterns.shape[-1]
+    index = real_positions(att.metadata, len(rows) if batched else None, n_pos, positions)
+    values = torch.full((len(rows), len(positions), n_pos), float("nan"), dtype=torch.float64)
     proven: dict[str, int] = {}
-    for row, t in enumerate(index.tolist()):
-        top = int((keep == t).nonzero()[0, 0])
-        a = mixed[:, : top + 1, : top + 1]
-        if method == "cut":
-            flows = _simple_cuts(a.tril())
-        elif backend == "scipy":
-            flows, counts = _flows_scipy(a, top)
-            proven = {k: proven.get(k, 0) + v for k, v in counts.items()}
-        else:
-            flows = _flows_networkx(a, top)
-        values[row, keep[: top + 1]] = flows
+    for b, (p, keep) in enumerate(rows):
+        mixed = _residual_mixed(p, head_reduction, residual).cpu()
+        values[b, :, keep] = 0.0  # real tokens after the position cannot reach it
+        for row, t in enumerate(index[b].tolist()):
+            top = int((keep == t).nonzero()[0, 0])
+            a = mixed[:, : top + 1, : top + 1]
+            if method == "cut":
+                flows = _simple_cuts(a.tril())
+            elif backend == "scipy":
+                flows, counts = _flows_scipy(a, top)
+                proven = {k: proven.get(k, 0) + v for k, v in counts.items()}
+            else:
+                flows = _flows_networkx(a, top)
+            values[b, row, keep[: top + 1]] = flows
+    out = values[:, 0] if one else values
     metadata: dict[str, Any] = {
         "method": "flow" if method == "exact" else "flow-cut",
         "position": position,
-        "index": int(index[0]) if one else index.tolist(),
+        "index": (index if batched else index[0])[..., 0 if one else slice(None)].tolist(),
         "backend": backend if method == "exact" else None,
     }
     if proven:
         metadata["proven"] = proven
     note = "an upper bound of the flow: the smallest of a family of cuts" if method == "cut" else ""
     return AttributionResult(
-        values=values[0] if one else values, layers=tuple(att.layers), note=note, metadata=metadata
+        values=out if batched else out[0], layers=tuple(att.layers), note=note, metadata=metadata
     )
 
 
