@@ -70,12 +70,17 @@ def test_gemma2_soft_cap_is_stated_and_the_pre_cap_logit_exact(tiny):
     assert abs(float(pre[target]) - float(capped[target])) > 1e-3  # the cap does bite here
 
 
-def test_dla_logit_difference_and_padded_batch(tiny):
-    adapter = tiny["llama_gqa"]
+def padded_pair():
+    """Two prompts of 6 and 9 tokens, the short one left-padded: ``(short, long, ids, mask)``."""
     short, long = prompt_ids(6, seed=1), prompt_ids(9, seed=2)
     ids = torch.zeros(2, 9, dtype=torch.long)
-    ids[0, 3:], ids[1] = short, long  # left padding
-    mask = (torch.arange(9) >= torch.tensor([[3], [0]])).long()
+    ids[0, 3:], ids[1] = short, long
+    return short, long, ids, (torch.arange(9) >= torch.tensor([[3], [0]])).long()
+
+
+def test_dla_logit_difference_and_padded_batch(tiny):
+    adapter = tiny["llama_gqa"]
+    short, long, ids, mask = padded_pair()
     batch = adapter.capture_full(ids, attention_mask=mask)
     a, b = 5, 17
     dla = AttributionMethods.direct_logit_attribution(batch, (a, b))
@@ -270,10 +275,7 @@ def test_flow_at_several_positions_is_each_position_alone():
 
 def test_flow_of_a_padded_batch_is_each_row_alone(tiny):
     adapter = tiny["llama_gqa"]
-    short, long = prompt_ids(6, seed=1), prompt_ids(9, seed=2)
-    ids = torch.zeros(2, 9, dtype=torch.long)
-    ids[0, 3:], ids[1] = short, long  # left padding
-    mask = (torch.arange(9) >= torch.tensor([[3], [0]])).long()
+    short, long, ids, mask = padded_pair()
     batch = adapter.capture(ids, attention_mask=mask)
     for method in ("exact", "cut"):
         flow = AttributionMethods.attention_flow(batch, [-1, 1], method=method)
