@@ -107,6 +107,13 @@ def test_seed_ch7_attribution(gemma):
     assert weighted.values.shape == full.attention.patterns.shape
 
 
+def test_flow_on_repeated_tokens_is_the_whole_graph_flow(repeated):
+    # 41 tokens, where induction heads attend far back: every token proven or solved
+    flow = AttributionMethods.attention_flow(repeated)
+    torch.testing.assert_close(flow.values, whole_graph_flow(repeated), rtol=0, atol=0)
+    assert sum(flow.metadata["proven"].values()) == 41
+
+
 def test_seed_ch8_composition(gemma, repeated):
     # the seed passes only the capture; weight composition needs the weights: the adapter
     qk = CompositionAnalysis.qk_composition(gemma, source=(10, 1), target=(16, 3))

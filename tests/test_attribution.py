@@ -228,6 +228,30 @@ def test_flow_is_the_networkx_max_flow_and_the_cut_bounds_it(layers, t, spread):
             assert not cut.values[position + 1 :].any()  # later tokens cannot reach it
 
 
+def test_flow_cut_bound_and_exact_flow_on_random_sparse_graphs():
+    # capacities with many zero edges, 1-5 layers, 1-7 tokens: every bound is at least the
+    # networkx max flow, and the pruned-and-proven SciPy flow is that max flow
+    from oculi.analysis.flow import _flows_networkx, _flows_scipy, _simple_cuts
+
+    gen = torch.Generator().manual_seed(0)
+    tight = total = 0
+    for _ in range(150):
+        layers, t = (
+            int(torch.randint(1, 6, (1,), generator=gen)),
+            int(torch.randint(1, 8, (1,), generator=gen)),
+        )
+        a = torch.rand(layers, t, t, generator=gen, dtype=torch.float64)
+        a = (a * (torch.rand(layers, t, t, generator=gen) < 0.6)).tril()
+        a = 0.5 * a / a.sum(-1, keepdim=True).clamp(min=1e-9) + 0.5 * torch.eye(t)
+        exact = _flows_networkx(a, t - 1)
+        cut = _simple_cuts(a)
+        assert bool((cut >= exact - 1e-12).all())
+        torch.testing.assert_close(_flows_scipy(a, t - 1)[0], exact, rtol=0, atol=1e-8)
+        tight += int(((cut - exact).abs() < 1e-9).sum())
+        total += t
+    assert tight < total  # some minimum cuts are outside the family: the fallback is exercised
+
+
 def test_flow_falls_back_to_the_whole_graph_when_small_edges_carry_it():
     # 60 tokens with near-uniform attention: every edge off the diagonal is below 1e-2, so the
     # pruned graph cannot reach the bound and the denser graphs must prove or solve each token
