@@ -231,7 +231,7 @@ def test_flow_is_the_networkx_max_flow_and_the_cut_bounds_it(layers, t, spread):
 def test_flow_cut_bound_and_exact_flow_on_random_sparse_graphs():
     # capacities with many zero edges, 1-5 layers, 1-7 tokens: every bound is at least the
     # networkx max flow, and the pruned-and-proven SciPy flow is that max flow
-    from oculi.analysis.flow import _flows_networkx, _flows_scipy, _simple_cuts
+    from oculi.analysis.flow import _flows_networkx, _flows_scipy, cut_bounds
 
     gen = torch.Generator().manual_seed(0)
     tight = total = 0
@@ -244,7 +244,7 @@ def test_flow_cut_bound_and_exact_flow_on_random_sparse_graphs():
         a = (a * (torch.rand(layers, t, t, generator=gen) < 0.6)).tril()
         a = 0.5 * a / a.sum(-1, keepdim=True).clamp(min=1e-9) + 0.5 * torch.eye(t)
         exact = _flows_networkx(a, t - 1)
-        cut = _simple_cuts(a)
+        cut = cut_bounds(a)
         assert bool((cut >= exact - 1e-12).all())
         torch.testing.assert_close(_flows_scipy(a, t - 1)[0], exact, rtol=0, atol=1e-8)
         tight += int(((cut - exact).abs() < 1e-9).sum())
@@ -272,14 +272,14 @@ def test_flow_cut_families_on_a_hand_built_graph():
         ],
         dtype=torch.float64,
     )
-    from oculi.analysis.flow import _simple_cuts
+    from oculi.analysis.flow import cut_bounds
 
     # s=0: S = {(0,0), (1,0)} cuts (0,0)->(1,1) 0.1, (0,0)->(1,2) 0.2, (1,0)->sink 0.1: 0.4,
     #      less than the source's edges (1.3) or the sink's (1.0)
     # s=1: S = {(0,1), (1,1)} cuts (0,1)->(1,2) 0.3 and (1,1)->sink 0.3: 0.6
     # s=2: the one path, min(0.5, 0.6)
     want = torch.tensor([0.4, 0.6, 0.5], dtype=torch.float64)
-    torch.testing.assert_close(_simple_cuts(a), want)
+    torch.testing.assert_close(cut_bounds(a), want)
     # each equals the sum of the path bottlenecks, the max flow of a two-layer graph
     paths = [sum(min(a[0, k, j], a[1, 2, k]) for k in range(j, 3)) for j in range(3)]
     torch.testing.assert_close(torch.stack(paths), want)

@@ -15,7 +15,7 @@ layers as a graph, nodes ``(layer, position)`` with an edge of capacity ``Â_l[i
 at the top (SciPy's compiled max-flow by default, networkx's on request). Both read the patterns only.
 
 The exact flow is found in two steps: a family of cuts bounds every token's flow at once
-(:func:`_simple_cuts`), and a max flow on the graph without its small edges that meets the
+(:func:`cut_bounds`), and a max flow on the graph without its small edges that meets the
 bound proves it (a flow and a cut of equal value are both optimal); tokens left unproven are
 solved on denser graphs, the last being the whole one. ``method="cut"`` returns the bound
 alone, a stated upper bound, about 20 times faster on Gemma 3 270M.
@@ -150,7 +150,7 @@ def attention_flow(
             about ``1e-6``) or ``"networkx"`` (float capacities, pure Python: seconds per
             input token on long prompts).
         method: ``"exact"`` (the max flow) or ``"cut"``: the smallest of a family of cuts
-            (:func:`_simple_cuts`), for every token in O(L·T²). A cut bounds the flow from
+            (:func:`cut_bounds`), for every token in O(L·T²). A cut bounds the flow from
             above, so ``"cut"`` is never below the exact value and equals it whenever the
             minimum cut is in the family; ``.note`` says so. On Gemma 3 270M it equalled the
             exact flow for 725 of 729 tokens (README, "Attention flow"), but it is a bound,
@@ -186,7 +186,7 @@ def attention_flow(
             top = int((keep == t).nonzero()[0, 0])
             a = mixed[:, : top + 1, : top + 1]
             if method == "cut":
-                flows = _simple_cuts(a.tril())
+                flows = cut_bounds(a.tril())
             elif backend == "scipy":
                 flows, counts = _flows_scipy(a, top)
                 proven = {k: proven.get(k, 0) + v for k, v in counts.items()}
@@ -215,7 +215,7 @@ def _edges(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return layer * n + cols, (layer + 1) * n + rows, a[layer, rows, cols]
 
 
-def _simple_cuts(w: Tensor) -> Tensor:
+def cut_bounds(w: Tensor) -> Tensor:
     """Upper bounds of the flow from every source ``s`` to the last token: ``[T]``.
 
     ``w [L, T, T]`` holds the capacities of the edges ``(l, j) -> (l + 1, i)``, causal, cut
@@ -266,7 +266,7 @@ def _flows_scipy(a: Tensor, top: int) -> tuple[Tensor, dict[str, int]]:
     """Exact max flow from every input token, integer capacities ``round(Â · 2^30)``.
 
     A flow found on a graph without the small edges is a flow of the whole graph; when its
-    value equals one of :func:`_simple_cuts` (integers, compared exactly), that cut proves it
+    value equals one of :func:`cut_bounds` (integers, compared exactly), that cut proves it
     maximal, and it is the value the whole graph's max flow has. Sources not proven this way
     are solved again on a denser graph, and last on the whole one.
     """
@@ -280,7 +280,7 @@ def _flows_scipy(a: Tensor, top: int) -> tuple[Tensor, dict[str, int]]:
     n_layers, n = a.shape[0], a.shape[-1]
     scale = 2**30
     ints = (a * scale).round().to(torch.int64).tril()
-    bound = _simple_cuts(ints).tolist()
+    bound = cut_bounds(ints).tolist()
     whole = ints > 0
     levels = [whole & (ints >= int(fraction * scale)) for fraction in _PRUNE] + [whole]
     for keep in levels[:-1]:  # the source's and the sink's edges stay: the cuts use them
