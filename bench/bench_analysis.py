@@ -64,6 +64,10 @@ def main() -> None:
             f"DLA per head, all {len(every)} positions",
             lambda: AttributionMethods.direct_logit_attribution(full, target, position=every),
         ),
+        (
+            "neuron DLA, last position, all layers",
+            lambda: AttributionMethods.neuron_attribution(full, target, adapter),
+        ),
         ("attention rollout", lambda: AttributionMethods.attention_rollout(full)),
         (
             "attention flow, exact (max flow per token, last position)",

@@ -98,6 +98,12 @@ def test_seed_ch7_attribution(gemma):
     heads = AttributionMethods.head_attribution(full, target_id)
     top = AttributionMethods.top_attributions(heads, k=10)
     assert len(top) == 10 and abs(top[0][1]) >= abs(top[-1][1])
+    # neurons, through Gemma's post-feedforward norm frozen: each layer's sum is its MLP share
+    neurons = AttributionMethods.neuron_attribution(full, target_id, gemma)
+    assert neurons.values.shape == (18, gemma.d_mlp)
+    torch.testing.assert_close(
+        neurons.values.sum(-1) + neurons.bias, dla.mlp, rtol=1e-4, atol=1e-4 * abs(logit)
+    )
     flow = AttributionMethods.attention_flow(full.attention)
     assert flow.values.shape == (full.attention.patterns.shape[-1],)
     torch.testing.assert_close(flow.values, whole_graph_flow(full.attention), rtol=0, atol=0)

@@ -100,6 +100,67 @@ def test_dla_several_positions_at_once(tiny):
     torch.testing.assert_close(dla.total.float(), ref[[0, 3, -1], 7], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_neurons_add_up_to_each_layers_mlp_share(tiny, family):
+    adapter = tiny[family]
+    ids = prompt_ids()
+    full = adapter.capture_full(ids)
+    target = int(pre_cap_logits(adapter, ids)[-1].argmax())
+    dla = AttributionMethods.direct_logit_attribution(full, target, position=[-1, 2])
+    neurons = AttributionMethods.neuron_attribution(full, target, adapter, position=[-1, 2])
+    assert neurons.values.shape == (2, adapter.n_layers, adapter.d_mlp)
+    torch.testing.assert_close(neurons.mlp, dla.mlp, rtol=0, atol=0)  # the same readout
+    summed = neurons.values.sum(-1) + neurons.bias
+    torch.testing.assert_close(summed, dla.mlp, rtol=1e-4, atol=1e-5)
+
+
+def test_neurons_against_a_hand_computation_on_llama(tiny):
+    # act_n · (W_down[:, n] · u), u = (w / rms(x)) ⊙ W_U[t] for the final RMSNorm, with the
+    # activations and the final residual read by plain torch hooks
+    adapter = tiny["llama_mha"]
+    model = adapter.model
+    ids = prompt_ids()
+    layer, target = 1, 11
+    seen = {}
+    hooks = [
+        model.model.layers[layer].mlp.down_proj.register_forward_hook(
+            lambda m, args, out: seen.__setitem__("act", args[0][0, -1].double())
+        ),
+        model.model.norm.register_forward_hook(
+            lambda m, args, out: seen.__setitem__("x", args[0][0, -1].double())
+        ),
+    ]
+    try:
+        with torch.no_grad():
+            model(ids[None])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    norm, down = model.model.norm, model.model.layers[layer].mlp.down_proj
+    rms = (seen["x"].pow(2).mean() + norm.variance_epsilon).sqrt()
+    u = norm.weight.detach().double() / rms * model.lm_head.weight[target].detach().double()
+    want = seen["act"] * (down.weight.detach().double().T @ u)
+    got = AttributionMethods.neuron_attribution(
+        adapter.capture_full(ids), target, adapter, layers=[layer]
+    )
+    assert got.layers == (layer,) and got.values.shape == (1, adapter.d_mlp)
+    torch.testing.assert_close(got.values[0], want, rtol=1e-4, atol=1e-6)
+    top = AttributionMethods.top_attributions(got, k=1)[0]
+    assert top[0][0] == layer and abs(top[1]) == pytest.approx(float(want.abs().max()), rel=1e-4)
+
+
+def test_neurons_refuse_what_they_cannot_attribute(tiny):
+    adapter = tiny["gemma3"]
+    ids = prompt_ids()
+    no_output = adapter.capture_full(ids, mlp=oculi.MLPConfig(capture_output=False))
+    with pytest.raises(InputError, match="capture_output=True"):
+        AttributionMethods.neuron_attribution(no_output, 3, adapter)
+    with pytest.raises(InputError, match="post_activation"):
+        AttributionMethods.neuron_attribution(adapter.capture_full(ids, mlp=None), 3, adapter)
+    with pytest.raises(oculi.LayerIndexError, match="no MLP capture"):
+        AttributionMethods.neuron_attribution(adapter.capture_full(ids), 3, adapter, layers=[40])
+
+
 def test_dla_of_a_saved_gpt2_capture_after_reattaching(tiny, tmp_path):
     adapter = tiny["gpt2"]
     ids = prompt_ids()

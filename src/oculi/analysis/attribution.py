@@ -5,11 +5,13 @@
     full = adapter.capture_full(ids, attention=CaptureConfig(capture_head_contributions=True))
     dla = AttributionMethods.direct_logit_attribution(full, target_id, position=-1)
     dla.values, dla.attention, dla.mlp, dla.heads      # [L], [L], [L], [L, H]
+    AttributionMethods.neuron_attribution(full, target_id, adapter).values   # [L, d_mlp]
     AttributionMethods.top_attributions(dla, k=5)      # [((layer, head), share), ...]
     AttributionMethods.attention_rollout(full)          # .values [L, T, T]
     AttributionMethods.gradient_x_input(adapter, prompt, target_id)   # .values [T]
 
-Direct logit attribution is exact (see :mod:`oculi.analysis.dla`); rollout, flow and
+Direct logit attribution is exact (see :mod:`oculi.analysis.dla`, and
+:mod:`oculi.analysis.neurons` for MLP neurons); rollout, flow and
 value-weighted attention are in :mod:`oculi.analysis.flow`. Gradient × input is the one method
 here that runs the model: one forward from the token embeddings and one backward, no hooks.
 """
@@ -26,6 +28,7 @@ from torch import Tensor
 from oculi.analysis._common import real_positions
 from oculi.analysis.dla import direct_logit_attribution
 from oculi.analysis.flow import attention_flow, attention_rollout, value_weighted_attention
+from oculi.analysis.neurons import neuron_attribution
 from oculi.analysis.result import AttributionResult
 from oculi.capture.structures import ResidualCapture
 from oculi.errors import InputError
@@ -58,6 +61,7 @@ class AttributionMethods:
     attention_flow = staticmethod(attention_flow)
     value_weighted_attention = staticmethod(value_weighted_attention)
     direct_logit_attribution = staticmethod(direct_logit_attribution)
+    neuron_attribution = staticmethod(neuron_attribution)
 
     @staticmethod
     def component_attribution(

@@ -33,6 +33,7 @@ in ``.note``, and ``.capped_logit`` is what the model outputs.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -171,10 +172,26 @@ def _squeeze(t: Tensor | None, single: bool, one_pos: bool) -> Tensor | None:
 
 
 # -- the attribution -------------------------------------------------------------------------
-def dla_full(
-    full: FullCapture, target: Any, position: int | Sequence[int] = -1, *, adapter: Any = None
-) -> AttributionResult:
-    """Exact DLA on a :class:`FullCapture` (see the module docstring)."""
+@dataclass
+class Readout:
+    """What turns a residual write into the target's logit at the positions asked for.
+
+    ``u [B, P, d]`` is the frozen final norm's direction (``a ⊙ W_U[target]``, centred for
+    LayerNorm): a write ``c`` at those positions adds ``u · c``. ``bias`` and ``logit`` are
+    ``[B, P]``; ``index [B, P]`` holds the tensor columns of the positions.
+    """
+
+    index: Tensor
+    u: Tensor
+    bias: Tensor
+    logit: Tensor
+    streams: dict[str, Tensor]
+    single: bool
+    one_pos: bool
+
+
+def readout(full: FullCapture, target: Any, position: Any, adapter: Any = None) -> Readout:
+    """The frozen final norm and unembedding of ``full`` at ``position`` (see the module)."""
     if full.residual is None or full.logits is None:
         raise InputError(
             "direct logit attribution needs the residual stream and the logits of one forward: "
@@ -209,20 +226,29 @@ def dla_full(
         u = u - u.mean(-1, keepdim=True)
     bias = (b * w).sum(-1) + const.to(a.device)  # the frozen map's constant part
     logit = (normed * w).sum(-1) + const.to(a.device)
+    return Readout(index, u, bias, logit, streams, single, one_pos)
 
-    attention = _project(streams["attention"], index, u)  # [B, P, L]
-    mlp = _project(streams["mlp"], index, u)
-    embedding = (_gather(streams["embedding"], index) * u).sum(-1)
-    heads = _heads(full, index, u, single)
+
+def dla_full(
+    full: FullCapture, target: Any, position: int | Sequence[int] = -1, *, adapter: Any = None
+) -> AttributionResult:
+    """Exact DLA on a :class:`FullCapture` (see the module docstring)."""
+    r = readout(full, target, position, adapter)
+    attention = _project(r.streams["attention"], r.index, r.u)  # [B, P, L]
+    mlp = _project(r.streams["mlp"], r.index, r.u)
+    embedding = (_gather(r.streams["embedding"], r.index) * r.u).sum(-1)
+    heads = _heads(full, r.index, r.u, r.single)
+    assert full.logits is not None  # readout checked it
     result = _assemble(
-        attention, mlp, embedding, bias.expand_as(embedding), logit, heads, lc.softcap
+        attention, mlp, embedding, r.bias.expand_as(embedding), r.logit, heads, full.logits.softcap
     )
-    result.layers = tuple(residual.layers)
-    result.metadata = {"target": target, "position": position, "positions": index.tolist()}
+    assert full.residual is not None
+    result.layers = tuple(full.residual.layers)
+    result.metadata = {"target": target, "position": position, "positions": r.index.tolist()}
     for name in ("values", "embedding", "bias", "attention", "mlp", "heads", "attention_bias"):
-        setattr(result, name, _squeeze(getattr(result, name), single, one_pos))
-    result.logit = _squeeze(result.logit, single, one_pos)
-    result.capped_logit = _squeeze(result.capped_logit, single, one_pos)
+        setattr(result, name, _squeeze(getattr(result, name), r.single, r.one_pos))
+    result.logit = _squeeze(result.logit, r.single, r.one_pos)
+    result.capped_logit = _squeeze(result.capped_logit, r.single, r.one_pos)
     return result
 
 
