@@ -167,6 +167,35 @@ def test_attribute_shares_add_up_to_the_models_logit(tiny_dir, hf):
     assert default["target_id"] == int(logits.argmax()) and len(default["top_heads"]) == 3
     text = invoke("attribute", PROMPT, "-m", str(tiny_dir), "-t", "red").stdout
     assert "sum of the shares" in text and "top heads: L" in text
+    assert "top neurons" not in text
+
+
+def test_attribute_neurons_are_the_largest_and_add_up(tiny_dir, hf):
+    out = as_json("attribute", PROMPT, "-m", str(tiny_dir), "-t", "red", "--neurons", "--top", "4")
+    top = out["top_neurons"]
+    assert len(top) == 4 and all(abs(a[2]) >= abs(b[2]) for a, b in zip(top, top[1:]))
+    # against the hand product act_n · (W_down[:, n] · u) of the largest one, u from the
+    # final RMSNorm of a plain forward
+    layer, neuron, value = top[0]
+    seen = {}
+    down = hf.model.layers[layer].mlp.down_proj
+    hooks = [
+        down.register_forward_hook(lambda m, a, o: seen.__setitem__("act", a[0][0, -1])),
+        hf.model.norm.register_forward_hook(lambda m, a, o: seen.__setitem__("x", a[0][0, -1])),
+    ]
+    try:
+        with torch.no_grad():
+            hf(ids(PROMPT))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    x, norm = seen["x"].double(), hf.model.norm
+    u = norm.weight.detach().double() / (x.pow(2).mean() + norm.variance_epsilon).sqrt()
+    u = u * hf.lm_head.weight[tok("red")].detach().double()
+    want = float(seen["act"][neuron].double() * (down.weight[:, neuron].detach().double() @ u))
+    assert value == pytest.approx(want, rel=1e-4, abs=1e-6)
+    text = invoke("attribute", PROMPT, "-m", str(tiny_dir), "-t", "red", "--neurons").stdout
+    assert "top neurons: L" in text
 
 
 def test_patch_endpoints_are_the_models_logit_differences(tiny_dir, hf):

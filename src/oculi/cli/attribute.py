@@ -16,7 +16,9 @@ from oculi.cli._options import emit_json, json_option, load_adapter, model_optio
 @click.option("--wrong", default=None,
               help="A competing token: attribute the logit difference target - wrong.")  # fmt: skip
 @click.option("--top", "top_k", default=10, show_default=True, type=click.IntRange(min=1),
-              help="Heads listed.")  # fmt: skip
+              help="Heads (and neurons) listed.")  # fmt: skip
+@click.option("--neurons", is_flag=True,
+              help="Also attribute to every MLP neuron and list the largest.")  # fmt: skip
 @model_options
 @json_option
 def attribute(
@@ -24,6 +26,7 @@ def attribute(
     target: str | None,
     wrong: str | None,
     top_k: int,
+    neurons: bool,
     as_json: bool,
     **model_opts: Any,
 ) -> None:
@@ -40,7 +43,9 @@ def attribute(
     )
 
     adapter = load_adapter(**model_opts)
-    dla, target_id, wrong_id = direct_logit_attribution(adapter, prompt, target, wrong)
+    dla, target_id, wrong_id = direct_logit_attribution(
+        adapter, prompt, target, wrong, neurons=neurons
+    )
     out = attribution_numbers(adapter, dla, target_id, wrong_id, top_k)
     if as_json:
         emit_json({"prompt": prompt, **out})
@@ -57,3 +62,6 @@ def attribute(
     rows.append(["const", "", "", f"{out['bias']:+.4f}"])
     click.echo(table(rows, ["layer", "attention", "MLP", "total"]))
     click.echo("top heads: " + ", ".join(f"L{ly}.H{h} {v:+.3f}" for ly, h, v in out["top_heads"]))
+    if "top_neurons" in out:
+        top = out["top_neurons"]
+        click.echo("top neurons: " + ", ".join(f"L{ly}.N{n} {v:+.3f}" for ly, n, v in top))

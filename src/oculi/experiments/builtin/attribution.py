@@ -32,12 +32,18 @@ class AttributionConfig(ExperimentConfig):
 
 
 def direct_logit_attribution(
-    adapter: Any, prompt: str, target: str | int | None = None, wrong: str | int | None = None
+    adapter: Any,
+    prompt: str,
+    target: str | int | None = None,
+    wrong: str | int | None = None,
+    *,
+    neurons: bool = False,
 ) -> tuple[Any, int, int | None]:
     """``(AttributionResult, target id, wrong id)`` at the last position of ``prompt``, with
-    per-head shares (one forward pass)."""
+    per-head shares (one forward pass); ``neurons=True`` also records the MLP neurons and
+    puts their attribution in ``result.metadata["neurons"]``."""
     from oculi.analysis import AttributionMethods
-    from oculi.capture import CaptureConfig
+    from oculi.capture import CaptureConfig, MLPConfig
 
     heads = CaptureConfig(
         capture_queries=False,
@@ -46,7 +52,11 @@ def direct_logit_attribution(
         capture_patterns=False,
         capture_head_contributions=True,
     )
-    full = adapter.capture_full(prompt, attention=heads, mlp=None)
+    mlp = None
+    if neurons:  # the activations, and the output where a norm follows the MLP
+        normed = adapter.anatomy.mlp_out_norm is not None
+        mlp = MLPConfig(capture_gate=False, capture_up=False, capture_output=normed)
+    full = adapter.capture_full(prompt, attention=heads, mlp=mlp)
     if target is None:
         target_id = int(full.logits.logits(adapter.n_layers - 1, [-1])[0].argmax())
     else:
@@ -54,6 +64,8 @@ def direct_logit_attribution(
     wrong_id = None if wrong is None else adapter.to_single_token(wrong)
     what = target_id if wrong_id is None else (target_id, wrong_id)
     dla = AttributionMethods.direct_logit_attribution(full, what, position=-1, adapter=adapter)
+    if neurons:
+        dla.metadata["neurons"] = AttributionMethods.neuron_attribution(full, what, adapter)
     return dla, target_id, wrong_id
 
 
@@ -82,6 +94,21 @@ def attribution_numbers(adapter: Any, dla: Any, target_id: int, wrong_id: int | 
         "capped_logit": None if dla.capped_logit is None else float(dla.capped_logit),
         "note": dla.note,
         "top_heads": [[i // n_heads, i % n_heads, float(flat[i])] for i in order],
+        **_top_neurons(dla, k),
+    }
+
+
+def _top_neurons(dla: Any, k: int) -> dict[str, Any]:
+    """``top_neurons`` ``[[layer, neuron, share]]`` and ``mlp_bias`` when neurons were asked."""
+    from oculi.analysis import AttributionMethods
+
+    neurons = dla.metadata.get("neurons")
+    if neurons is None:
+        return {}
+    top = AttributionMethods.top_attributions(neurons, k)
+    return {
+        "top_neurons": [[layer, neuron, value] for (layer, neuron), value in top],
+        "mlp_bias": neurons.bias,
     }
 
 
