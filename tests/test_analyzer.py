@@ -12,6 +12,7 @@ import torch
 
 import oculi
 from models import tiny_model, tiny_tokenizer
+from oculi.analysis import AttributionMethods
 from oculi.analyzer import ActivationRecord, ModelAnalyzer
 from oculi.capture import ResidualConfig
 from oculi.errors import CaptureFileError, InputError
@@ -218,6 +219,27 @@ def test_path_patching_last_layer_heads_by_hand():
         an.path_patching(clean, corrupt, answer="red")
 
 
+@pytest.mark.parametrize("family", ["llama_gqa", "gemma3", "gpt2"])
+def test_feature_attribution_lists_the_neurons_of_largest_exact_share(family):
+    an = analyzer_for(family)
+    with torch.no_grad():
+        logits = an.model(ids(PROMPT)).logits[0, -1]
+    result = an.feature_attribution(PROMPT, return_result=True)  # the model's top token
+    assert result.metadata["target"] == int(logits.argmax())
+    assert result.values.shape == (an.adapter.n_layers, an.adapter.d_mlp)
+    # each layer's neurons and W_out's bias add up to its MLP share of the logit (whose sum
+    # with the other shares is the model's logit: tests/test_attribution.py)
+    full = an.adapter.capture_full(PROMPT)
+    dla = AttributionMethods.direct_logit_attribution(full, int(logits.argmax()))
+    torch.testing.assert_close(result.values.sum(-1) + result.bias, dla.mlp, rtol=1e-4, atol=1e-5)
+    top = an.feature_attribution(PROMPT, k=3)
+    flat = result.values.abs().flatten()
+    best = flat.argsort(descending=True)[:3].tolist()
+    assert [where for where, _ in top] == [divmod(i, an.adapter.d_mlp) for i in best]
+    with pytest.raises(InputError):
+        an.feature_attribution(PROMPT, target="zebra crossing")
+
+
 def test_pca_matches_an_svd_and_other_projections_run():
     an = analyzer_for()
     words = ["cat", "dog", "king", "queen", "man", "woman", "red", "blue"]
@@ -281,6 +303,8 @@ def test_seed_002_quick_start_on_gemma(gemma, capsys):
         clean_prompt="The Eiffel Tower is in Paris", corrupted_prompt="The Colosseum is in Rome"
     )
     assert sorted(effects) == list(range(18))
+    neurons = analyzer.feature_attribution("The capital of France is", k=5)
+    assert len(neurons) == 5 and all(0 <= layer < 18 for (layer, _), _v in neurons)
     text2, acts = analyzer.generate("The cat", max_new_tokens=8, return_activations=True)
     full = gemma.capture_residual(acts.input_ids[None], POST).post_mlp
     # the KV-cached steps sum in another order than one full forward: compare per layer,

@@ -34,6 +34,15 @@ from oculi.capture.structures import FullCapture
 from oculi.errors import InputError, LayerIndexError
 
 
+def mlp_config(adapter: Any) -> Any:
+    """The least ``MLPConfig`` neuron attribution reads: the activations, and the MLP's output
+    where a norm follows the MLP (to freeze that norm's scale)."""
+    from oculi.capture import MLPConfig
+
+    normed = adapter.anatomy.mlp_out_norm is not None
+    return MLPConfig(capture_gate=False, capture_up=False, capture_output=normed)
+
+
 def neuron_attribution(
     full: FullCapture,
     target: Any,

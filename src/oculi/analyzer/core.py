@@ -27,6 +27,7 @@ from typing import Any, cast
 
 import torch
 
+from oculi.analyzer.causal import CausalAnalyses
 from oculi.analyzer.projection import Projection, project
 from oculi.analyzer.records import ActivationRecord, load_records, save_records
 from oculi.capture.hooks import HookSet, first_tensor
@@ -59,7 +60,7 @@ def model_info(adapter: Any) -> dict[str, Any]:
     }
 
 
-class ModelAnalyzer:
+class ModelAnalyzer(CausalAnalyses):
     """One loaded model and seed 002's analyses over it.
 
     Args:
@@ -330,52 +331,6 @@ class ModelAnalyzer:
             "ranks": torch.cat(ranks, -1).T.cpu(),
             "kl_to_final": lc.kl_to_final().cpu(),
         }
-
-    # -- causal analysis ---------------------------------------------------------------------
-    def path_patching(
-        self,
-        clean_prompt: str,
-        corrupted_prompt: str,
-        *,
-        answer: str | int | None = None,
-        wrong: str | int | None = None,
-        receivers: list[tuple[int, int]] | None = None,
-        receiver_input: str = "q",
-        return_result: bool = False,
-    ) -> Any:
-        """Which layers' heads carry the clean/corrupt difference directly to the logits
-        (or to ``receivers``), by path patching (:func:`oculi.patching.path_patching`).
-
-        Each head's output is taken from the corrupted run and sent along the path only. With
-        ``answer`` and ``wrong`` the metric is the logit difference ``answer − wrong`` and a
-        head's effect is how much it drops; without them (seed 002's call) the metric is the
-        KL divergence of the next-token distribution from the clean run's, and a head's effect
-        is how much it rises. A layer's effect is the sum of its heads'.
-
-        Returns:
-            ``{layer: effect}``, or the full ``PatchingResult`` (``[L, H]``) with
-            ``return_result=True``.
-        """
-        from dataclasses import replace
-
-        from oculi import patching
-
-        if (answer is None) != (wrong is None):
-            raise InputError("pass both answer= and wrong= (or neither, for the KL metric)")
-        if answer is not None and wrong is not None:
-            metric, sign = patching.logit_diff(answer, wrong), -1.0
-        else:
-            clean_logits = self.adapter.forward(clean_prompt)[-1].float()
-            reference = torch.log_softmax(clean_logits, dim=-1)
-            metric, sign = replace(patching.kl_divergence(), reference=reference), 1.0
-        result = patching.path_patching(
-            self.adapter, clean_prompt, corrupted_prompt, metric=metric, receivers=receivers,
-            receiver_input=receiver_input, progress=False,
-        )  # fmt: skip
-        if return_result:
-            return result
-        effects = sign * (result.values - result.clean_metric).nansum(-1)
-        return {layer: float(e) for layer, e in zip(result.layers, effects)}
 
     # -- embeddings --------------------------------------------------------------------------
     def project_embeddings(

@@ -43,7 +43,8 @@ def direct_logit_attribution(
     per-head shares (one forward pass); ``neurons=True`` also records the MLP neurons and
     puts their attribution in ``result.metadata["neurons"]``."""
     from oculi.analysis import AttributionMethods
-    from oculi.capture import CaptureConfig, MLPConfig
+    from oculi.analysis.neurons import mlp_config
+    from oculi.capture import CaptureConfig
 
     heads = CaptureConfig(
         capture_queries=False,
@@ -52,11 +53,9 @@ def direct_logit_attribution(
         capture_patterns=False,
         capture_head_contributions=True,
     )
-    mlp = None
-    if neurons:  # the activations, and the output where a norm follows the MLP
-        normed = adapter.anatomy.mlp_out_norm is not None
-        mlp = MLPConfig(capture_gate=False, capture_up=False, capture_output=normed)
-    full = adapter.capture_full(prompt, attention=heads, mlp=mlp)
+    full = adapter.capture_full(
+        prompt, attention=heads, mlp=mlp_config(adapter) if neurons else None
+    )
     if target is None:
         target_id = int(full.logits.logits(adapter.n_layers - 1, [-1])[0].argmax())
     else:
