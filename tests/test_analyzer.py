@@ -13,7 +13,12 @@ import torch
 import oculi
 from models import tiny_model, tiny_tokenizer
 from oculi.analysis import AttributionMethods
-from oculi.analyzer import ActivationRecord, ModelAnalyzer
+from oculi.analyzer import (
+    ActivationRecord,
+    ModelAnalyzer,
+    compare_activations,
+    get_activation_statistics,
+)
 from oculi.capture import ResidualConfig
 from oculi.errors import CaptureFileError, InputError
 
@@ -238,6 +243,37 @@ def test_feature_attribution_lists_the_neurons_of_largest_exact_share(family):
     assert [where for where, _ in top] == [divmod(i, an.adapter.d_mlp) for i in best]
     with pytest.raises(InputError):
         an.feature_attribution(PROMPT, target="zebra crossing")
+
+
+def test_compare_and_summarise_records_by_hand():
+    an = analyzer_for()
+    cat, dog = an.extract_activations("the cat sat"), an.extract_activations("the dog sat")
+    longer = an.extract_activations("the dog sat on the mat")
+    name = an.get_layer_names()[1]
+    x, y = (r.layer_activations[name].double().numpy() for r in (cat, dog))
+    cosines = (x * y).sum(-1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1))
+    assert compare_activations(cat, dog, name) == pytest.approx(float(cosines.mean()), rel=1e-9)
+    assert compare_activations(cat, dog, 1, metric="l2") == pytest.approx(
+        float(np.linalg.norm(x - y, axis=-1).mean()), rel=1e-9
+    )
+    assert compare_activations(cat, cat, -2) == pytest.approx(1.0, abs=1e-12)
+    z = longer.layer_activations[name].double().numpy()[-1]
+    last = float((x[-1] * z).sum() / (np.linalg.norm(x[-1]) * np.linalg.norm(z)))
+    assert compare_activations(cat, longer, name, position=-1) == pytest.approx(last, rel=1e-9)
+    with pytest.raises(InputError, match="4 and 7 tokens"):
+        compare_activations(cat, longer, name)
+    with pytest.raises(InputError, match="no layer 'transformer.h.5'"):
+        compare_activations(cat, dog, "transformer.h.5")
+    with pytest.raises(InputError, match="layer 9 out of range"):
+        compare_activations(cat, dog, 9)
+    with pytest.raises(InputError, match="metric must be one of cosine, l2"):
+        compare_activations(cat, dog, name, metric="dot")
+    stats = get_activation_statistics(cat, name)
+    assert stats["mean"] == pytest.approx(float(x.mean()), rel=1e-9)
+    assert stats["std"] == pytest.approx(float(x.std(ddof=1)), rel=1e-9)
+    assert stats["norm"] == pytest.approx(float(np.linalg.norm(x)), rel=1e-9)
+    assert stats["token_norm_max"] == pytest.approx(float(np.linalg.norm(x, axis=-1).max()))
+    assert (stats["min"], stats["max"], stats["shape"]) == (x.min(), x.max(), list(x.shape))
 
 
 def test_pca_matches_an_svd_and_other_projections_run():
