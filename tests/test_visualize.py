@@ -163,6 +163,41 @@ def test_nonlinear_projections(method):
         assert ((nearest < 10) == (np.arange(20) < 10)).all()
 
 
+def test_seed_002_tsne_call_with_n_iter_is_sklearns_max_iter():
+    from sklearn.manifold import TSNE
+
+    from oculi.analyzer import project
+
+    embeddings = np.random.default_rng(0).standard_normal((100, 768))
+    reduced = visualize.reduce_dimensions(
+        embeddings, method="tsne", n_components=2, perplexity=50, n_iter=2000
+    )  # seed 002's call, word for word
+    assert reduced.shape == (100, 2) and np.isfinite(reduced).all()
+    # scikit-learn itself, with oculi's defaults spelled out (learning rate max(N / 48, 10));
+    # 250 iterations end before t-SNE could stop early, so a dropped count would show
+    short = visualize.reduce_dimensions(embeddings, method="tsne", perplexity=50, n_iter=250)
+    ref = TSNE(n_components=2, perplexity=50, max_iter=250, init="pca", learning_rate=10.0,
+               random_state=0).fit_transform(embeddings)  # fmt: skip
+    np.testing.assert_allclose(short, ref, atol=1e-6)
+    # ModelAnalyzer.project_embeddings's reducer (scikit-learn's defaults, perplexity (N-1)/3)
+    proj = project(embeddings[:20], [""] * 20, "tsne", n_iter=250)
+    ref = TSNE(n_components=2, perplexity=19 / 3, max_iter=250, random_state=0)
+    np.testing.assert_allclose(proj.coords, ref.fit_transform(embeddings[:20]), atol=1e-6)
+    with pytest.raises(ValueError, match="pass max_iter or n_iter"):
+        visualize.reduce_dimensions(embeddings, method="tsne", n_iter=300, max_iter=300)
+
+
+def test_layer_embeddings_draws_the_coordinates_it_is_given():
+    coords = np.arange(24, dtype=float).reshape(3, 4, 2)  # 3 layers, 4 tokens
+    ax = visualize.layer_embeddings(coords, list("abcd"), [0, 4, 8])
+    for i in range(3):
+        np.testing.assert_array_equal(ax.collections[i].get_offsets(), coords[i])
+    np.testing.assert_array_equal(ax.lines[1].get_xydata(), coords[:, 1])
+    assert [t.get_text() for t in ax.texts] == [" a", " b", " c", " d"]
+    with pytest.raises(ValueError, match=r"coords must be \[n_layers=2, T=4, 2\]"):
+        visualize.layer_embeddings(coords, list("abcd"), [0, 4])
+
+
 def test_projection_bad_inputs():
     with pytest.raises(ValueError, match=r"unknown method 'lda'; choose one of pca, tsne, umap"):
         visualize.reduce_dimensions(np.zeros((5, 3)), "lda")

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from oculi.errors import InputError, require_extra
+from oculi.visualize.embeddings import tsne_iterations
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ def project(
     if method == "tsne":
         manifold = require_extra("sklearn.manifold", "viz")
         kwargs.setdefault("perplexity", min(30.0, (n - 1) / 3))
+        kwargs = tsne_iterations(manifold.TSNE, kwargs)  # seed 002's n_iter= on new sklearn
         reducer = manifold.TSNE(n_components=n_components, random_state=seed, **kwargs)
         return Projection(reducer.fit_transform(vectors), labels, method)
     umap = require_extra("umap", "umap")

@@ -14,13 +14,20 @@ function imports what it needs when called.
 
 from oculi.visualize.attribution import head_attribution_bars, layer_attribution, top_heads
 from oculi.visualize.circuit import circuit_graph, circuit_layout, draw_circuit
-from oculi.visualize.embeddings import compare_methods, plot_embeddings, reduce_dimensions
+from oculi.visualize.embeddings import (
+    compare_methods,
+    layer_embeddings,
+    plot_embeddings,
+    reduce_dimensions,
+)
 from oculi.visualize.heatmaps import attention_grid, attention_heatmap, heatmap, text_grid
 from oculi.visualize.lens import (
     convergence,
+    convergence_metrics,
     input_preservation,
     lens_probability,
     logit_lens_grid,
+    prediction_refinement,
 )
 
 __all__ = [
@@ -30,14 +37,17 @@ __all__ = [
     "circuit_layout",
     "compare_methods",
     "convergence",
+    "convergence_metrics",
     "draw_circuit",
     "head_attribution_bars",
     "heatmap",
     "input_preservation",
     "layer_attribution",
+    "layer_embeddings",
     "lens_probability",
     "logit_lens_grid",
     "plot_embeddings",
+    "prediction_refinement",
     "reduce_dimensions",
     "text_grid",
     "top_heads",

@@ -7,10 +7,12 @@
     plot_embeddings(emb, labels=words, method="pca")           # 2-D scatter, labelled
     plot_embeddings(emb, labels=words, method="tsne", dims=3)
     compare_methods(emb, labels=words)                         # PCA | t-SNE | UMAP
+    layer_embeddings(coords, tokens, layers=[0, 6, 11])        # coords [n_layers, T, 2]
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +25,24 @@ from oculi.visualize._common import array, new_axes, pyplot
 METHODS = ("pca", "tsne", "umap")
 
 
+def tsne_iterations(tsne: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with the iteration count under the name the installed ``TSNE`` takes.
+
+    scikit-learn 1.5 renamed t-SNE's ``n_iter`` to ``max_iter`` (1.7 removed the old name);
+    seed 002 calls ``reduce_dimensions(..., method="tsne", n_iter=2000)``. Either name is
+    accepted, not both.
+    """
+    given = [name for name in ("n_iter", "max_iter") if name in kwargs]
+    if len(given) == 2:
+        raise ValueError("pass max_iter or n_iter (its old name), not both")
+    if not given:
+        return kwargs
+    out = dict(kwargs)
+    name = "max_iter" if "max_iter" in inspect.signature(tsne).parameters else "n_iter"
+    out[name] = out.pop(given[0])
+    return out
+
+
 def reduce_dimensions(
     points: Any, method: str = "pca", n_components: int = 2, *, seed: int = 0, **kwargs: Any
 ) -> np.ndarray:
@@ -30,7 +50,7 @@ def reduce_dimensions(
 
     t-SNE's perplexity and UMAP's ``n_neighbors`` default to what ``N`` allows (t-SNE needs
     perplexity < N), t-SNE's learning rate to ``max(N / 48, 10)``; other keyword arguments
-    go to the estimator.
+    go to the estimator (t-SNE's ``n_iter`` as ``max_iter`` on scikit-learn ≥ 1.5).
 
     Raises:
         ValueError: an unknown method, or fewer points than the method needs.
@@ -61,6 +81,7 @@ def reduce_dimensions(
         # scikit-learn's "auto" rate (N / 48) without its floor of 50, which overshoots on
         # the few dozen points of a token set (3-D runs then scatter the clusters)
         kwargs.setdefault("learning_rate", max(n / 48.0, 10.0))
+        kwargs = tsne_iterations(manifold.TSNE, kwargs)
         return manifold.TSNE(n_components=n_components, random_state=seed, **kwargs).fit_transform(
             x
         )
@@ -107,3 +128,42 @@ def compare_methods(
         plot_embeddings(points, labels, method=method, ax=ax)
     fig.tight_layout()
     return fig
+
+
+def layer_embeddings(
+    coords: Any,
+    tokens: Sequence[str],
+    layers: Sequence[int],
+    *,
+    ax: Any = None,
+    title: str | None = None,
+) -> Any:
+    """Token residuals at several layers in one shared 2-D projection; Axes.
+
+    One scatter per layer (coloured from early to late), a grey line following each token
+    through the layers, and each token labelled at its last-layer point.
+
+    Args:
+        coords: ``[n_layers, T, 2]``: the projected residuals, fitted on all layers together
+            so positions are comparable across layers.
+        tokens: the ``T`` tokens.
+        layers: the model layer of each row of ``coords``.
+    """
+    xy = array(coords)
+    if xy.ndim != 3 or xy.shape[-1] != 2 or xy.shape[:2] != (len(layers), len(tokens)):
+        raise ValueError(
+            f"coords must be [n_layers={len(layers)}, T={len(tokens)}, 2], got {xy.shape}"
+        )
+    plt = pyplot()
+    ax = new_axes(ax, 7.0, 5.5)
+    colours = plt.get_cmap("viridis")(np.linspace(0.0, 0.9, len(layers)))
+    for t in range(len(tokens)):
+        ax.plot(xy[:, t, 0], xy[:, t, 1], color="0.75", lw=0.8, zorder=1)
+    for i, layer in enumerate(layers):
+        ax.scatter(xy[i, :, 0], xy[i, :, 1], s=30, color=colours[i], label=f"layer {layer}",
+                   zorder=2)  # fmt: skip
+    for t, token in enumerate(tokens):
+        ax.text(*xy[-1, t], f" {token}", fontsize=8)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "token residuals across layers")
+    return ax

@@ -8,6 +8,7 @@ the final prediction, and how long each input token survives in the residual str
     logit_lens_grid(lc, adapter.tokenizer, tokens=tokens)   # top-1 token per cell
     convergence(lc, tokens=tokens)                          # KL, top-1 match, rank, logit
     input_preservation(lc, tokens=tokens)                   # rank of the input token
+    prediction_refinement(lc, adapter.tokenizer)            # p(final top-k) per layer
     lens_probability(oculi.logit_lens(adapter, prompt, " Paris"))
 
 Each function returns the matplotlib ``Figure`` (or ``Axes``); the arrays drawn are the
@@ -16,12 +17,12 @@ capture's numbers (``ax.images[0].get_array()``), not resampled.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
-from oculi.visualize._common import new_axes, pyplot, token_labels
+from oculi.visualize._common import array, new_axes, pyplot, token_labels
 
 
 def _layer_labels(lc: Any) -> list[str]:
@@ -63,25 +64,87 @@ def logit_lens_grid(
     return ax
 
 
-def convergence(lc: Any, *, tokens: Sequence[str] | None = None) -> Any:
-    """Seed 002's convergence view: four ``[L, T]`` panels; a Figure.
+def _position_blocks(lc: Any) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Full logits ``[L, T', V]`` for blocks of positions of about one lens chunk each: the
+    unembedding (the large read) is read once per block, not once per layer or token."""
+    from oculi.capture.lens import default_chunk
 
-    Panels: KL from the final distribution (``KL(p_final ‖ p_layer)``, nats), whether the
-    layer's top-1 equals the final top-1, the rank of the final top-1 at that layer, and the
-    logit of the layer's own top-1.
+    n_vocab = lc.d_vocab  # raises the capture's own error when it has no unembedding
+    n_layers, n = lc.normalized.shape[0], lc.normalized.shape[1]
+    budget = lc.chunk_size or default_chunk(lc.unembed.device)
+    step = max(1, budget // (n_vocab * n_layers))
+    for t0 in range(0, n, step):
+        yield slice(t0, t0 + step), lc.logits(None, slice(t0, t0 + step))
+
+
+def _ranks_and_log_probs(lc: Any, ids: torch.Tensor, log_input: Any = None) -> dict[str, Any]:
+    """Rank (0 = top) and log-probability of ``ids[t]`` at position ``t`` in every layer,
+    ``[L, T]``; with ``log_input [T, V]`` also ``KL(p_layer ‖ p_input)``."""
+    if lc.batched:
+        raise ValueError("the lens metrics read one sequence, not a batch")
+    n_layers, n = lc.normalized.shape[0], lc.normalized.shape[1]
+    out = {k: torch.empty(n_layers, n) for k in ("log_probs", "kl")}
+    ranks = torch.empty(n_layers, n, dtype=torch.long)
+    with torch.no_grad():
+        for sl, logits in _position_blocks(lc):
+            here = ids[sl].to(logits.device).expand(n_layers, -1)[..., None]
+            own = logits.gather(-1, here)  # from the same matmul: no last-ulp ties
+            ranks[:, sl] = (logits > own).sum(-1).cpu()
+            logp = torch.log_softmax(logits, -1)
+            out["log_probs"][:, sl] = logp.gather(-1, here)[..., 0].cpu()
+            if log_input is not None:
+                ref = log_input[sl].to(logp.device)
+                out["kl"][:, sl] = (logp.exp() * (logp - ref)).sum(-1).cpu()
+    return {"ranks": ranks, "log_probs": out["log_probs"],
+            "kl_from_input": out["kl"] if log_input is not None else None}  # fmt: skip
+
+
+def convergence_metrics(lc: Any) -> dict[str, torch.Tensor]:
+    """Seed 002's convergence numbers, each ``[L, T]`` over the capture's layers.
+
+    Returns:
+        ``kl_divergence``: ``KL(p_final ‖ p_layer)`` in nats (0 at the last layer);
+        ``top1_match``: whether the layer's top-1 token is the final layer's top-1 (bool);
+        ``top1_rank``: the rank of the final top-1 in the layer's distribution (0 = top);
+        ``top1_logit``: the logit of the layer's own top-1.
+    """
+    final = lc.top_k_indices[-1, :, 0]  # [T]
+    return {
+        "kl_divergence": lc.kl_to_final().float().cpu(),
+        "top1_match": (lc.top_k_indices[..., 0] == final).cpu(),
+        "top1_rank": _ranks_and_log_probs(lc, final)["ranks"],
+        "top1_logit": lc.top_k_values[..., 0].float().cpu(),
+    }
+
+
+def preservation_metrics(lc: Any, log_input: Any = None) -> dict[str, Any]:
+    """Seed 002's input-preservation numbers, each ``[L, T]``: ``ranks`` (0 = top) and
+    ``probs`` of position ``t``'s own input token at position ``t``; with ``log_input [T, V]``
+    (the input embeddings' lens, log-probabilities) also ``kl_from_input``, ``KL(p_layer ‖
+    p_input)`` in nats (else ``None``)."""
+    ids = lc.metadata.get("input_ids")
+    if not ids or lc.batched:
+        raise ValueError("input preservation reads one sequence whose input ids the capture holds")
+    out = _ranks_and_log_probs(lc, torch.tensor(ids[0]), log_input)
+    return {"ranks": out["ranks"], "probs": out.pop("log_probs").exp(),
+            "kl_from_input": out["kl_from_input"]}  # fmt: skip
+
+
+def convergence(lc: Any, *, tokens: Sequence[str] | None = None) -> Any:
+    """Seed 002's convergence view: the four ``[L, T]`` panels of :func:`convergence_metrics`
+    (KL from the final distribution, whether the layer's top-1 equals the final top-1, the
+    rank of the final top-1 at that layer, the logit of the layer's own top-1); a Figure.
     """
     plt = pyplot()
     from matplotlib.colors import SymLogNorm
 
-    final = lc.top_k_indices[-1, :, 0]  # [T]
-    n = int(final.shape[0])
-    match = (lc.top_k_indices[..., 0] == final).float()
-    ranks = torch.stack([lc.ranks(int(tok))[:, t] for t, tok in enumerate(final.tolist())], 1)
+    metrics = convergence_metrics(lc)
+    n = int(metrics["top1_rank"].shape[1])
     panels = [
-        ("KL(final ‖ layer), nats", lc.kl_to_final().float(), "magma_r"),
-        ("top-1 equals the final top-1", match, "Greens"),
-        ("rank of the final top-1", ranks.float(), "viridis_r"),
-        ("logit of the layer's top-1", lc.top_k_values[..., 0].float(), "viridis"),
+        ("KL(final ‖ layer), nats", metrics["kl_divergence"], "magma_r"),
+        ("top-1 equals the final top-1", metrics["top1_match"].float(), "Greens"),
+        ("rank of the final top-1", metrics["top1_rank"].float(), "viridis_r"),
+        ("logit of the layer's top-1", metrics["top1_logit"], "viridis"),
     ]
     fig, axes = plt.subplots(
         2, 2, figsize=(max(10.0, 1.1 * n + 4), max(7.0, 0.5 * lc.n_layers + 3))
@@ -98,23 +161,32 @@ def convergence(lc: Any, *, tokens: Sequence[str] | None = None) -> Any:
     return fig
 
 
-def input_preservation(lc: Any, *, tokens: Sequence[str] | None = None) -> Any:
+def input_preservation(
+    lc: Any, *, tokens: Sequence[str] | None = None, kl_from_input: Any = None
+) -> Any:
     """How long each input token stays readable: its rank (1 = top) in each layer's
-    prediction at its own position, and the mean probability per layer; a Figure."""
+    prediction at its own position, and the mean probability per layer; a Figure.
+
+    Args:
+        lc: a ``LogitCapture`` of one sequence.
+        tokens: the prompt's tokens, for the x axis.
+        kl_from_input: ``[L, T]`` divergences of each layer's distribution from the lens of
+            the input embeddings (``ModelAnalyzer.input_preservation``'s ``kl_from_input``),
+            drawn as a third panel (seed 002's "KL from input").
+    """
     from matplotlib.colors import LogNorm
 
     plt = pyplot()
-    ids = lc.metadata.get("input_ids")
-    if not ids or lc.batched:
-        raise ValueError("input_preservation reads one sequence whose input ids the capture holds")
-    ids = ids[0]
-    n = len(ids)
-    ranks = torch.stack([lc.ranks(int(tok))[:, t] for t, tok in enumerate(ids)], 1)
-    probs = torch.stack([lc.token_probs(int(tok))[:, t] for t, tok in enumerate(ids)], 1)
-    fig, (left, right) = plt.subplots(
-        1, 2, figsize=(max(10.0, 0.9 * n + 6), max(4.0, 0.3 * lc.n_layers + 2)),
-        gridspec_kw={"width_ratios": [3, 2]},
+    metrics = preservation_metrics(lc)
+    ranks, probs = metrics["ranks"], metrics["probs"]
+    n = int(ranks.shape[1])
+    widths = [3, 2] if kl_from_input is None else [3, 2, 3]
+    fig, axes = plt.subplots(
+        1, len(widths), figsize=(max(10.0, 0.9 * n + 6) * sum(widths) / 5,
+                                 max(4.0, 0.3 * lc.n_layers + 2)),
+        gridspec_kw={"width_ratios": widths},
     )  # fmt: skip
+    left, right = axes[0], axes[1]
     grid = (ranks + 1).float().numpy()
     image = left.imshow(
         grid, aspect="auto", cmap="viridis_r", norm=LogNorm(vmin=1, vmax=max(2.0, grid.max()))
@@ -126,8 +198,38 @@ def input_preservation(lc: Any, *, tokens: Sequence[str] | None = None) -> Any:
     right.set_xlabel("layer")
     right.set_ylabel("mean p(input token)")
     right.set_title("input preservation")
+    if kl_from_input is not None:
+        image = axes[2].imshow(array(kl_from_input), aspect="auto", cmap="plasma")
+        fig.colorbar(image, ax=axes[2], label="nats")
+        _ticks(axes[2], lc, tokens, n)
+        axes[2].set_title("KL(layer ‖ input embedding's lens)")
     fig.tight_layout()
     return fig
+
+
+def prediction_refinement(
+    lc: Any, tokenizer: Any = None, *, position: int = -1, top_k: int = 3, ax: Any = None
+) -> Any:
+    """How the last layer's top-``k`` predictions at ``position`` form: each one's probability
+    at every layer of the capture, one line per token (seed 002's prediction refinement); Axes.
+
+    The tokens are the top-``k`` of the capture's last layer (the model's own prediction when
+    that is the model's last layer).
+    """
+    if lc.batched:
+        raise ValueError("prediction_refinement reads one sequence, not a batch")
+    ax = new_axes(ax, 6.5, 4.0)
+    layers = list(lc.layers)
+    for tok in lc.top_k_indices[-1, position, :top_k].tolist():
+        text = tokenizer.decode([tok]) if tokenizer is not None else str(tok)
+        probs = lc.token_probs(tok)[:, position].float().cpu().numpy()
+        ax.plot(layers, probs, marker="o", label=f"p({text!r})")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("probability")
+    ax.set_title(f"prediction refinement at position {position}")
+    ax.legend(fontsize=8)
+    return ax
 
 
 def lens_probability(result: Any, ax: Any = None) -> Any:
