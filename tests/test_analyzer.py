@@ -157,6 +157,125 @@ def test_input_preservation_against_the_models_logits():
     torch.testing.assert_close(out["kl_to_final"][-1], torch.zeros(6), atol=1e-6, rtol=0)
 
 
+def hf_lens(an: ModelAnalyzer, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logit lens from the Hugging Face model's own outputs, ``[L, T, V]``: layer ``l`` is
+    ``lm_head(norm(hidden_states[l + 1]))`` (soft-capped where the family caps), the last
+    layer the model's logits (its ``hidden_states[-1]`` is already normed); and the lens of
+    the input embeddings ``hidden_states[0]``, ``[T, V]``."""
+    model = an.model
+    norm = model.model.norm if hasattr(model, "model") else model.transformer.ln_f
+    cap = getattr(model.config, "final_logit_softcapping", None)
+
+    def lens(h):
+        logits = model.lm_head(norm(h))[0]
+        return logits if cap is None else cap * torch.tanh(logits / cap)
+
+    with torch.no_grad():
+        out = model(ids(text), output_hidden_states=True)
+        layers = [lens(h) for h in out.hidden_states[1:-1]]
+        return torch.stack([*layers, out.logits[0]]).double(), lens(out.hidden_states[0]).double()
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "gemma2", "gemma3", "gpt2"])
+def test_layer_predictions_are_the_softmax_of_the_models_normed_hidden_states(family):
+    an = analyzer_for(family)
+    ref, _ = hf_lens(an, PROMPT)
+    out = an.get_layer_predictions(PROMPT, layer_indices=[0, -2, 2], top_k=4)
+    assert out["input_tokens"] == tiny_tokenizer().convert_ids_to_tokens(ids(PROMPT)[0].tolist())
+    assert torch.equal(out["input_ids"], ids(PROMPT)[0]) and list(out["layers"]) == [0, 1, 2]
+    for layer, preds in out["layers"].items():
+        top = torch.softmax(ref[layer], -1).topk(4)  # [T, 4] at every position
+        assert torch.equal(preds["top_k_indices"], top.indices)
+        torch.testing.assert_close(preds["top_k_probs"].double(), top.values, atol=1e-6, rtol=1e-5)
+        assert preds["top_k_tokens"][3] == [tiny_tokenizer().decode([int(i)])
+                                            for i in top.indices[3]]  # fmt: skip
+    lens = an.logit_lens(PROMPT, top_k=2, layers=[1, -3])  # explicit layers, sorted
+    assert list(lens) == [0, 1]
+    last = torch.softmax(ref[1, -1], -1).topk(2)
+    assert [p for _, p in lens[1]] == pytest.approx(last.values.tolist(), rel=1e-5)
+    with pytest.raises(InputError, match="layers= or layer_step=, not both"):
+        an.logit_lens(PROMPT, layers=[0], layer_step=2)
+    with pytest.raises(oculi.errors.LayerIndexError, match=r"layer 3 out of range.*\(0..2\)"):
+        an.get_layer_predictions(PROMPT, layer_indices=[3])
+
+
+def test_convergence_metrics_and_plot_against_a_hand_kl():
+    an = analyzer_for()
+    ref, _ = hf_lens(an, PROMPT)
+    logp = torch.log_softmax(ref, -1)
+    kl = (logp[-1].exp() * (logp[-1] - logp)).sum(-1)  # KL(final || layer), [L, T]
+    final = ref[-1].argmax(-1)
+    ranks = (ref > ref.gather(-1, final.expand(3, -1)[..., None])).sum(-1)
+    m = an.get_convergence_metrics(PROMPT)
+    torch.testing.assert_close(m["kl_divergence"].double(), kl, atol=1e-5, rtol=1e-4)
+    assert torch.equal(m["top1_match"], ref.argmax(-1) == final)
+    assert torch.equal(m["top1_rank"], ranks)
+    torch.testing.assert_close(m["top1_logit"].double(), ref.amax(-1), atol=1e-5, rtol=1e-5)
+    assert m["layers"] == [0, 1, 2] and m["input_tokens"][0] == "<bos>"
+    fig = an.plot_convergence(PROMPT)
+    kl_img, match_img, rank_img, logit_img = (
+        np.asarray(ax.images[0].get_array(), dtype=np.float64) for ax in fig.axes[:4]
+    )
+    np.testing.assert_allclose(kl_img, kl.numpy(), atol=1e-5)
+    np.testing.assert_array_equal(match_img, (ref.argmax(-1) == final).double().numpy())
+    np.testing.assert_array_equal(rank_img, ranks.double().numpy())
+    np.testing.assert_allclose(logit_img, ref.amax(-1).numpy(), atol=1e-5)
+    assert fig.axes[0].get_xticklabels()[2].get_text() == "2 'cat'"
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "gemma3", "gpt2"])
+def test_input_preservation_kl_from_the_embeddings_lens_by_hand(family, tmp_path):
+    an = analyzer_for(family)
+    ref, embedded = hf_lens(an, PROMPT)  # gemma scales its embeddings, gpt2 adds positions
+    logp, log_in = torch.log_softmax(ref, -1), torch.log_softmax(embedded, -1)
+    kl = (logp.exp() * (logp - log_in)).sum(-1)  # KL(layer || input), [L, T]
+    own = ids(PROMPT)[0].expand(3, -1)[..., None]
+    ranks = (ref > ref.gather(-1, own)).sum(-1)
+    out = an.input_preservation(PROMPT)
+    torch.testing.assert_close(out["kl_from_input"].double(), kl, atol=1e-5, rtol=1e-4)
+    assert torch.equal(out["ranks"], ranks)
+    fig = an.plot_input_preservation(PROMPT, save_path=tmp_path / "keep.png")
+    image = np.asarray(fig.axes[2].images[0].get_array(), dtype=np.float64)
+    np.testing.assert_allclose(image, kl.numpy(), atol=1e-5)
+    rank_img = np.asarray(fig.axes[0].images[0].get_array(), dtype=np.float64)
+    np.testing.assert_array_equal(rank_img, (ranks + 1).double().numpy())
+    assert (tmp_path / "keep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_prediction_refinement_follows_the_models_top_tokens():
+    an = analyzer_for()
+    ref, _ = hf_lens(an, PROMPT)
+    probs = torch.softmax(ref[:, -1], -1)  # [L, V] at the last position
+    fig = an.plot_prediction_refinement(PROMPT, layers=[0], top_k=3)
+    lines = fig.axes[0].lines
+    top = probs[-1].topk(3).indices
+    assert len(lines) == 3
+    for line, tok in zip(lines, top.tolist()):
+        assert list(line.get_xdata()) == [0, 2]  # the last layer is always drawn
+        np.testing.assert_allclose(line.get_ydata(), probs[[0, 2], tok].numpy(), atol=1e-6)
+        assert line.get_label() == f"p({tiny_tokenizer().decode([tok])!r})"
+
+
+def test_layer_embeddings_project_all_layers_together():
+    an = analyzer_for()
+    with torch.no_grad():
+        hs = an.model(ids(PROMPT), output_hidden_states=True).hidden_states
+    stacked = torch.cat([hs[1][0], hs[2][0]]).double()  # layers 0 and 1, [2T, d]
+    u, s, _ = torch.linalg.svd(stacked - stacked.mean(0), full_matrices=False)
+    ref = (u[:, :2] * s[:2]).numpy().reshape(2, 6, 2)
+    ax = an.plot_layer_embeddings(PROMPT, layer_indices=[0, 1]).axes[0]
+    for layer in range(2):
+        offsets = np.asarray(ax.collections[layer].get_offsets())
+        np.testing.assert_allclose(np.abs(offsets), np.abs(ref[layer]), atol=1e-4)
+    # each token's path through the layers: token 2 ('cat') at layers 0 and 1
+    np.testing.assert_allclose(np.abs(ax.lines[2].get_xydata()), np.abs(ref[:, 2]), atol=1e-4)
+    assert len(ax.lines) == 6 and [t.get_text() for t in ax.texts][2] == " cat"
+    default = an.plot_layer_embeddings(PROMPT).axes[0]  # 3 layers: 0, 0, 1, 2, 2 -> 0, 1, 2
+    assert [t.get_text() for t in default.get_legend().get_texts()] == [
+        "layer 0", "layer 1", "layer 2"
+    ]  # fmt: skip
+
+
 def test_steering_equals_adding_the_mean_difference_by_hand():
     an = analyzer_for()
     pos, neg, layer, c = ["good day", "good night"], ["bad day"], 1, 3.0
@@ -316,6 +435,19 @@ def test_inspection_and_construction(tmp_path, capsys):
         an.generate(PROMPT)
 
 
+@pytest.mark.parametrize(
+    ("family", "pattern"),
+    [("llama_gqa", "model.layers.{}.self_attn"), ("gpt2", "transformer.h.{}.attn"),
+     ("neox_parallel", "gpt_neox.layers.{}.attention")],
+)  # fmt: skip
+def test_attention_layer_names_are_the_models_attention_modules(family, pattern):
+    an = analyzer_for(family)
+    names = an.get_attention_layer_names()
+    assert names == [pattern.format(i) for i in range(3)]
+    assert all(an.model.get_submodule(n) is an.adapter.part(i, an.adapter.anatomy.attn)
+               for i, n in enumerate(names))  # fmt: skip
+
+
 @pytest.mark.gemma
 def test_seed_002_quick_start_on_gemma(gemma, capsys):
     # as written in seed 002, with the model path replaced by the embedded default
@@ -347,3 +479,24 @@ def test_seed_002_quick_start_on_gemma(gemma, capsys):
     # relative to the residual's size (Gemma's residual norms reach the thousands)
     err = (acts.residual() - full).flatten(1).norm(dim=1) / full.flatten(1).norm(dim=1)
     assert float(err.max()) < 1e-5, err
+
+
+@pytest.mark.gemma
+def test_seed_002_lens_calls_on_gemma(gemma):
+    analyzer = ModelAnalyzer(adapter=gemma)
+    text = "Artificial intelligence is transforming"
+    results = analyzer.get_layer_predictions(text, layer_indices=[0, 6, 11])  # as in seed 002
+    batch = gemma.tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        out = gemma.model(**batch, output_hidden_states=True)
+        normed = gemma.model.model.norm(out.hidden_states[7])  # after layer 6
+        probs = torch.softmax(gemma.model.lm_head(normed)[0].double(), -1)  # [T, V]
+    layer6 = results["layers"][6]
+    assert torch.equal(layer6["top_k_indices"][:, 0], probs.argmax(-1))
+    torch.testing.assert_close(layer6["top_k_probs"].double(), probs.topk(5).values,
+                               atol=1e-5, rtol=1e-4)  # fmt: skip
+    metrics = analyzer.get_convergence_metrics(text)
+    final = out.logits[0].argmax(-1)
+    assert torch.equal(metrics["top1_match"][-1], torch.ones_like(final, dtype=torch.bool))
+    assert torch.equal(metrics["top1_match"][6], probs.argmax(-1) == final)
+    assert float(metrics["kl_divergence"][-1].abs().max()) < 1e-4

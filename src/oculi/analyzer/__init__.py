@@ -1,7 +1,9 @@
 """``oculi.ModelAnalyzer``: seed 002's one-object facade over oculi.
 
-See :mod:`oculi.analyzer.core` for the class, :mod:`oculi.analyzer.records` for activation
-records and their files, and :mod:`oculi.analyzer.compare` for comparing and summarising them.
+See :mod:`oculi.analyzer.core` for the class (its logit lens in :mod:`oculi.analyzer.lens`,
+the figures in :mod:`oculi.analyzer.plots`, path patching and neuron attribution in
+:mod:`oculi.analyzer.causal`), :mod:`oculi.analyzer.records` for activation records and their
+files, and :mod:`oculi.analyzer.compare` for comparing and summarising them.
 """
 
 from oculi.analyzer.compare import (

@@ -8,6 +8,7 @@
     text, acts = analyzer.generate("The cat", max_new_tokens=20, return_activations=True)
     acts.layer_activations["model.layers.5"].shape          # [T, d_model], every token fed
     analyzer.print_logit_lens("The quick brown fox", layer_step=2)
+    analyzer.plot_convergence("The quick brown fox", save_path="convergence.png")
     analyzer.generate_with_steering("Today I feel", positive_examples=["I am happy"],
                                     negative_examples=["I am sad"], coefficient=4.0)
 
@@ -28,6 +29,7 @@ from typing import Any, cast
 import torch
 
 from oculi.analyzer.causal import CausalAnalyses
+from oculi.analyzer.plots import LensPlots
 from oculi.analyzer.projection import Projection, project
 from oculi.analyzer.records import ActivationRecord, load_records, save_records
 from oculi.capture.hooks import HookSet, first_tensor
@@ -60,8 +62,12 @@ def model_info(adapter: Any) -> dict[str, Any]:
     }
 
 
-class ModelAnalyzer(CausalAnalyses):
+class ModelAnalyzer(LensPlots, CausalAnalyses):
     """One loaded model and seed 002's analyses over it.
+
+    The logit lens lives in :mod:`oculi.analyzer.lens`, its figures in
+    :mod:`oculi.analyzer.plots`, path patching and neuron attribution in
+    :mod:`oculi.analyzer.causal`.
 
     Args:
         model_path: ``"gemma-3-270m"`` (the embedded default), a local folder, a ``.gguf``
@@ -92,6 +98,9 @@ class ModelAnalyzer(CausalAnalyses):
         self.load_for_generation = load_for_generation
         names = {id(m): n for n, m in self.model.named_modules()}
         self._layer_names = [names[id(m)] for m in adapter.layer_modules]
+        self._attention_names = [
+            names[id(adapter.part(i, adapter.anatomy.attn))] for i in range(adapter.n_layers)
+        ]
 
     # -- inspection ------------------------------------------------------------------------
     def get_num_layers(self) -> int:
@@ -102,6 +111,11 @@ class ModelAnalyzer(CausalAnalyses):
         """Module names of the decoder layers (``"model.layers.0"``, ...), the keys of
         :attr:`ActivationRecord.layer_activations`."""
         return list(self._layer_names)
+
+    def get_attention_layer_names(self) -> list[str]:
+        """Module names of each layer's attention block (``"model.layers.0.self_attn"``, ...),
+        seed 002's ``ModelInspector.get_attention_layer_names``."""
+        return list(self._attention_names)
 
     def architecture_summary(self) -> dict[str, Any]:
         """Family, sizes, parameter count, dtype and device as a dict."""
@@ -280,57 +294,6 @@ class ModelAnalyzer(CausalAnalyses):
         """Load what :meth:`save_activations` wrote. Pickle files are refused unless
         ``allow_pickle=True`` (unpickling runs code from the file)."""
         return load_records(path, allow_pickle=allow_pickle)
-
-    # -- logit lens --------------------------------------------------------------------------
-    def _lens(self, prompt: str, top_k: int = 10) -> Any:
-        from oculi.capture import LogitConfig
-
-        return self.adapter.capture_logits(prompt, config=LogitConfig(top_k=top_k))
-
-    def logit_lens(
-        self, prompt: str, top_k: int = 5, layer_step: int = 1, position: int = -1
-    ) -> dict[int, list[tuple[str, float]]]:
-        """Each layer's top-``k`` next-token guesses at ``position``: ``{layer: [(token,
-        probability), ...]}``, every ``layer_step``-th layer (the last layer always included)."""
-        if layer_step < 1:
-            raise InputError(f"layer_step must be at least 1, got {layer_step}")
-        lc = self._lens(prompt, top_k)
-        ids, probs = lc.top_k_indices[:, position], lc.top_k_probs[:, position]  # [L, K]
-        layers = sorted({*range(0, self.adapter.n_layers, layer_step), self.adapter.n_layers - 1})
-        decode = self.tokenizer.decode
-        return {
-            layer: [(decode([int(i)]), float(p)) for i, p in zip(ids[layer], probs[layer])]
-            for layer in layers
-        }
-
-    def print_logit_lens(
-        self, prompt: str, layer_step: int = 1, top_k: int = 5, position: int = -1
-    ) -> None:
-        """Print :meth:`logit_lens` as one line per layer."""
-        print(f"logit lens: {prompt!r} (position {position})")
-        for layer, preds in self.logit_lens(prompt, top_k, layer_step, position).items():
-            cells = "  ".join(f"{tok!r} {p:.3f}" for tok, p in preds)
-            print(f"  layer {layer:>3}: {cells}")
-
-    def input_preservation(self, prompt: str) -> dict[str, Any]:
-        """How much each layer still "predicts" the token it is at (seed 002's input
-        preservation): the logit-lens probability and rank of position ``t``'s own input token
-        at position ``t``, per layer, ``[L, T]``; and the KL divergence of each layer's
-        distribution from the final layer's (prediction convergence), ``[L, T]``."""
-        lc = self._lens(prompt, top_k=1)
-        ids = self.adapter.prepare(prompt).input_ids[0]
-        probs, ranks = [], []
-        for layer in range(self.adapter.n_layers):
-            logits = lc.logits(layer).float()  # [T, V], one layer at a time
-            own = logits.gather(-1, ids[:, None].to(logits.device))
-            probs.append(torch.softmax(logits, -1).gather(-1, ids[:, None].to(logits.device)))
-            ranks.append((logits > own).sum(-1, keepdim=True))
-        return {
-            "tokens": self.tokenizer.convert_ids_to_tokens(ids.tolist()),
-            "probs": torch.cat(probs, -1).T.cpu(),
-            "ranks": torch.cat(ranks, -1).T.cpu(),
-            "kl_to_final": lc.kl_to_final().cpu(),
-        }
 
     # -- embeddings --------------------------------------------------------------------------
     def project_embeddings(
