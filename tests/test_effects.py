@@ -9,8 +9,6 @@ over hand-built attention patterns.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -211,12 +209,8 @@ def test_attention_distance_and_focus_of_a_padded_batch_are_each_row_alone(tiny)
 def test_gemma_head_top_token_delta_is_its_dla_share(gemma):
     full = gemma.capture_full("The Eiffel Tower is in the city of", attention=HEADS)
     layer, head = gemma.n_layers - 1, 1
-    AttributionMethods.promoted_tokens(full, (layer, head), k=10)  # warm up
-    start = time.perf_counter()
     got = AttributionMethods.promoted_tokens(full, (layer, head), k=10)
-    elapsed = time.perf_counter() - start
     assert len(got) == 10 and got[0][1] >= got[-1][1]
     for token, delta in (got[0], got[-1]):
         dla = AttributionMethods.direct_logit_attribution(full, token)
         assert delta == pytest.approx(float(dla.heads[layer, head]), rel=1e-9, abs=1e-12)
-    assert elapsed < 2.0, f"one call over the 262144-token vocabulary took {elapsed:.2f} s"
