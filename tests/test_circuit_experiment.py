@@ -23,9 +23,11 @@ PROMPT, TARGET = "the cat sat on the", "red"
 
 
 @torch.no_grad()
-def reference_shares(model, ids, target: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """``(heads [L, H], mlp [L], everything else, the model's logit)`` at the last position,
-    from hooks on the Hugging Face modules."""
+def reference_writes(model, ids) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """``(writes, scale, logits)`` at the last position, from hooks on the Hugging Face
+    modules: ``writes`` maps ``"L1H2"``/``"MLP1"`` to the component's residual write ``[d]``
+    and ``"other"`` to the embedding plus the output projections' biases; ``scale [d]`` is the
+    final RMSNorm frozen (``w / rms(x)``); ``logits [V]`` the model's own."""
     cfg = model.config
     n_heads, d_head = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
     seen: dict = {}
@@ -36,30 +38,29 @@ def reference_shares(model, ids, target: int) -> tuple[torch.Tensor, torch.Tenso
 
         return hook
 
-    hooks = [model.model.embed_tokens.register_forward_hook(keep("embed", False))]
+    hooks = [model.model.embed_tokens.register_forward_hook(keep("other", False))]
     hooks.append(model.model.norm.register_forward_hook(keep("final", True)))
     for i, layer in enumerate(model.model.layers):
         hooks.append(layer.self_attn.o_proj.register_forward_hook(keep(f"z{i}", True)))
-        hooks.append(layer.mlp.register_forward_hook(keep(f"mlp{i}", False)))
+        hooks.append(layer.mlp.register_forward_hook(keep(f"MLP{i}", False)))
     try:
-        with torch.no_grad():
-            logit = float(model(ids[None]).logits[0, -1, target])
+        logits = model(ids[None]).logits[0, -1].double()
     finally:
         for hook in hooks:
             hook.remove()
     norm = model.model.norm
-    rms = (seen["final"].pow(2).mean() + norm.variance_epsilon).sqrt()
-    u = norm.weight.double() / rms * model.lm_head.weight[target].double()
-    heads, mlp, other = [], [], float(seen["embed"] @ u)
+    scale = norm.weight.double() / (seen["final"].pow(2).mean() + norm.variance_epsilon).sqrt()
+    writes = {"other": seen["other"]}
     for i, layer in enumerate(model.model.layers):
         o_proj = layer.self_attn.o_proj
         w_o = o_proj.weight.double().reshape(cfg.hidden_size, n_heads, d_head)
         z = seen[f"z{i}"].reshape(n_heads, d_head)
-        heads.append(torch.einsum("hd,mhd,m->h", z, w_o, u))
-        mlp.append(float(seen[f"mlp{i}"] @ u))
+        for h in range(n_heads):
+            writes[f"L{i}H{h}"] = w_o[:, h] @ z[h]
+        writes[f"MLP{i}"] = seen[f"MLP{i}"]
         if o_proj.bias is not None:
-            other += float(o_proj.bias.double() @ u)
-    return torch.stack(heads), torch.tensor(mlp, dtype=torch.float64), other, logit
+            writes["other"] = writes["other"] + o_proj.bias.double()
+    return writes, scale, logits
 
 
 @torch.no_grad()
@@ -97,28 +98,35 @@ def run(tiny, tmp_path, tag: str = "a", **keys):
 
 
 def test_components_are_the_models_largest_direct_writes(tiny, tmp_path):
-    out = run(tiny, tmp_path).result["result"]
+    out = run(tiny, tmp_path, promoted=4).result["result"]
     ids = tiny_tokenizer()(PROMPT, return_tensors="pt")["input_ids"][0]
     target = tiny_tokenizer().convert_tokens_to_ids(TARGET)
-    heads, mlp, other, logit = reference_shares(tiny.model, ids, target)
+    writes, scale, logits = reference_writes(tiny.model, ids)
+    w_u = tiny.model.lm_head.weight.detach().double()
+    shares = {name: float(w @ (scale * w_u[target])) for name, w in writes.items()}
     # the reference itself adds up to the model's logit
-    assert float(heads.sum() + mlp.sum()) + other == pytest.approx(logit, rel=1e-4, abs=1e-5)
-    grid = torch.cat([heads, mlp[:, None]], dim=1)  # column H: the layer's MLP
-    n_heads = heads.shape[1]
-    order = grid.flatten().abs().argsort(descending=True)[:6].tolist()
-    want = [
-        f"MLP{i // (n_heads + 1)}" if i % (n_heads + 1) == n_heads
-        else f"L{i // (n_heads + 1)}H{i % (n_heads + 1)}"
-        for i in order
-    ]  # fmt: skip
+    assert sum(shares.values()) == pytest.approx(float(logits[target]), rel=1e-4, abs=1e-5)
+    ranked = sorted((n for n in shares if n != "other"), key=lambda n: -abs(shares[n]))
     comps = out["components"]
-    assert [c["name"] for c in comps] == want
-    for c, i in zip(comps, order):
-        assert c["share"] == pytest.approx(float(grid.flatten()[i]), rel=1e-4, abs=1e-5)
+    assert [c["name"] for c in comps] == ranked[:6]
+    for c in comps:
+        assert c["share"] == pytest.approx(shares[c["name"]], rel=1e-4, abs=1e-5)
         assert c["kind"] == ("mlp" if c["head"] is None else "head")
-    assert sum(c["share"] for c in comps) + out["rest"] == pytest.approx(logit, rel=1e-4)
-    assert out["logit"] == pytest.approx(logit, rel=1e-4)
+        # the tokens its write promotes most: the top of W_U (scale ⊙ write)
+        delta = w_u @ (scale * writes[c["name"]])
+        top = delta.topk(4)
+        assert [t for _, t, _ in c["promoted"]] == top.indices.tolist()
+        assert [d for _, _, d in c["promoted"]] == pytest.approx(top.values.tolist(), rel=1e-4)
+        assert [w for w, _, _ in c["promoted"]] == [
+            tiny.tokenizer.decode([t]) for t in top.indices.tolist()
+        ]
+    assert sum(c["share"] for c in comps) + out["rest"] == pytest.approx(
+        float(logits[target]), rel=1e-4
+    )
+    assert out["logit"] == pytest.approx(float(logits[target]), rel=1e-4)
     assert out["target_id"] == target and out["target"] == TARGET
+    assert all(c["promoted"] == [] for c in run(tiny, tmp_path, "b", promoted=0).result[
+        "result"]["components"])  # fmt: skip
 
 
 def test_edges_are_the_composition_scores_of_the_chosen_heads(tiny, tmp_path):
@@ -188,6 +196,7 @@ def test_induction_config_on_gemma(gemma, tmp_path):
     )
     assert len(out["components"]) == 10
     assert any(c["kind"] == "head" for c in out["components"])
+    assert all(len(c["promoted"]) == 10 for c in out["components"])
     assert out["edges"] and all(e["score"] > out["threshold"] == 0.01 for e in out["edges"])
     again = run_experiment(
         "circuit", config, adapter=gemma, out_dir=tmp_path, tag="b", parity=False

@@ -122,13 +122,27 @@ def circuit_figure(dla: Any, scores: dict[str, Any], cfg: CircuitConfig, title: 
     return fig
 
 
+def promoted(adapter: Any, full: Any, component: dict[str, Any], k: int) -> list[list[Any]]:
+    """``[[token, id, Δlogit], ...]``: the ``k`` tokens whose logits the component's direct
+    write at the last position raises most (``AttributionMethods.promoted_tokens``)."""
+    from oculi.analysis import AttributionMethods
+
+    layer, head = component["layer"], component["head"]
+    where = ("mlp", layer) if head is None else (layer, head)
+    top = AttributionMethods.promoted_tokens(full, where, position=-1, k=k, adapter=adapter)
+    return [[adapter.tokenizer.decode([t]), t, delta] for t, delta in top]  # type: ignore[misc]
+
+
 def circuit_numbers(
-    adapter: Any, cfg: CircuitConfig, dla: Any, ids: tuple[int, int | None], scores: Any
+    adapter: Any, cfg: CircuitConfig, full: Any, dla: Any, ids: tuple[int, int | None]
 ) -> dict[str, Any]:
-    """The run's plain numbers: the answer, the components, ``rest``, the edges."""
+    """The run's plain numbers but the edges: the answer, the components (with the tokens each
+    promotes), ``rest``."""
     decode = adapter.tokenizer.decode
     target_id, wrong_id = ids
     components = top_components(dla, cfg.top_k)
+    for c in components:
+        c["promoted"] = promoted(adapter, full, c, cfg.promoted) if cfg.promoted else []
     return {
         "prompt": cfg.prompt,
         "target": decode([target_id]),
@@ -138,9 +152,6 @@ def circuit_numbers(
         "logit": float(dla.logit),
         "components": components,
         "rest": float(dla.total) - sum(c["share"] for c in components),
-        "threshold": cfg.threshold,
-        "edges": composition_edges(scores, components, cfg.threshold),
-        "composition_median": _median_over_pairs(scores),
         "note": dla.note,
     }
 
@@ -157,7 +168,10 @@ class Circuit(Experiment):
         what = ids[0] if ids[1] is None else ids
         dla = AttributionMethods.direct_logit_attribution(full, what, position=-1, adapter=adapter)
         scores = CompositionAnalysis.all_composition_scores(adapter)
-        numbers = circuit_numbers(adapter, cfg, dla, ids, scores)
+        numbers = circuit_numbers(adapter, cfg, full, dla, ids)
+        numbers["threshold"] = cfg.threshold
+        numbers["edges"] = composition_edges(scores, numbers["components"], cfg.threshold)
+        numbers["composition_median"] = _median_over_pairs(scores)
         answer = (
             numbers["target"] if ids[1] is None else f"{numbers['target']} − {numbers['wrong']}"
         )
