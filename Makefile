@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup demo report-demo test check lint typecheck bench clean
+.PHONY: setup demo report-demo test test-unit test-integration check lint typecheck bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ report-demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# the tiny random models only (no Gemma 3 270M), then the Gemma 3 270M integration tests
+test-unit: setup
+	$(PY) -m pytest -q -m "not gemma"
+
+test-integration: setup
+	$(PY) -m pytest -q -m gemma
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench examples

@@ -401,6 +401,24 @@ def test_oculi_exports_resolve_lazily():
     subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": src})
 
 
+def test_task_level_patching_helpers_at_the_top_level_stay_lazy():
+    """DESIGN §5: oculi.activation_patching(...) etc. are oculi.patching's own functions."""
+    import oculi
+    from oculi import patching
+
+    for name in ("activation_patching", "attribution_patching", "causal_tracing", "path_patching"):
+        assert name in oculi.__all__
+        assert getattr(oculi, name) is getattr(patching, name)
+    # `import oculi` loads no torch; the first use of a helper does
+    code = (
+        "import sys, oculi; assert 'torch' not in sys.modules, 'import oculi loaded torch';"
+        "f = oculi.activation_patching; assert 'torch' in sys.modules;"
+        "assert f.__module__ == 'oculi.patching.activation', f.__module__"
+    )
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": src})
+
+
 # -- the default model ---------------------------------------------------------------------
 EIFFEL = "The Eiffel Tower is located in the city of"
 

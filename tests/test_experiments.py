@@ -55,13 +55,18 @@ def tiny_config(name: str) -> dict:
     return {**data, **TINY[name]}
 
 
+def experiment_of(path: Path) -> str:
+    """The experiment a config names (its ``experiment`` key), else the file's stem."""
+    return yaml.safe_load(path.read_text()).get("experiment") or path.stem
+
+
 def test_every_experiment_has_an_example_config_that_validates():
     from oculi.experiments import EXPERIMENTS
 
     get_experiment("logit_lens")
-    assert {p.stem for p in CONFIGS.glob("*.yaml")} == set(EXPERIMENTS)
+    assert {experiment_of(p) for p in CONFIGS.glob("*.yaml")} == set(EXPERIMENTS)
     for path in CONFIGS.glob("*.yaml"):
-        cfg = load_config(path, get_experiment(path.stem).Config)
+        cfg = load_config(path, get_experiment(experiment_of(path)).Config)
         assert cfg.model == "gemma-3-270m" and cfg.seed == 0
 
 

@@ -219,6 +219,23 @@ def test_load_folder_matches_the_model(tmp_path: Path):
     assert adapter.to_str_tokens(PROMPT)[1:] == PROMPT.lower().split()
 
 
+def test_tokenize_gives_the_tokenizers_ids_that_the_model_runs_on():
+    model, tok = tiny_model("llama_gqa"), tiny_tokenizer()
+    adapter = oculi.attach(model, tok)
+    ids = adapter.tokenize(PROMPT)
+    assert ids.dtype == torch.long and ids.tolist() == tok(PROMPT)["input_ids"]  # <bos> first
+    assert ids.tolist()[0] == tok.bos_token_id and len(ids) == len(PROMPT.split()) + 1
+    with torch.no_grad():
+        expected = model(ids[None]).logits[0]
+    torch.testing.assert_close(adapter.forward(PROMPT), expected, rtol=0, atol=0)
+    with pytest.raises(oculi.InputError, match="tokenize takes one string, got list"):
+        adapter.tokenize([PROMPT, PROMPT])
+    with pytest.raises(oculi.InputError, match="prompt 0 is empty"):
+        adapter.tokenize("")
+    with pytest.raises(oculi.InputError, match="strings need a tokenizer"):
+        oculi.attach(model).tokenize(PROMPT)
+
+
 def test_load_dtype_names(tmp_path: Path):
     save_tiny(tmp_path)
     assert oculi.load(str(tmp_path), device="cpu", dtype="bfloat16").dtype == torch.bfloat16

@@ -111,6 +111,93 @@ def test_attribution_bars(tiny):
     np.testing.assert_allclose(heights, torch.cat([attn, mlp]).numpy(), atol=1e-6)
 
 
+def _hand_entropy(patterns: torch.Tensor) -> torch.Tensor:
+    """-sum p log p over keys, with 0 log 0 = 0: [L, H, T]."""
+    p = patterns.double()
+    return -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
+
+
+def test_entropy_heatmap_draws_the_mean_entropy_per_layer_and_head(tiny):
+    from oculi.analysis import EntropyAnalysis
+
+    cap = tiny.capture(PROMPT)
+    hand = _hand_entropy(cap.patterns)  # [L, H, T]
+    ax = visualize.entropy_heatmap(EntropyAnalysis.token_entropy(cap))
+    np.testing.assert_allclose(_image(ax), hand.mean(-1).numpy(), atol=1e-6)
+    assert [t.get_text() for t in ax.get_xticklabels()] == [str(h) for h in range(tiny.n_heads)]
+    # [L, H] is drawn as given (in float32, as every heatmap); NaN positions (padding) are
+    # left out of the mean
+    grid = hand[..., 2:].mean(-1)
+    np.testing.assert_array_equal(_image(visualize.entropy_heatmap(grid)), grid.float().numpy())
+    padded = hand.clone()
+    padded[..., :2] = float("nan")
+    np.testing.assert_allclose(_image(visualize.entropy_heatmap(padded)), grid.numpy(), atol=1e-6)
+    with pytest.raises(oculi.InputError, match=r"entropy must be \[L, H\] or \[L, H, T\]"):
+        visualize.entropy_heatmap(hand[None])
+
+
+def test_norm_entropy_scatter_plots_the_pairs_with_their_pearson_r(tiny):
+    from scipy import stats
+
+    from oculi.analysis import EntropyAnalysis, NormAnalysis
+
+    cap = tiny.capture(PROMPT)
+    norms = NormAnalysis.q_norms(cap)[..., 2:]
+    entropy = EntropyAnalysis.token_entropy(cap)[..., 2:]
+    hand_x = cap.queries.double().norm(dim=-1)[..., 2:].flatten()
+    hand_y = _hand_entropy(cap.patterns)[..., 2:].flatten()
+    ax = visualize.norm_entropy_scatter(norms, entropy)
+    offsets = np.asarray(ax.collections[0].get_offsets())
+    np.testing.assert_allclose(offsets, torch.stack([hand_x, hand_y], 1).numpy(), atol=1e-5)
+    r, p = stats.pearsonr(hand_x.numpy(), hand_y.numpy())
+    assert f"Pearson r = {r:.3f} (p = {p:.2g}, n = {len(hand_x)})" in ax.get_title()
+    # colour = layer of each point
+    n_per_layer = len(hand_x) // tiny.n_layers
+    np.testing.assert_array_equal(
+        ax.collections[0].get_array(), np.repeat(np.arange(tiny.n_layers), n_per_layer)
+    )
+    # a NaN pair (padding) is neither drawn nor counted
+    entropy = entropy.clone()
+    entropy[0, 0, 0] = float("nan")
+    ax = visualize.norm_entropy_scatter(norms, entropy)
+    r, p = stats.pearsonr(hand_x[1:].numpy(), hand_y[1:].numpy())
+    assert len(ax.collections[0].get_offsets()) == len(hand_x) - 1
+    assert f"Pearson r = {r:.3f} (p = {p:.2g}, n = {len(hand_x) - 1})" in ax.get_title()
+    with pytest.raises(oculi.InputError, match=r"must have the same shape"):
+        visualize.norm_entropy_scatter(norms, entropy[..., 1:])
+
+
+def test_intervention_comparison_bars_are_the_softmax_probabilities(tiny):
+    from oculi.intervention import HeadAblation, InterventionContext
+
+    before = tiny.forward(PROMPT)
+    with InterventionContext(tiny, [HeadAblation(2, h) for h in range(tiny.n_heads)]):
+        after = tiny.forward(PROMPT)
+    p_before = torch.softmax(before[-1].double(), -1).numpy()
+    p_after = torch.softmax(after[-1].double(), -1).numpy()
+    assert np.abs(p_before - p_after).max() > 1e-3  # the ablation moved the distribution
+    k = 6
+    ids = np.argsort(-np.maximum(p_before, p_after), kind="stable")[:k]
+    ax = visualize.intervention_comparison(before, after, tiny.tokenizer, k=k)
+    heights = [bar.get_height() for bar in ax.patches]
+    np.testing.assert_allclose(heights[:k], p_before[ids], atol=1e-6)
+    np.testing.assert_allclose(heights[k:], p_after[ids], atol=1e-6)
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels == [repr(tiny.tokenizer.decode([int(i)])) for i in ids]
+    # another position, and [V] logits
+    ax = visualize.intervention_comparison(before[3], after[3], k=2)
+    top = np.argsort(
+        -np.maximum(*(torch.softmax(x[3].double(), -1).numpy() for x in (before, after)))
+    )
+    assert [t.get_text() for t in ax.get_xticklabels()] == [str(i) for i in top[:2]]
+    with pytest.raises(oculi.InputError, match=rf"k=0, but it must be an int in 1..{tiny.d_vocab}"):
+        visualize.intervention_comparison(before, after, k=0)
+    with pytest.raises(oculi.InputError, match=r"must have the same shape"):
+        visualize.intervention_comparison(before, after[:-1])
+    with pytest.raises(oculi.InputError, match=r"position 40 out of range for \d+ positions"):
+        visualize.intervention_comparison(before, after, position=40)
+
+
 def test_circuit_graph_keeps_the_strongest_components_and_edges():
     importance = torch.zeros(3, 2)
     importance[0, 1], importance[1, 0], importance[2, 1], importance[2, 0] = 2.0, -3.0, 5.0, 0.1

@@ -49,7 +49,10 @@ _EXPORTS: dict[str, str] = {
     "load": "oculi.models",
     "register_anatomy": "oculi.models",
     "supported_model_types": "oculi.models",
+    "activation_patching": "oculi.patching",
+    "attribution_patching": "oculi.patching",
     "causal_tracing": "oculi.patching",
+    "path_patching": "oculi.patching",
     "harvest": "oculi.harvest",
     "open_harvest": "oculi.harvest",
     "ModelAnalyzer": "oculi.analyzer",
@@ -84,7 +87,12 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real imports
     )
     from oculi.harvest import harvest, open_harvest
     from oculi.models import Adapter, Anatomy, attach, load, register_anatomy, supported_model_types
-    from oculi.patching import causal_tracing
+    from oculi.patching import (
+        activation_patching,
+        attribution_patching,
+        causal_tracing,
+        path_patching,
+    )
 
 
 # exports that are submodules themselves (the others are attributes of their module)
@@ -147,7 +155,9 @@ __all__ = [
     "StorageRangeWarning",
     "UnknownSiteError",
     "UnsupportedArchitectureError",
+    "activation_patching",
     "attach",
+    "attribution_patching",
     "causal_tracing",
     "harvest",
     "intervention",
@@ -156,6 +166,7 @@ __all__ = [
     "logit_lens",
     "open_harvest",
     "patching",
+    "path_patching",
     "probe",
     "register_anatomy",
     "supported_model_types",

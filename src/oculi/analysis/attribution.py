@@ -7,12 +7,14 @@
     dla.values, dla.attention, dla.mlp, dla.heads      # [L], [L], [L], [L, H]
     AttributionMethods.neuron_attribution(full, target_id, adapter).values   # [L, d_mlp]
     AttributionMethods.top_attributions(dla, k=5)      # [((layer, head), share), ...]
+    AttributionMethods.promoted_tokens(full, (5, 2), k=10)   # [(token_id, Δlogit), ...]
     AttributionMethods.attention_rollout(full)          # .values [L, T, T]
     AttributionMethods.gradient_x_input(adapter, prompt, target_id)   # .values [T]
 
-Direct logit attribution is exact (see :mod:`oculi.analysis.dla`, and
-:mod:`oculi.analysis.neurons` for MLP neurons); rollout, flow and
-value-weighted attention are in :mod:`oculi.analysis.flow`. Gradient × input is the one method
+Direct logit attribution is exact (see :mod:`oculi.analysis.dla`,
+:mod:`oculi.analysis.neurons` for MLP neurons and :mod:`oculi.analysis.effects` for the tokens
+one component promotes); rollout, flow and value-weighted attention are in
+:mod:`oculi.analysis.flow`. Gradient × input is the one method
 here that runs the model: one forward from the token embeddings and one backward, no hooks.
 """
 
@@ -27,6 +29,7 @@ from torch import Tensor
 
 from oculi.analysis._common import real_positions
 from oculi.analysis.dla import direct_logit_attribution
+from oculi.analysis.effects import promoted_tokens
 from oculi.analysis.flow import attention_flow, attention_rollout, value_weighted_attention
 from oculi.analysis.neurons import neuron_attribution
 from oculi.analysis.result import AttributionResult
@@ -62,6 +65,7 @@ class AttributionMethods:
     value_weighted_attention = staticmethod(value_weighted_attention)
     direct_logit_attribution = staticmethod(direct_logit_attribution)
     neuron_attribution = staticmethod(neuron_attribution)
+    promoted_tokens = staticmethod(promoted_tokens)
 
     @staticmethod
     def component_attribution(

@@ -173,25 +173,40 @@ def _squeeze(t: Tensor | None, single: bool, one_pos: bool) -> Tensor | None:
 
 # -- the attribution -------------------------------------------------------------------------
 @dataclass
-class Readout:
-    """What turns a residual write into the target's logit at the positions asked for.
+class FrozenNorm:
+    """The final norm of ``full`` frozen at the positions asked for.
 
-    ``u [B, P, d]`` is the frozen final norm's direction (``a ⊙ W_U[target]``, centred for
-    LayerNorm): a write ``c`` at those positions adds ``u · c``. ``bias`` and ``logit`` are
-    ``[B, P]``; ``index [B, P]`` holds the tensor columns of the positions.
+    A residual write ``c [B, P, d]`` at those positions reaches the unembedding as
+    ``a ⊙ (c - mean(c))`` (``center``, LayerNorm) or ``a ⊙ c`` (RMSNorm); ``b [d]`` is the
+    constant the norm adds. ``index [B, P]`` holds the tensor columns of the positions,
+    ``normed [B, P, d]`` the model's normalised residual there.
     """
 
     index: Tensor
-    u: Tensor
-    bias: Tensor
-    logit: Tensor
+    a: Tensor
+    b: Tensor
+    center: bool
+    normed: Tensor
     streams: dict[str, Tensor]
     single: bool
     one_pos: bool
 
 
-def readout(full: FullCapture, target: Any, position: Any, adapter: Any = None) -> Readout:
-    """The frozen final norm and unembedding of ``full`` at ``position`` (see the module)."""
+@dataclass
+class Readout(FrozenNorm):
+    """:class:`FrozenNorm` turned into the target's logit.
+
+    ``u [B, P, d]`` is ``a ⊙ W_U[target]`` (centred for LayerNorm): a write ``c`` adds
+    ``u · c``. ``bias`` and ``logit`` are ``[B, P]``.
+    """
+
+    u: Tensor
+    bias: Tensor
+    logit: Tensor
+
+
+def frozen_norm(full: FullCapture, position: Any, adapter: Any = None) -> FrozenNorm:
+    """The final norm of ``full`` at ``position`` with its scale frozen (see the module)."""
     if full.residual is None or full.logits is None:
         raise InputError(
             "direct logit attribution needs the residual stream and the logits of one forward: "
@@ -213,20 +228,26 @@ def readout(full: FullCapture, target: Any, position: Any, adapter: Any = None) 
     streams = _streams(residual)
     n_b, n_t = streams["embedding"].shape[0], streams["embedding"].shape[1]
     index = real_positions(residual.metadata, None if single else n_b, n_t, positions)
-
-    w, const = _direction(lc.unembed, lc.unembed_bias, target)
     family = full.metadata.get("family", residual.metadata.get("family"))
     norm_bias, center = _final_norm_bias(family, adapter, lc.final_norm_bias)
     x = _gather(streams["final"], index)
     normed = _gather(_rows(lc.final_normalized, single), index)
     a, b = _frozen_map(x, normed, norm_bias, center)
-    w = w.to(a.device)
-    u = a * w
-    if center:
+    return FrozenNorm(index, a, b, center, normed, streams, single, one_pos)
+
+
+def readout(full: FullCapture, target: Any, position: Any, adapter: Any = None) -> Readout:
+    """The frozen final norm and unembedding of ``full`` at ``position`` (see the module)."""
+    f = frozen_norm(full, position, adapter)
+    assert full.logits is not None and full.logits.unembed is not None  # frozen_norm checked
+    w, const = _direction(full.logits.unembed, full.logits.unembed_bias, target)
+    w = w.to(f.a.device)
+    u = f.a * w
+    if f.center:
         u = u - u.mean(-1, keepdim=True)
-    bias = (b * w).sum(-1) + const.to(a.device)  # the frozen map's constant part
-    logit = (normed * w).sum(-1) + const.to(a.device)
-    return Readout(index, u, bias, logit, streams, single, one_pos)
+    bias = (f.b * w).sum(-1) + const.to(f.a.device)  # the frozen map's constant part
+    logit = (f.normed * w).sum(-1) + const.to(f.a.device)
+    return Readout(**vars(f), u=u, bias=bias, logit=logit)
 
 
 def dla_full(

@@ -1,9 +1,11 @@
-"""Attention entropy: how spread out each query's attention is.
+"""Attention entropy: how spread out each query's attention is, and how far it looks.
 
 ::
 
     entropy = EntropyAnalysis.token_entropy(capture)      # [L, H, T], nats
     focused = entropy.mean(-1).argmin()                   # the most focused head overall
+    EntropyAnalysis.attention_distance(capture)           # [L, H, T], tokens looked back
+    EntropyAnalysis.max_attention(capture)                # [L, H, T], the largest weight
 
 Row ``t`` of a head's pattern is a probability distribution over the keys ``0..t``. Its
 entropy ``H = -Σ_j p_j log p_j`` (natural log, with ``0 · log 0 = 0``) is 0 when the query
@@ -12,12 +14,18 @@ attends to one token and ``log(t + 1)`` when it spreads evenly over all ``t + 1`
 row, ``t + 1`` for a uniform one. Early rows can see few tokens (row 0 always has entropy 0),
 so averages over positions can skip the first few (``ignore_first``).
 
+Two more statistics of each row: its *range*, the mean distance ``Σ_j p_j (t - j)`` the query
+looks back (0 for a head that attends to itself, ``t`` for one that attends to the first
+token, ``t / 2`` for a uniform row), and its *focus*, the largest weight ``max_j p_j`` (1 for a
+one-hot row, ``1 / (t + 1)`` for a uniform one).
+
 Batched captures give ``[B, L, H, T]``; positions that are padding hold ``NaN`` so that they
 cannot slip into a mean unnoticed (``torch.nanmean`` skips them).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,6 +33,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from oculi.analysis._common import attention_of, field, is_batched, mark_padding, position_mask
+
+
+def _per_query(capture: Any, stat: Callable[[Tensor], Tensor]) -> Tensor:
+    """``stat`` of each query row of the capture's patterns, ``NaN`` at padded queries."""
+    att = attention_of(capture)
+    patterns = field(att, "patterns")
+    return mark_padding(stat(patterns), att.metadata, is_batched(patterns, "patterns"))
 
 
 class EntropyAnalysis:
@@ -48,11 +63,8 @@ class EntropyAnalysis:
         Raises:
             InputError: the capture holds no patterns.
         """
-        att = attention_of(capture)
-        patterns = field(att, "patterns")
-        # xlogy gives 0 where p == 0, the limit of p log p
-        entropy = 0.0 - torch.special.xlogy(patterns, patterns).sum(-1)  # 0.0 - : no -0.0
-        return mark_padding(entropy, att.metadata, is_batched(patterns, "patterns"))
+        # xlogy gives 0 where p == 0, the limit of p log p; 0.0 - : no -0.0
+        return _per_query(capture, lambda p: 0.0 - torch.special.xlogy(p, p).sum(-1))
 
     @staticmethod
     def effective_rank(capture: Any) -> Float[Tensor, "*batch layer head pos"]:
@@ -126,3 +138,40 @@ class EntropyAnalysis:
                 "come from the same model"
             )
         return mean_a - mean_b.to(mean_a.device)
+
+    @staticmethod
+    def attention_distance(capture: Any) -> Float[Tensor, "*batch layer head pos"]:
+        """How far back each query looks: ``Σ_j p_tj · (t - j)``, in tokens.
+
+        Example::
+
+            distance = EntropyAnalysis.attention_distance(capture)   # [L, H, T]
+            distance.nanmean(-1)          # per head: local (small) or long-range (large)
+
+        Padding keys carry no weight, so in a padded batch the distance counts real tokens.
+
+        Returns:
+            ``[L, H, T]`` float32 (``[B, L, H, T]`` for batches, ``NaN`` at padding).
+
+        Raises:
+            InputError: the capture holds no patterns.
+        """
+
+        def distance(p: Tensor) -> Tensor:
+            pos = torch.arange(p.shape[-1], dtype=p.dtype, device=p.device)
+            return (p * (pos[:, None] - pos[None, :])).sum(-1)  # weights times t - j
+
+        return _per_query(capture, distance)
+
+    @staticmethod
+    def max_attention(capture: Any) -> Float[Tensor, "*batch layer head pos"]:
+        """The largest weight of each query's attention row: how focused it is.
+
+        Example::
+
+            focus = EntropyAnalysis.max_attention(capture)   # [L, H, T], in [1/(t+1), 1]
+
+        Returns ``[L, H, T]`` float32 (``[B, L, H, T]`` for batches, ``NaN`` at padding);
+        raises ``InputError`` when the capture holds no patterns.
+        """
+        return _per_query(capture, lambda p: p.amax(-1))

@@ -193,6 +193,28 @@ class Adapter:
             attention_mask=attention_mask,
         )
 
+    def tokenize(self, text: str) -> torch.Tensor:
+        """The token ids ``[T]`` of one string, exactly as the captures tokenise it.
+
+        Example::
+
+            ids = adapter.tokenize("The Eiffel Tower")   # with the tokenizer's BOS, if it adds one
+            adapter.capture(ids)                         # the same capture as of the string
+
+        Returns:
+            ``[T]`` int64 on the model's device.
+
+        Raises:
+            InputError: no tokenizer, an empty string, or not one string (several prompts go to
+                :meth:`prepare`, which also gives their attention mask).
+        """
+        if not isinstance(text, str):
+            raise InputError(
+                f"tokenize takes one string, got {type(text).__name__}; for a batch use "
+                "adapter.prepare(texts), which also returns the attention mask"
+            )
+        return self.prepare(text).input_ids[0]
+
     def to_single_token(self, answer: str | int) -> int:
         """The id of a one-token answer; several tokens is an error naming them.
 

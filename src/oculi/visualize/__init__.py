@@ -6,6 +6,7 @@ the self-contained report page.
     from oculi import visualize
     visualize.attention_heatmap(adapter.capture(prompt), layer=3, head=1)
     visualize.logit_lens_grid(adapter.capture_logits(prompt), adapter.tokenizer)
+    visualize.entropy_heatmap(EntropyAnalysis.token_entropy(capture))   # layer x head
     visualize.write_report(adapter, "The Eiffel Tower is located in the city of", "report.html")
 
 Importing this package imports neither matplotlib nor the report's model-running code; each
@@ -14,13 +15,16 @@ function imports what it needs when called.
 
 from oculi.visualize.attribution import head_attribution_bars, layer_attribution, top_heads
 from oculi.visualize.circuit import circuit_graph, circuit_layout, draw_circuit
+from oculi.visualize.correlation import norm_entropy_scatter
 from oculi.visualize.embeddings import (
     compare_methods,
     layer_embeddings,
     plot_embeddings,
     reduce_dimensions,
 )
+from oculi.visualize.entropy import entropy_heatmap
 from oculi.visualize.heatmaps import attention_grid, attention_heatmap, heatmap, text_grid
+from oculi.visualize.intervention import intervention_comparison
 from oculi.visualize.lens import (
     convergence,
     convergence_metrics,
@@ -39,13 +43,16 @@ __all__ = [
     "convergence",
     "convergence_metrics",
     "draw_circuit",
+    "entropy_heatmap",
     "head_attribution_bars",
     "heatmap",
     "input_preservation",
+    "intervention_comparison",
     "layer_attribution",
     "layer_embeddings",
     "lens_probability",
     "logit_lens_grid",
+    "norm_entropy_scatter",
     "plot_embeddings",
     "prediction_refinement",
     "reduce_dimensions",

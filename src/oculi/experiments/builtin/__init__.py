@@ -8,9 +8,10 @@
 ``head_detection``        previous-token, BOS, recent and induction head scores
 ``steering``              a contrastive steering vector at several strengths
 ``attribution``           exact direct logit attribution by layer, branch and head
+``circuit``               top DLA components, composition edges, promoted tokens; a graph
 ========================  =====================================================
 """
 
-from oculi.experiments.builtin import attribution, causal, heads, lens, steering
+from oculi.experiments.builtin import attribution, causal, circuit, heads, lens, steering
 
-__all__ = ["attribution", "causal", "heads", "lens", "steering"]
+__all__ = ["attribution", "causal", "circuit", "heads", "lens", "steering"]

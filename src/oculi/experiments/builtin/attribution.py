@@ -31,6 +31,36 @@ class AttributionConfig(ExperimentConfig):
     top_k: int = Field(default=10, ge=1)
 
 
+def head_capture(adapter: Any, prompt: str, *, neurons: bool = False) -> Any:
+    """A ``FullCapture`` of ``prompt`` with each head's contribution (and the MLP neurons when
+    ``neurons``), without the queries, keys, values and patterns DLA does not read."""
+    from oculi.analysis.neurons import mlp_config
+    from oculi.capture import CaptureConfig
+
+    heads = CaptureConfig(
+        capture_queries=False,
+        capture_keys=False,
+        capture_values=False,
+        capture_patterns=False,
+        capture_head_contributions=True,
+    )
+    return adapter.capture_full(
+        prompt, attention=heads, mlp=mlp_config(adapter) if neurons else None
+    )
+
+
+def answer_ids(
+    adapter: Any, full: Any, target: str | int | None, wrong: str | int | None
+) -> tuple[int, int | None]:
+    """``(target id, wrong id)``: ``target`` defaults to the model's top prediction at the
+    last position of ``full``."""
+    if target is None:
+        target_id = int(full.logits.logits(adapter.n_layers - 1, [-1])[0].argmax())
+    else:
+        target_id = adapter.to_single_token(target)
+    return target_id, None if wrong is None else adapter.to_single_token(wrong)
+
+
 def direct_logit_attribution(
     adapter: Any,
     prompt: str,
@@ -43,24 +73,9 @@ def direct_logit_attribution(
     per-head shares (one forward pass); ``neurons=True`` also records the MLP neurons and
     puts their attribution in ``result.metadata["neurons"]``."""
     from oculi.analysis import AttributionMethods
-    from oculi.analysis.neurons import mlp_config
-    from oculi.capture import CaptureConfig
 
-    heads = CaptureConfig(
-        capture_queries=False,
-        capture_keys=False,
-        capture_values=False,
-        capture_patterns=False,
-        capture_head_contributions=True,
-    )
-    full = adapter.capture_full(
-        prompt, attention=heads, mlp=mlp_config(adapter) if neurons else None
-    )
-    if target is None:
-        target_id = int(full.logits.logits(adapter.n_layers - 1, [-1])[0].argmax())
-    else:
-        target_id = adapter.to_single_token(target)
-    wrong_id = None if wrong is None else adapter.to_single_token(wrong)
+    full = head_capture(adapter, prompt, neurons=neurons)
+    target_id, wrong_id = answer_ids(adapter, full, target, wrong)
     what = target_id if wrong_id is None else (target_id, wrong_id)
     dla = AttributionMethods.direct_logit_attribution(full, what, position=-1, adapter=adapter)
     if neurons:
