@@ -164,6 +164,24 @@ def prompt_ids(length: int = PROMPT_LEN, seed: int = 3) -> torch.Tensor:
     return torch.randint(3, VOCAB, (length,), generator=gen)
 
 
+def last_inputs(model: torch.nn.Module, ids: torch.Tensor, modules: dict[str, Any]) -> dict:
+    """The first input of each module at the last position of one plain forward of ``ids``
+    ``[1, T]``, float64, read by forward hooks that are removed whatever happens."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name: str) -> Any:
+        return lambda _m, args, _out: seen.__setitem__(name, args[0][0, -1].double())
+
+    hooks = [module.register_forward_hook(keep(name)) for name, module in modules.items()]
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
 WORDS = [
     "the",
     "a",

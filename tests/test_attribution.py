@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import oculi
-from models import FAMILIES, prompt_ids, tiny_model
+from models import FAMILIES, last_inputs, prompt_ids, tiny_model
 from oculi import AttentionCapture, CaptureConfig, InputError, ResidualConfig
 from oculi.analysis import AttributionMethods, HeadWeights
 from oculi.models.anatomy import get_path
@@ -121,22 +121,8 @@ def test_neurons_against_a_hand_computation_on_llama(tiny):
     model = adapter.model
     ids = prompt_ids()
     layer, target = 1, 11
-    seen = {}
-    hooks = [
-        model.model.layers[layer].mlp.down_proj.register_forward_hook(
-            lambda m, args, out: seen.__setitem__("act", args[0][0, -1].double())
-        ),
-        model.model.norm.register_forward_hook(
-            lambda m, args, out: seen.__setitem__("x", args[0][0, -1].double())
-        ),
-    ]
-    try:
-        with torch.no_grad():
-            model(ids[None])
-    finally:
-        for hook in hooks:
-            hook.remove()
     norm, down = model.model.norm, model.model.layers[layer].mlp.down_proj
+    seen = last_inputs(model, ids[None], {"act": down, "x": norm})
     rms = (seen["x"].pow(2).mean() + norm.variance_epsilon).sqrt()
     u = norm.weight.detach().double() / rms * model.lm_head.weight[target].detach().double()
     want = seen["act"] * (down.weight.detach().double().T @ u)

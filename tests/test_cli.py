@@ -15,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from models import tiny_model, tiny_tokenizer
+from models import last_inputs, tiny_model, tiny_tokenizer
 from oculi.cli import COMMANDS, cli
 
 PROMPT = "the cat sat on the"
@@ -177,19 +177,9 @@ def test_attribute_neurons_are_the_largest_and_add_up(tiny_dir, hf):
     # against the hand product act_n · (W_down[:, n] · u) of the largest one, u from the
     # final RMSNorm of a plain forward
     layer, neuron, value = top[0]
-    seen = {}
     down = hf.model.layers[layer].mlp.down_proj
-    hooks = [
-        down.register_forward_hook(lambda m, a, o: seen.__setitem__("act", a[0][0, -1])),
-        hf.model.norm.register_forward_hook(lambda m, a, o: seen.__setitem__("x", a[0][0, -1])),
-    ]
-    try:
-        with torch.no_grad():
-            hf(ids(PROMPT))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    x, norm = seen["x"].double(), hf.model.norm
+    seen = last_inputs(hf, ids(PROMPT), {"act": down, "x": hf.model.norm})
+    x, norm = seen["x"], hf.model.norm
     u = norm.weight.detach().double() / (x.pow(2).mean() + norm.variance_epsilon).sqrt()
     u = u * hf.lm_head.weight[tok("red")].detach().double()
     want = float(seen["act"][neuron].double() * (down.weight[:, neuron].detach().double() @ u))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import oculi
-from models import prompt_ids, tiny_model
+from models import last_inputs, prompt_ids, tiny_model
 from oculi import AttentionCapture, CaptureConfig, InputError
 from oculi.analysis import AttributionMethods, EntropyAnalysis
 
@@ -32,19 +32,7 @@ def head_write(model, o_proj, final_norm, ids, head: int, d: int, conv1d: bool =
     hooks; the write is the head's slice of the projection's input times its columns of the
     weight (the projection's bias belongs to no head). float64.
     """
-    seen: dict = {}
-    hooks = [
-        module.register_forward_hook(
-            lambda m, args, out, name=name: seen.__setitem__(name, args[0][0, -1].double())
-        )
-        for name, module in (("o_in", o_proj), ("x", final_norm))
-    ]
-    try:
-        with torch.no_grad():
-            model(ids[None])
-    finally:
-        for hook in hooks:
-            hook.remove()
+    seen = last_inputs(model, ids[None], {"o_in": o_proj, "x": final_norm})
     w = o_proj.weight.detach().double()
     w_o = w[head * d : (head + 1) * d] if conv1d else w[:, head * d : (head + 1) * d].T  # [D, d]
     return seen["o_in"][head * d : (head + 1) * d] @ w_o, seen["x"]
