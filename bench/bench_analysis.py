@@ -68,6 +68,10 @@ def main() -> None:
             "neuron DLA, last position, all layers",
             lambda: AttributionMethods.neuron_attribution(full, target, adapter),
         ),
+        (
+            "promoted tokens of one head (a pass over W_U)",
+            lambda: AttributionMethods.promoted_tokens(full, (adapter.n_layers - 1, 0)),
+        ),
         ("attention rollout", lambda: AttributionMethods.attention_rollout(full)),
         (
             "attention flow, exact (max flow per token, last position)",
