@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from jaxtyping import Shaped
 from torch import Tensor
 
 from oculi.analysis._common import (
@@ -215,7 +216,7 @@ def _edges(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return layer * n + cols, (layer + 1) * n + rows, a[layer, rows, cols]
 
 
-def cut_bounds(w: Tensor) -> Tensor:
+def cut_bounds(w: Shaped[Tensor, "layer pos pos"]) -> Shaped[Tensor, " pos"]:
     """Upper bounds of the flow from every source ``s`` to the last token: ``[T]``.
 
     ``w [L, T, T]`` holds the capacities of the edges ``(l, j) -> (l + 1, i)``, causal, cut
