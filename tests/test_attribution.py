@@ -193,6 +193,13 @@ def test_dla_refuses_partial_captures_and_bad_targets(tiny):
     assert float(with_adapter.total) == pytest.approx(want, rel=1e-4, abs=1e-5)
     with pytest.raises(InputError, match="head_contributions"):
         AttributionMethods.head_attribution(full, 3)
+    with pytest.raises(InputError, match="not output_weights=, target_token_id=, unembed"):
+        AttributionMethods.head_attribution(  # seed 000's form
+            full.attention,
+            output_weights=adapter.model.model.layers[0].self_attn.o_proj.weight,
+            unembed_matrix=adapter.model.lm_head.weight,
+            target_token_id=3,
+        )
 
 
 def test_top_attributions_orders_by_magnitude():

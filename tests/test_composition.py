@@ -120,6 +120,8 @@ def test_a_planted_previous_token_to_induction_pair_is_found():
     assert circuits[0]["composition_score"] > 0.1
     assert circuits[1]["composition_score"] < 1e-3
     assert circuits[0]["induction_score"] == pytest.approx(1.0)
+    with pytest.raises(InputError, match="pass the adapter"):  # seed 000's call: no weights
+        CompositionAnalysis.detect_induction_circuit(cap, threshold=0.3)
 
 
 def test_virtual_attention_is_the_product_of_the_path_patterns():

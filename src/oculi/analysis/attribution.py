@@ -95,12 +95,26 @@ class AttributionMethods:
 
     @staticmethod
     def head_attribution(
-        full: Any, target: Any, position: int = -1, *, adapter: Any = None
+        full: Any, target: Any = None, position: int = -1, *, adapter: Any = None, **seed: Any
     ) -> AttributionResult:
         """Each head's direct share of the logit: ``.values [L, H]`` (exact DLA's ``.heads``).
 
-        Needs a FullCapture with ``CaptureConfig(capture_head_contributions=True)``.
+        Needs a FullCapture with ``CaptureConfig(capture_head_contributions=True)``. Seed
+        000's form (an attention capture with ``output_weights=`` one ``o_proj`` weight,
+        ``unembed_matrix=``, ``target_token_id=``) is refused with the call to make instead:
+        one layer's output projection cannot give every layer's heads, and without the
+        final norm the shares would not be the model's logit.
         """
+        if seed:
+            raise InputError(
+                f"head_attribution takes (full, target), not {', '.join(k + '=' for k in sorted(seed))}: each "
+                "head goes through its own layer's output projection and the frozen final "
+                "norm, read from the capture. Use AttributionMethods.head_attribution(full, "
+                "target_token_id) on adapter.capture_full(ids, attention=CaptureConfig("
+                "capture_head_contributions=True))"
+            )
+        if target is None:
+            raise InputError("head_attribution needs a target token id (or a pair of ids)")
         dla = direct_logit_attribution(full, target, position=position, adapter=adapter)
         if dla.heads is None:
             raise InputError(

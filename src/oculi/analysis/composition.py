@@ -242,7 +242,7 @@ class CompositionAnalysis:
     @staticmethod
     def detect_induction_circuit(
         capture: Any,
-        weights: Any,
+        weights: Any = None,
         threshold: float = 0.3,
         *,
         previous_threshold: float | None = None,
@@ -281,6 +281,12 @@ class CompositionAnalysis:
         """
         from oculi.analysis.circuits import CircuitDetection
 
+        if weights is None and k_scores is None:
+            raise InputError(
+                "detect_induction_circuit ranks pairs by the K-composition of their weights, "
+                "which a capture does not hold: pass the adapter (or HeadWeights) as weights, "
+                "e.g. detect_induction_circuit(capture, adapter, threshold=0.3)"
+            )
         prev_limit = threshold if previous_threshold is None else previous_threshold
         induction = CircuitDetection.detect_induction_heads(capture, input_ids=input_ids)
         previous = CircuitDetection.detect_previous_token_heads(capture)
