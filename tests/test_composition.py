@@ -132,6 +132,8 @@ def test_virtual_attention_is_the_product_of_the_path_patterns():
     assert got.metadata["path_str"] == "L0H0 -> L1H1"
     with pytest.raises(InputError, match="increasing"):
         CompositionAnalysis.virtual_attention(cap, [(1, 1), (0, 0)])
+    with pytest.raises(InputError, match="virtual_attention"):  # seed 000's path score call
+        CompositionAnalysis.path_patching_score(cap, None, path=[(0, 0), (1, 1)])
 
 
 @pytest.mark.parametrize("family", ["llama_gqa", "gemma3", "qwen3", "gpt2"])

@@ -198,7 +198,13 @@ class CompositionAnalysis:
 
     @staticmethod
     def path_patching_score(
-        clean: Any, corrupt: Any, target: Any, position: int = -1, *, adapter: Any = None
+        clean: Any,
+        corrupt: Any = None,
+        target: Any = None,
+        position: int = -1,
+        *,
+        adapter: Any = None,
+        path: Any = None,
     ) -> CompositionResult:
         """First-order estimate of path patching each head into the logits (no forward).
 
@@ -207,7 +213,7 @@ class CompositionAnalysis:
         """
         from oculi.analysis.paths import path_patching_score
 
-        return path_patching_score(clean, corrupt, target, position, adapter=adapter)
+        return path_patching_score(clean, corrupt, target, position, adapter=adapter, path=path)
 
     @staticmethod
     def virtual_attention(capture: Any, path: list[Head]) -> CompositionResult:

@@ -28,11 +28,12 @@ from oculi.errors import InputError
 
 def path_patching_score(
     clean: FullCapture,
-    corrupt: FullCapture,
-    target: Any,
+    corrupt: Any = None,
+    target: Any = None,
     position: int = -1,
     *,
     adapter: Any = None,
+    path: Any = None,
 ) -> CompositionResult:
     """Estimated metric (logit, or logit difference for a pair) per sender head ``[L, H]``.
 
@@ -46,7 +47,22 @@ def path_patching_score(
     Returns:
         ``.values [L, H]`` (the estimated metric with each head path-patched),
         ``.metadata["clean_metric"]`` and ``["effect"]`` (``values - clean_metric``).
+
+    Seed 000's form, a capture, its residual and ``path=[(layer, head), ...]`` with no
+    corrupt run and no metric, is refused with the calls that answer it: there is no sound
+    single number for a path without a behaviour to measure.
     """
+    if path is not None:
+        raise InputError(
+            "path_patching_score estimates path patching from a clean and a corrupt capture "
+            "and a target: path_patching_score(clean, corrupt, target). For a path of heads, "
+            "CompositionAnalysis.virtual_attention(capture, path) gives the pattern along it, "
+            "composition_scores(adapter) the weights' composition between its heads, and "
+            "oculi.path_patching(adapter, clean, corrupt, senders=[path[0]], "
+            "receivers=path[1:2]) its causal effect"
+        )
+    if target is None:
+        raise InputError("path_patching_score needs a target token id (or a pair of ids)")
     for name, cap in (("clean", clean), ("corrupt", corrupt)):
         if not isinstance(cap, FullCapture) or cap.attention is None:
             raise InputError(f"{name} must be a FullCapture with head contributions")
