@@ -135,6 +135,41 @@ def test_neurons_against_a_hand_computation_on_llama(tiny):
     assert top[0][0] == layer and abs(top[1]) == pytest.approx(float(want.abs().max()), rel=1e-4)
 
 
+def test_neurons_through_gemmas_post_mlp_norm_by_hand_in_bfloat16():
+    # act_n · (W_down[:, n] · (g ⊙ u)) with g = (1 + w) / rms(mlp output) of the norm after
+    # the MLP and u = (1 + w_f) / rms(x) ⊙ W_U[t] of the final norm, all from the bfloat16
+    # tensors plain hooks read. The embedding is scaled so the residual's norm is Gemma's
+    # (~860): reading the norm's scale as a ratio of residual differences was 27% off here
+    model = tiny_model("gemma3")
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(100)
+    model = model.to(torch.bfloat16)
+    adapter = oculi.attach(model)
+    ids, layer, target = prompt_ids(), 1, 11
+    block = model.model.layers[layer]
+    seen = last_inputs(
+        model,
+        ids[None],
+        {
+            "act": block.mlp.down_proj,
+            "out": block.post_feedforward_layernorm,
+            "x": model.model.norm,
+        },
+    )
+
+    def gain(norm, x):
+        return (1 + norm.weight.detach().double()) / (x.pow(2).mean() + norm.eps).sqrt()
+
+    u = gain(model.model.norm, seen["x"]) * model.lm_head.weight[target].detach().double()
+    v = gain(block.post_feedforward_layernorm, seen["out"]) * u
+    want = seen["act"] * (block.mlp.down_proj.weight.detach().double().T @ v)
+    got = AttributionMethods.neuron_attribution(
+        adapter.capture_full(ids), target, adapter, layers=[layer]
+    ).values[0]
+    # within bfloat16's rounding of the final normed residual, which DLA's readout reads
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-2 * float(want.abs().max()))
+
+
 def test_neurons_refuse_what_they_cannot_attribute(tiny):
     adapter = tiny["gemma3"]
     ids = prompt_ids()

@@ -13,9 +13,11 @@ reaches the logit through the final norm, whose per-position scale is frozen at 
 the actual forward exactly as in :mod:`oculi.analysis.dla`, so neuron ``n`` of a layer adds
 ``act_n · (W_out[:, n] · u)``. ``W_outᵀ u`` is computed in the weights' precision (float32
 at least, so the 2048 × 640 matrices of Gemma 3 270M are read once, not copied to float64);
-everything else in float64. In Gemma 2/3 and OLMo 2 a norm follows the MLP; its
-per-position scale is frozen the same way, read off the capture as the ratio of what joins the
-residual to the MLP's output. The output projection's bias belongs to no neuron: it is
+everything else in float64. In Gemma 2/3 and OLMo 2 an RMSNorm follows the MLP; its
+per-position scale ``(offset + w) / rms(output)`` is frozen the same way, computed from the
+captured MLP output and the norm's weight as head contributions do for the norm after
+attention (a ratio of what joins the residual to the output would lose precision where the
+output is near 0). The output projection's bias belongs to no neuron: it is
 ``.bias``, so ``values.sum(-1) + bias == mlp``, each layer's MLP share of
 :func:`~oculi.analysis.dla.direct_logit_attribution`.
 """
@@ -28,8 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from oculi.analysis.dla import _frozen_map, _gather, _rows, _squeeze, readout
+from oculi.analysis.dla import _gather, _rows, _squeeze, readout
 from oculi.analysis.result import AttributionResult
+from oculi.capture.engine import rms_gain
 from oculi.capture.structures import FullCapture
 from oculi.errors import InputError, LayerIndexError
 
@@ -95,10 +98,12 @@ def neuron_attribution(
         row = mlp.layer_index(layer)
         joined = _gather(r.streams["mlp"][:, layer], r.index)  # what joins the residual
         v = r.u
-        if anatomy.mlp_out_norm is not None:
+        if anatomy.mlp_out_norm is not None:  # an RMSNorm: (offset + w) / rms(output)
             assert out_rows is not None  # checked above
-            scale, _ = _frozen_map(_gather(out_rows[:, row], r.index), joined, None, False)
-            v = scale * r.u
+            norm = adapter.part(layer, anatomy.mlp_out_norm)
+            output = _gather(out_rows[:, row], r.index)
+            gain = rms_gain(norm, output, anatomy.norm_offset).detach()
+            v = gain.to(r.u.device, torch.float64) * r.u
         weight, bias = _output_projection(adapter, layer)
         # W_outᵀ v in the weight's precision (reading W_out once), the rest in float64
         column = (v.to(weight.device, weight.dtype) @ weight).to(v.device, torch.float64)
