@@ -97,6 +97,26 @@ def test_direct_effect_on_a_token_is_its_dla_share(tiny, family):
                     assert delta == pytest.approx(float(want), rel=1e-9, abs=1e-12)
 
 
+def test_bfloat16_unembedding_ranked_a_block_of_rows_at_a_time(monkeypatch):
+    # a bfloat16 model: the ranking widens W_U block by block (here 7 rows at a time, so
+    # the 512-row unembedding takes 74 blocks); the top tokens are the float64 product's
+    import oculi.analysis.effects as effects
+
+    adapter = oculi.attach(tiny_model("gemma3").to(torch.bfloat16))
+    full = adapter.capture_full(prompt_ids(), attention=HEADS)
+    monkeypatch.setattr(effects, "_BLOCK_FLOATS", 7 * adapter.d_model)
+    got = AttributionMethods.promoted_tokens(full, (1, 2), k=5)
+    for token, delta in got:
+        dla = AttributionMethods.direct_logit_attribution(full, token)
+        assert delta == pytest.approx(float(dla.heads[1, 2]), rel=1e-9, abs=1e-12)
+    every = [
+        float(AttributionMethods.direct_logit_attribution(full, t).heads[1, 2])
+        for t in range(adapter.d_vocab)
+    ]
+    best = sorted(range(adapter.d_vocab), key=lambda t: -every[t])[:5]
+    assert [t for t, _ in got] == best
+
+
 def test_padded_batch_rows_are_each_sequence_alone(tiny):
     adapter = tiny["llama_gqa"]
     short, long = prompt_ids(6, seed=1), prompt_ids(9, seed=2)

@@ -22,9 +22,9 @@ them. The direct effect on a token is therefore that component's DLA share for i
 ``promoted_tokens(full, (l, h))`` lists ``(t, dla(t).heads[l, h])`` for its top tokens ``t``.
 It is the *direct* effect only: what later layers make of the write is not in it.
 
-The ranking product runs in the unembedding's precision (float32 at least) so that Gemma's
-262144 × 640 matrix is read once and not copied; the ``k`` values returned are then
-recomputed in float64 from their rows.
+The ranking product runs in float32 (half-precision weights are widened a block of rows at a
+time) so that Gemma's 262144 × 640 matrix is read once and never copied whole; the ``k``
+values returned are then recomputed in float64 from their rows.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ from oculi.errors import InputError
 
 # how many candidates beyond k the low-precision ranking keeps for the float64 re-ranking
 _SPARE = 32
+# floats of half-precision unembedding widened to float32 at once (16 MB)
+_BLOCK_FLOATS = 4 * 2**20
 
 
 def _write(full: FullCapture, component: Any, streams: dict[str, Tensor], single: bool) -> Tensor:
@@ -123,15 +125,24 @@ def promoted_tokens(
     g = f.a[:, 0] * write  # what reaches the unembedding, [B, d]
     assert full.logits is not None and full.logits.unembed is not None  # frozen_norm checked
     w_u = full.logits.unembed.detach()
-    if w_u.dtype in (torch.float16, torch.bfloat16):
-        w_u = w_u.float()
     sign = 1.0 if by == "value" else -1.0
     rows = []
     for vec in g:
-        # rank in the weights' precision, then re-rank a few spare candidates in float64
-        rough = w_u @ vec.to(w_u.device, w_u.dtype)
+        # rank in float32 at least, then re-rank a few spare candidates in float64
+        rough = _rank_product(w_u, vec)
         keep = (sign * rough).topk(min(k + _SPARE, rough.numel())).indices
         exact = w_u[keep].double() @ vec.to(w_u.device)
         best = (sign * exact).topk(min(k, exact.numel())).indices
         rows.append(list(zip(keep[best].tolist(), exact[best].tolist(), strict=True)))
     return rows[0] if f.single else rows
+
+
+def _rank_product(w_u: Tensor, vec: Tensor) -> Tensor:
+    """``W_U @ vec`` in float32 (or the weights' wider dtype), ``[V]``. Half-precision
+    weights are widened a block of rows at a time, so no float32 copy of the whole
+    unembedding (671 MB for Gemma 3 270M) is made."""
+    if w_u.dtype not in (torch.float16, torch.bfloat16):
+        return w_u @ vec.to(w_u.device, w_u.dtype)
+    vec = vec.to(w_u.device, torch.float32)
+    step = max(1, _BLOCK_FLOATS // w_u.shape[1])
+    return torch.cat([w_u[i : i + step].float() @ vec for i in range(0, w_u.shape[0], step)])
