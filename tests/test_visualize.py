@@ -393,3 +393,29 @@ def test_circuit_graph_from_composition_scores_and_dla(tiny):
         assert data["weight"] == pytest.approx(
             float(scores[s["layer"], s["head"], r["layer"], r["head"]])
         )
+
+
+def test_convergence_compares_with_the_models_prediction_whatever_layers_are_held():
+    # a lens of layers [1, 0] only (not the last, not sorted): "final" is still the model's
+    # own next token, the argmax of the HF logits
+    from oculi.capture import LogitConfig
+    from oculi.visualize.lens import convergence_metrics
+
+    model = tiny_model("llama_gqa")
+    adapter = oculi.attach(model, tiny_tokenizer())
+    ids = tiny_tokenizer()("the cat sat on the mat", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+    top1 = out.logits[0].argmax(-1)
+    lc = adapter.capture_logits(ids, config=LogitConfig([1, 0]))
+    got = convergence_metrics(lc)
+    for row, layer in enumerate((1, 0)):
+        lens = model.lm_head(model.model.norm(out.hidden_states[layer + 1][0]))
+        torch.testing.assert_close(got["top1_match"][row], lens.argmax(-1) == top1)
+        ranks = (lens > lens.gather(-1, top1[:, None])).sum(-1)
+        torch.testing.assert_close(got["top1_rank"][row], ranks)
+    refinement = visualize.prediction_refinement(lc, top_k=2)
+    want = out.logits[0, -1].topk(2).indices.tolist()
+    drawn = [line.get_label() for line in refinement.get_lines()]
+    assert drawn == [f"p({str(t)!r})" for t in want]
+    plt.close("all")

@@ -99,16 +99,29 @@ def _ranks_and_log_probs(lc: Any, ids: torch.Tensor, log_input: Any = None) -> d
             "kl_from_input": out["kl"] if log_input is not None else None}  # fmt: skip
 
 
+def final_top(lc: Any, k: int = 1) -> torch.Tensor:
+    """The model's own top-``k`` next tokens at every position, ``[T, k]``: its last layer's
+    (``lc.final_normalized``), whatever layers the capture holds."""
+    if lc.batched or lc.final_normalized is None:
+        raise ValueError("reads one sequence with its final-layer residual (a LogitCapture)")
+    h = lc.final_normalized
+    step = max(1, lc._rows(h))  # positions per block within the capture's memory cap
+    with torch.no_grad():
+        blocks = [lc._project(h[t : t + step]).topk(k, -1).indices for t in range(0, len(h), step)]
+    return torch.cat(blocks).cpu()
+
+
 def convergence_metrics(lc: Any) -> dict[str, torch.Tensor]:
-    """Seed 002's convergence numbers, each ``[L, T]`` over the capture's layers.
+    """Seed 002's convergence numbers, each ``[L, T]`` over the capture's layers, against the
+    model's own prediction (its last layer, held by every capture).
 
     Returns:
-        ``kl_divergence``: ``KL(p_final ‖ p_layer)`` in nats (0 at the last layer);
-        ``top1_match``: whether the layer's top-1 token is the final layer's top-1 (bool);
-        ``top1_rank``: the rank of the final top-1 in the layer's distribution (0 = top);
+        ``kl_divergence``: ``KL(p_final ‖ p_layer)`` in nats (0 at the model's last layer);
+        ``top1_match``: whether the layer's top-1 token is the model's top-1 (bool);
+        ``top1_rank``: the rank of the model's top-1 in the layer's distribution (0 = top);
         ``top1_logit``: the logit of the layer's own top-1.
     """
-    final = lc.top_k_indices[-1, :, 0]  # [T]
+    final = final_top(lc)[:, 0].to(lc.top_k_indices.device)  # [T]
     return {
         "kl_divergence": lc.kl_to_final().float().cpu(),
         "top1_match": (lc.top_k_indices[..., 0] == final).cpu(),
@@ -210,17 +223,17 @@ def input_preservation(
 def prediction_refinement(
     lc: Any, tokenizer: Any = None, *, position: int = -1, top_k: int = 3, ax: Any = None
 ) -> Any:
-    """How the last layer's top-``k`` predictions at ``position`` form: each one's probability
-    at every layer of the capture, one line per token (seed 002's prediction refinement); Axes.
+    """How the model's top-``k`` predictions at ``position`` form: each one's probability at
+    every layer of the capture, one line per token (seed 002's prediction refinement); Axes.
 
-    The tokens are the top-``k`` of the capture's last layer (the model's own prediction when
-    that is the model's last layer).
+    The tokens are the model's own top-``k`` (its last layer's), whatever layers the capture
+    holds.
     """
     if lc.batched:
         raise ValueError("prediction_refinement reads one sequence, not a batch")
     ax = new_axes(ax, 6.5, 4.0)
     layers = list(lc.layers)
-    for tok in lc.top_k_indices[-1, position, :top_k].tolist():
+    for tok in final_top(lc, top_k)[position].tolist():
         text = tokenizer.decode([tok]) if tokenizer is not None else str(tok)
         probs = lc.token_probs(tok)[:, position].float().cpu().numpy()
         ax.plot(layers, probs, marker="o", label=f"p({text!r})")
