@@ -399,6 +399,19 @@ def test_flow_of_a_padded_batch_is_each_row_alone(tiny):
             torch.testing.assert_close(flow.values[row, :, cols], alone.values, atol=1e-6, rtol=0)
 
 
+def test_positions_may_be_numpy_ints_and_bad_ones_are_named():
+    import numpy as np
+
+    cap = layered_capture(3, 6, seed=1)
+    one = AttributionMethods.attention_flow(cap, np.int64(-1)).values
+    torch.testing.assert_close(one, AttributionMethods.attention_flow(cap, -1).values)
+    many = AttributionMethods.attention_flow(cap, np.array([5, 2])).values
+    torch.testing.assert_close(many[1], AttributionMethods.attention_flow(cap, 2).values)
+    for bad in ("last", 2.0, True, [1, 2.5]):
+        with pytest.raises(TypeError, match="position must be an int or a list of ints"):
+            AttributionMethods.attention_flow(cap, bad)
+
+
 def test_flow_rejects_an_unknown_method():
     with pytest.raises(ValueError, match="'exact' or 'cut'"):
         AttributionMethods.attention_flow(two_layer_capture(), method="approx")

@@ -14,6 +14,8 @@ possibly padded. The helpers here let each analysis treat both alike:
 
 from __future__ import annotations
 
+import numbers
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -233,7 +235,15 @@ def real_positions(
 
 
 def as_positions(position: Any) -> tuple[bool, list[int]]:
-    """``(one position given, the positions as a list)``."""
-    if isinstance(position, int) or (isinstance(position, Tensor) and position.dim() == 0):
+    """``(one position given, the positions as a list)``: an int (NumPy's and 0-d tensors
+    too) or a sequence of them."""
+    if isinstance(position, bool):
+        raise TypeError(f"position must be an int or a list of ints, got {position!r}")
+    if isinstance(position, numbers.Integral) or (
+        isinstance(position, Tensor) and position.dim() == 0
+    ):
         return True, [int(position)]
-    return False, [int(p) for p in position]
+    try:
+        return False, [operator.index(p) for p in position]
+    except TypeError:
+        raise TypeError(f"position must be an int or a list of ints, got {position!r}") from None
