@@ -140,7 +140,7 @@ def test_neurons_through_gemmas_post_mlp_norm_by_hand_in_bfloat16():
     # the MLP and u = (1 + w_f) / rms(x) ⊙ W_U[t] of the final norm, all from the bfloat16
     # tensors plain hooks read. The embedding is scaled so the residual's norm is Gemma's
     # (~860): reading the norm's scale as a ratio of residual differences was 27% off here
-    model = tiny_model("gemma3")
+    model = copy.deepcopy(tiny_model("gemma3"))  # the shared one stays fp32 and unscaled
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(100)
     model = model.to(torch.bfloat16)

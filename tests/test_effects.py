@@ -9,6 +9,8 @@ over hand-built attention patterns.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -102,7 +104,8 @@ def test_bfloat16_unembedding_ranked_a_block_of_rows_at_a_time(monkeypatch):
     # the 512-row unembedding takes 74 blocks); the top tokens are the float64 product's
     import oculi.analysis.effects as effects
 
-    adapter = oculi.attach(tiny_model("gemma3").to(torch.bfloat16))
+    # a copy: the shared tiny model stays fp32 for the other tests
+    adapter = oculi.attach(copy.deepcopy(tiny_model("gemma3")).to(torch.bfloat16))
     full = adapter.capture_full(prompt_ids(), attention=HEADS)
     monkeypatch.setattr(effects, "_BLOCK_FLOATS", 7 * adapter.d_model)
     got = AttributionMethods.promoted_tokens(full, (1, 2), k=5)
