@@ -31,7 +31,6 @@ compose and are 0. They are computed from Gram matrices: ``‖A B‖² = ⟨Aᵀ
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,19 +39,15 @@ from torch import Tensor
 
 from oculi.analysis._common import attention_of, is_batched
 from oculi.analysis._common import field as capture_field
+from oculi.analysis.paths import path_patching_score
+from oculi.analysis.result import CompositionResult
 from oculi.analysis.weights import HeadWeights, weights_of
 from oculi.errors import InputError
 
+__all__ = ["CompositionAnalysis", "CompositionResult"]
+
 KINDS = ("q", "k", "v")
 Head = tuple[int, int]
-
-
-@dataclass
-class CompositionResult:
-    """A composition analysis: ``.values`` and what they mean in ``.metadata``."""
-
-    values: Tensor
-    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 def _grams(w: HeadWeights, dtype: torch.dtype, kinds: tuple[str, ...] = KINDS) -> dict[str, Tensor]:
@@ -196,24 +191,7 @@ class CompositionAnalysis:
         n = tensor.shape[0] * tensor.shape[1]
         return CompositionResult(tensor.reshape(n, n), {"method": method, "shape": tensor.shape})
 
-    @staticmethod
-    def path_patching_score(
-        clean: Any,
-        corrupt: Any = None,
-        target: Any = None,
-        position: int = -1,
-        *,
-        adapter: Any = None,
-        path: Any = None,
-    ) -> CompositionResult:
-        """First-order estimate of path patching each head into the logits (no forward).
-
-        See :mod:`oculi.analysis.paths`; ``.values [L, H]`` estimates what
-        ``patching.path_patching(adapter, clean, corrupt, metric=...)`` measures.
-        """
-        from oculi.analysis.paths import path_patching_score
-
-        return path_patching_score(clean, corrupt, target, position, adapter=adapter, path=path)
+    path_patching_score = staticmethod(path_patching_score)
 
     @staticmethod
     def virtual_attention(capture: Any, path: list[Head]) -> CompositionResult:

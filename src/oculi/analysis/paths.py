@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from oculi.analysis.composition import CompositionResult
 from oculi.analysis.dla import dla_full
+from oculi.analysis.result import CompositionResult
 from oculi.capture.structures import FullCapture
 from oculi.errors import InputError
 

@@ -1,4 +1,5 @@
-"""The result every attribution method returns: ``.values`` and, for DLA, its exact parts."""
+"""What analyses return: attributions (``.values`` and, for DLA, its exact parts) and
+composition results (``.values`` and ``.metadata``)."""
 
 from __future__ import annotations
 
@@ -57,3 +58,11 @@ class AttributionResult:
         if self.embedding is None or self.bias is None:
             raise InputError("total is defined for direct logit attribution results only")
         return self.values.sum(-1) + self.embedding + self.bias
+
+
+@dataclass
+class CompositionResult:
+    """A composition analysis: ``.values`` and what they mean in ``.metadata``."""
+
+    values: Tensor
+    metadata: dict[str, Any] = field(default_factory=dict)
