@@ -197,7 +197,7 @@ def attention_flow(
     out = values[:, 0] if one else values
     metadata: dict[str, Any] = {
         "method": "flow" if method == "exact" else "flow-cut",
-        "position": position,
+        "position": positions[0] if one else positions,
         "index": (index if batched else index[0])[..., 0 if one else slice(None)].tolist(),
         "backend": backend if method == "exact" else None,
     }
