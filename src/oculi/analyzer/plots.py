@@ -51,7 +51,7 @@ class LensPlots(LensAnalyses):
 
         lc, numbers = self._preservation(text)
         fig = input_preservation(
-            lc, tokens=numbers["tokens"], kl_from_input=numbers["kl_from_input"]
+            lc, tokens=numbers["tokens"], kl_from_input=numbers["kl_from_input"], metrics=numbers
         )
         return _finish(fig, save_path)
 

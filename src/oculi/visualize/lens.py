@@ -175,7 +175,11 @@ def convergence(lc: Any, *, tokens: Sequence[str] | None = None) -> Any:
 
 
 def input_preservation(
-    lc: Any, *, tokens: Sequence[str] | None = None, kl_from_input: Any = None
+    lc: Any,
+    *,
+    tokens: Sequence[str] | None = None,
+    kl_from_input: Any = None,
+    metrics: dict[str, Any] | None = None,
 ) -> Any:
     """How long each input token stays readable: its rank (1 = top) in each layer's
     prediction at its own position, and the mean probability per layer; a Figure.
@@ -186,11 +190,13 @@ def input_preservation(
         kl_from_input: ``[L, T]`` divergences of each layer's distribution from the lens of
             the input embeddings (``ModelAnalyzer.input_preservation``'s ``kl_from_input``),
             drawn as a third panel (seed 002's "KL from input").
+        metrics: :func:`preservation_metrics` of ``lc`` when already computed (its
+            ``ranks`` and ``probs``), so the unembedding is not read again.
     """
     from matplotlib.colors import LogNorm
 
     plt = pyplot()
-    metrics = preservation_metrics(lc)
+    metrics = preservation_metrics(lc) if metrics is None else metrics
     ranks, probs = metrics["ranks"], metrics["probs"]
     n = int(ranks.shape[1])
     widths = [3, 2] if kl_from_input is None else [3, 2, 3]
