@@ -88,12 +88,9 @@ class CausalAnalyses:
         """
         from oculi.analysis import AttributionMethods
         from oculi.analysis.neurons import mlp_config
+        from oculi.experiments.builtin.attribution import answer_ids
 
         full = self.adapter.capture_full(prompt, attention=None, mlp=mlp_config(self.adapter))
-        if target is None:
-            assert full.logits is not None  # capture_full's default keeps them
-            target_id = int(full.logits.logits(self.adapter.n_layers - 1, [-1])[0].argmax())
-        else:
-            target_id = self.adapter.to_single_token(target)
+        target_id, _ = answer_ids(self.adapter, full, target, None)
         result = AttributionMethods.neuron_attribution(full, target_id, self.adapter)
         return result if return_result else AttributionMethods.top_attributions(result, k)
