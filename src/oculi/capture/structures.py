@@ -58,18 +58,22 @@ class Storable:
     """``save`` and ``to_numpy`` for every capture structure (the formats: :mod:`oculi.capture.io`)."""
 
     def save(
-        self, path: str | os.PathLike, *, format: str = "safetensors", overwrite: bool = True
+        self, path: str | os.PathLike, *, format: str | None = None, overwrite: bool = True
     ) -> None:
         """Write this capture to ``path`` (:func:`oculi.capture.io.save_capture`).
 
         Example::
 
             full.save("~/runs/eiffel.safetensors", overwrite=False)
+            full.save("eiffel.npz")               # an .npz: np.load reads it
 
-        ``format`` is ``"safetensors"`` (the default), ``"npz"``, ``"hdf5"``, ``"json"``
-        (metadata only) or ``"pickle"``. An existing file is replaced unless
-        ``overwrite=False``; the folder must exist. A ``LogitCapture`` is saved with its top-k
-        (computed first if needed), without the unembedding, which belongs to the model.
+        ``format`` is ``"safetensors"``, ``"npz"``, ``"hdf5"``, ``"json"`` (metadata only) or
+        ``"pickle"``; by default it comes from the suffix (``.safetensors``, ``.npz``,
+        ``.h5``/``.hdf5``, ``.json``; none: safetensors), and a suffix that contradicts
+        ``format`` is refused. A pickle is written only with ``format="pickle"``. An existing
+        file is replaced unless ``overwrite=False``; the folder must exist. A ``LogitCapture``
+        is saved with its top-k (computed first if needed), without the unembedding, which
+        belongs to the model.
         """
         # oculi.capture.io imports these classes to rebuild them from files: imported on use
         from oculi.capture.io.save import save_capture

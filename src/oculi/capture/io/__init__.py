@@ -5,7 +5,7 @@
     full = adapter.capture_full("The Eiffel Tower is in")
     full.save("eiffel.safetensors")                  # or save_capture(full, path)
     full = oculi.load_capture("eiffel.safetensors")  # bit-exact, no model needed
-    full.save("eiffel.npz", format="npz")            # np.load(...)["attention.patterns"]
+    full.save("eiffel.npz")                          # np.load(...)["attention.patterns"]
 
 **The file.** One safetensors file. Its tensors are the capture's tensor fields, named by field
 (``"queries"``) or, for a :class:`FullCapture`, by part and field (``"attention.queries"``).
@@ -30,6 +30,13 @@ unembedding, which belongs to the model; call ``.attach_unembedding(adapter)`` a
 to compute anything beyond the saved top-k. ``metadata`` must be JSON-serialisable (tuples
 come back as lists).
 
+**Formats from suffixes.** Without ``format=``, the suffix says it: ``.safetensors``,
+``.npz``, ``.h5``/``.hdf5``, ``.json`` (no suffix: safetensors). A suffix that contradicts an
+explicit ``format=`` (``save("x.npz", format="hdf5")``), an unknown suffix without
+``format=``, and ``.pkl`` without ``format="pickle"`` are refused, naming the accepted
+suffixes. :func:`load_capture` reads the format from the bytes, so every file loads whatever
+its name.
+
 **Exports.** ``format="npz"``: the same tensors as arrays plus a ``"__meta__"`` string holding
 the JSON (NumPy has no bf16 or fp8, so those are stored as exact float32 and converted back on
 load). ``format="hdf5"`` (``pip install 'oculi[export]'``): one dataset per tensor, the JSON in
@@ -52,7 +59,7 @@ The package, bottom up: ``schema`` (the metadata JSON, dimension names, checks),
 
 from oculi.capture.io.codec import Capture
 from oculi.capture.io.load import load_capture
-from oculi.capture.io.save import FORMATS, capture_to_numpy, save_capture
+from oculi.capture.io.save import FORMATS, SUFFIXES, capture_to_numpy, format_for, save_capture
 from oculi.capture.io.schema import FORMAT_VERSION, HEADER_KEY, MAGIC
 
 __all__ = [
@@ -60,8 +67,10 @@ __all__ = [
     "FORMAT_VERSION",
     "HEADER_KEY",
     "MAGIC",
+    "SUFFIXES",
     "Capture",
     "capture_to_numpy",
+    "format_for",
     "load_capture",
     "save_capture",
 ]

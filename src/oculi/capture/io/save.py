@@ -28,13 +28,64 @@ _WRITERS = {
     "pickle": pickle_format.write,
 }
 FORMATS = tuple(_WRITERS)
+# the file suffixes each format is known by; a pickle is written only when format="pickle"
+SUFFIXES = {
+    ".safetensors": "safetensors",
+    ".npz": "npz",
+    ".h5": "hdf5",
+    ".hdf5": "hdf5",
+    ".json": "json",
+    ".pkl": "pickle",
+    ".pickle": "pickle",
+}
+
+
+def format_for(path: str | os.PathLike, format: str | None) -> str:
+    """The format a capture saved at ``path`` is written in: ``format``, else the suffix's.
+
+    ``"x.npz"`` -> ``"npz"``, ``"x.h5"``/``"x.hdf5"`` -> ``"hdf5"``, ``"x.json"`` ->
+    ``"json"``, ``"x.safetensors"`` and a name without a suffix -> ``"safetensors"``. A pickle
+    is only written when asked for by name (``format="pickle"``), never from a ``.pkl`` suffix
+    alone. With ``format=`` given, a suffix of another format is a contradiction; a suffix no
+    format has (``.bin``) is accepted there, as the format was said out loud.
+
+    Raises:
+        ValueError: an unknown ``format``, a suffix that contradicts it, a suffix no format
+            has (without ``format=``), or a pickle suffix without ``format="pickle"``.
+    """
+    if format is not None and format not in FORMATS:
+        raise ValueError(f"unknown capture format {format!r}; choose one of {', '.join(FORMATS)}")
+    name = os.fsdecode(os.fspath(path))
+    suffix = os.path.splitext(name)[1]
+    implied = SUFFIXES.get(suffix.lower())
+    accepted = ", ".join(SUFFIXES)
+    if format is None:
+        if not suffix:
+            return "safetensors"
+        if implied is None:
+            raise ValueError(
+                f"cannot tell the capture format of {name!r} from its suffix {suffix!r}; "
+                f"use one of {accepted}, or pass format= (one of {', '.join(FORMATS)})"
+            )
+        if implied == "pickle":
+            raise ValueError(
+                f"{name!r} asks for a pickle by its suffix; oculi writes pickles only when asked "
+                "by name, as loading one can run code: pass format='pickle', or use .safetensors"
+            )
+        return implied
+    if implied is not None and implied != format:
+        raise ValueError(
+            f"the suffix {suffix!r} of {name!r} means format={implied!r}, but format={format!r} "
+            f"was given; make them agree (suffixes: {accepted})"
+        )
+    return format
 
 
 def save_capture(
     capture: Any,
     path: str | os.PathLike,
     *,
-    format: str = "safetensors",
+    format: str | None = None,
     overwrite: bool = True,
 ) -> None:
     """Write ``capture`` to ``path``, whole: a temporary file beside it, then renamed.
@@ -42,6 +93,7 @@ def save_capture(
     Example::
 
         save_capture(full, "~/runs/eiffel.safetensors", overwrite=False)
+        save_capture(full, "eiffel.npz")          # np.load("eiffel.npz")["attention.queries"]
 
     An existing file is replaced unless ``overwrite=False``. The folder must exist (oculi does
     not create folders). The file gets the mode of any new file (``0o666`` less the umask),
@@ -51,13 +103,17 @@ def save_capture(
         capture: an ``AttentionCapture``, ``ResidualCapture``, ``MLPCapture``,
             ``LogitCapture`` or ``FullCapture``.
         path: the file to write (``~`` is expanded); no suffix is added.
-        format: ``"safetensors"`` (loadable, the default), ``"npz"``, ``"hdf5"`` (both
-            loadable), ``"json"`` (metadata only) or ``"pickle"`` (loadable only with
-            ``allow_pickle=True``).
+        format: ``"safetensors"``, ``"npz"``, ``"hdf5"`` (all three loadable), ``"json"``
+            (metadata only) or ``"pickle"`` (loadable only with ``allow_pickle=True``).
+            ``None`` (the default) takes it from the suffix: ``.safetensors``, ``.npz``,
+            ``.h5``/``.hdf5``, ``.json``; no suffix means safetensors. ``.pkl``/``.pickle``
+            need ``format="pickle"`` said explicitly.
         overwrite: replace an existing file (the default); ``False`` refuses to.
 
     Raises:
-        ValueError: an unknown format.
+        ValueError: an unknown format, a suffix that contradicts ``format``, or (without
+            ``format``) a suffix no format has or a pickle suffix; the message lists the
+            accepted suffixes (BAD_INPUTS row 42).
         InputError: metadata JSON cannot hold, or a LogitCapture with neither its top-k nor
             an unembedding to compute them.
         FileWriteError: a missing or read-only folder, a folder at ``path``, a failed write;
@@ -65,8 +121,7 @@ def save_capture(
         OutputExistsError: (a ``FileExistsError``) ``path`` exists and ``overwrite=False``.
         MissingExtraError: ``format="hdf5"`` without h5py.
     """
-    if format not in FORMATS:
-        raise ValueError(f"unknown capture format {format!r}; choose one of {', '.join(FORMATS)}")
+    format = format_for(path, format)
     node, tensors = encode(capture)
     tensors = to_cpu(tensors)
     try:
