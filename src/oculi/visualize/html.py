@@ -36,10 +36,25 @@ def esc(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
 
+# inside <script>, "<!--" and "<script" change how the HTML parser finds the closing tag and
+# "</" closes it: no "<" (nor ">" and "&") is left in embedded JSON, only its \u escape, which
+# JSON.parse reads back as the same character
+_JSON_IN_HTML = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"})
+
+
+def json_in_html(payload: Any) -> str:
+    """``payload`` as JSON text safe anywhere inside an HTML ``<script>`` element.
+
+    ``<``, ``>`` and ``&`` appear only as ``\\u003c``, ``\\u003e``, ``\\u0026``: a token such as
+    ``<!--``, ``<script>`` or ``</script>`` in a vocabulary cannot end the script early or
+    start markup; ``JSON.parse`` (and ``json.loads``) return the original strings.
+    """
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).translate(_JSON_IN_HTML)
+
+
 def json_script(payload: Any) -> str:
-    """``payload`` as an inert JSON ``<script>`` (``</`` escaped so it cannot close the tag)."""
-    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
-    return f'<script type="application/json" class="oc-data">{text}</script>'
+    """``payload`` as an inert JSON ``<script>`` (see :func:`json_in_html`)."""
+    return f'<script type="application/json" class="oc-data">{json_in_html(payload)}</script>'
 
 
 def token(text: str, cls: str = "oc-tok") -> str:
