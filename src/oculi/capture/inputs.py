@@ -52,6 +52,39 @@ class Batch:
         }
 
 
+def left_pad(batch: Batch, pad_id: int) -> Batch:
+    """The same prompts with their padding moved to the left, as generation needs.
+
+    A decoder continues each row after its last column, so a right-padded row would be
+    continued after its padding. Each row's real tokens are moved to the end of the row (their
+    order kept), columns that no row uses are dropped, and padding gets ``pad_id``::
+
+        ids  [[5, 6, 7], [8, 9, 0]]  mask [[1, 1, 1], [1, 1, 0]]
+        ->   [[5, 6, 7], [0, 8, 9]]       [[1, 1, 1], [0, 1, 1]]
+
+    Positions still count real tokens only, so every row sees the positions it has alone.
+    A batch that is already left-padded (or not padded) comes back as it is.
+    """
+    mask = batch.attention_mask
+    lengths = mask.sum(dim=1)
+    width = int(lengths.max())
+    if width == mask.shape[1] and not bool((mask[:, -1] == 0).any()):
+        return batch
+    start = mask.argmax(dim=1)  # the first real column (real tokens form one block per row)
+    cols = torch.arange(width, device=mask.device)
+    offset = cols[None, :] - (width - lengths)[:, None]  # index into the row's real tokens
+    real = offset >= 0
+    source = (start[:, None] + offset).clamp(0, mask.shape[1] - 1)
+    ids = torch.where(real, batch.input_ids.gather(1, source), pad_id)
+    new_mask = real.long()
+    return Batch(
+        input_ids=ids,
+        attention_mask=new_mask,
+        position_ids=(new_mask.cumsum(dim=1) - 1).clamp(min=0),
+        single=batch.single,
+    )
+
+
 ACCEPTED = (
     "a string, a list of strings, token ids (a [T] or [B, T] integer tensor or array, or "
     "lists of ints), or a mapping with 'input_ids' such as a tokenizer's BatchEncoding"

@@ -30,6 +30,7 @@ from oculi.capture.sites import check_kind
 from oculi.capture.structures import AttentionCapture, FullCapture, MLPCapture, ResidualCapture
 from oculi.errors import InputError, LayerIndexError, UnsupportedArchitectureError
 from oculi.models.anatomy import Anatomy, anatomy_for, get_path
+from oculi.models.generation import generate_ids
 
 Storage = tuple[torch.dtype | None, "str | torch.device | None"]
 
@@ -272,8 +273,21 @@ class Adapter:
             logits = self.model(**batch.model_kwargs(), use_cache=False).logits
         return logits[0] if batch.single else logits
 
-    def generate(self, prompt: Inputs, max_new_tokens: int = 20, **kwargs: Any) -> str | list[str]:
+    def generate(
+        self,
+        prompt: Inputs,
+        max_new_tokens: int = 20,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> str | list[str]:
         """Greedy (or ``**kwargs``-configured) generation; returns the decoded continuation(s).
+
+        A batch is generated left-padded, whatever side it was padded on (strings are padded on
+        the tokenizer's ``padding_side``; ids come with their mask): each row continues token
+        for token as its prompt alone would (:mod:`oculi.models.generation`). Interventions
+        open around the call see the left-padded columns, so ``position=-1`` is every
+        prompt's last token. :meth:`generate_ids` returns the ids instead of text.
 
         Raises:
             InputError: no tokenizer (the continuation is decoded), or a prompt plus
@@ -282,32 +296,25 @@ class Adapter:
         if self.tokenizer is None:
             raise InputError(
                 "generate decodes its output and needs a tokenizer; attach one "
-                "(oculi.attach(model, tokenizer)), or call adapter.model.generate with token ids"
+                "(oculi.attach(model, tokenizer)), or call adapter.generate_ids with token ids"
             )
-        batch = self.prepare(prompt)
-        n = int(batch.attention_mask.sum(dim=1).max())  # positions count real tokens
-        if self.max_positions is not None and n + max_new_tokens > self.max_positions:
-            raise InputError(
-                f"{n} prompt tokens + max_new_tokens={max_new_tokens} > context "
-                f"{self.max_positions} (the model's max_position_embeddings); lower "
-                f"max_new_tokens to at most {max(self.max_positions - n, 0)}"
-            )
-        kwargs.setdefault("do_sample", False)
-        pad_id = getattr(self.tokenizer, "pad_token_id", None)
-        if pad_id is None:
-            pad_id = getattr(self.tokenizer, "eos_token_id", None)
-        with torch.no_grad():
-            # generate comes from transformers' GenerationMixin, not nn.Module
-            out = cast(Any, self.model).generate(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad_id,
-                **kwargs,
-            )
-        new = out[:, batch.input_ids.shape[1] :]
-        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-        return texts[0] if batch.single else texts
+        new = self.generate_ids(prompt, max_new_tokens, attention_mask=attention_mask, **kwargs)
+        texts = self.tokenizer.batch_decode(
+            new.reshape(-1, new.shape[-1]), skip_special_tokens=True
+        )
+        return texts[0] if new.dim() == 1 else texts
+
+    def generate_ids(
+        self,
+        prompt: Inputs,
+        max_new_tokens: int = 20,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """The generated token ids ``[n]`` (``[B, n]`` for batches), padding handled as in
+        :meth:`generate` (see :func:`oculi.models.generation.generate_ids`)."""
+        return generate_ids(self, prompt, max_new_tokens, attention_mask=attention_mask, **kwargs)
 
     # -- captures ------------------------------------------------------------------------
     def capture(
