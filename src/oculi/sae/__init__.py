@@ -1,0 +1,36 @@
+"""Sparse autoencoders and transcoders: load any common layout, splice, train, explain.
+
+::
+
+    import oculi
+    from oculi.sae import SAE, SAEPatch, load_sae
+
+    sae = load_sae("path/to/sae")                         # SAELens, Gemma Scope, sparsify, oculi
+    a = sae.encode(x)                                     # [..., d_sae] latent activations
+    with oculi.InterventionContext(adapter, [SAEPatch(sae, error=False)]):
+        adapter.forward(prompt)                           # the site replaced by decode(encode(x))
+
+An SAE writes an activation as a sparse non-negative combination of learned directions (the
+*latents*); it is bound to the ``(site, layer)`` of oculi's site map it was trained on, so
+splicing it is an intervention like any other and its latents are a site that captures read.
+
+Module map: ``model`` (the :class:`SAE` type), ``stats`` (density, dead and dense latents), ``io`` (oculi's own file), ``formats`` (SAELens,
+Gemma Scope, sparsify), ``load`` (recognising a layout by its files).
+"""
+
+from oculi.sae.io import SAEFormatError, save_sae
+from oculi.sae.load import load_sae, load_saes
+from oculi.sae.model import KINDS, SAE, fvu
+from oculi.sae.stats import LatentStats, latent_stats
+
+__all__ = [
+    "KINDS",
+    "SAE",
+    "LatentStats",
+    "SAEFormatError",
+    "fvu",
+    "latent_stats",
+    "load_sae",
+    "load_saes",
+    "save_sae",
+]
