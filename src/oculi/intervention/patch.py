@@ -207,12 +207,18 @@ class SiteWrite:
         return index, v
 
     # -- forward --------------------------------------------------------------------------
-    def apply(self, x: torch.Tensor, span: Span) -> None:
+    def selection(self, span: Span) -> tuple[Any, Any, torch.Tensor | None]:
+        """``(row index, local columns, value indices)`` this forward writes (see
+        :meth:`_columns`); the columns are ``None`` when it writes nothing."""
         store = span.frame.session.store
         if self not in store:
             self.begin(span.frame.session)
         row_index, cols = store[self]
         local, vidx = self._columns(span, cols)
+        return row_index, local, vidx
+
+    def apply(self, x: torch.Tensor, span: Span) -> None:
+        row_index, local, vidx = self.selection(span)
         if local is None:
             return
         value = self._value(x, span)

@@ -15,12 +15,15 @@ An SAE writes an activation as a sparse non-negative combination of learned dire
 splicing it is an intervention like any other and its latents are a site that captures read.
 
 Module map: ``model`` (the :class:`SAE` type), ``stats`` (density, dead and dense latents), ``io`` (oculi's own file), ``formats`` (SAELens,
-Gemma Scope, sparsify), ``load`` (recognising a layout by its files).
+Gemma Scope, sparsify), ``load`` (recognising a layout by its files), ``splice``
+(:class:`SAEPatch`, an intervention), ``latents`` (latents as a capture site).
 """
 
 from oculi.sae.io import SAEFormatError, save_sae
+from oculi.sae.latents import capture_latents
 from oculi.sae.load import load_sae, load_saes
 from oculi.sae.model import KINDS, SAE, fvu
+from oculi.sae.splice import SAEPatch
 from oculi.sae.stats import LatentStats, latent_stats
 
 __all__ = [
@@ -28,6 +31,8 @@ __all__ = [
     "SAE",
     "LatentStats",
     "SAEFormatError",
+    "SAEPatch",
+    "capture_latents",
     "fvu",
     "latent_stats",
     "load_sae",
