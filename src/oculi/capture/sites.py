@@ -71,6 +71,18 @@ SITE_KINDS: dict[str, SiteKind] = {
     ]
 }
 
+#: Internal kinds a Hugging Face module path can name where no public site is that tensor
+#: (:mod:`oculi.intervention.module_paths`): the attention output projection's and the MLP's
+#: own outputs in families that normalise a branch before it joins the residual (Gemma 2/3,
+#: OLMo 2). Writable, not captured.
+MODULE_KINDS: dict[str, SiteKind] = {
+    k.name: k
+    for k in [
+        SiteKind("o_out", False, False, "d_model", "attention's output, before its output norm"),
+        SiteKind("mlp_result", False, False, "d_model", "the MLP's output, before its output norm"),
+    ]
+}
+
 #: kinds stored heads-first, ``[B, H, T, ·]``
 PER_HEAD = tuple(k for k, kind in SITE_KINDS.items() if kind.per_head)
 #: kinds with a tensor of their own to write (in models that have them; see ``locate``):

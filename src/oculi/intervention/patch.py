@@ -27,12 +27,13 @@ again in every step, which gives the same result).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 
-from oculi.capture.sites import SITE_KINDS, check_kind
+from oculi.capture.sites import MODULE_KINDS, SITE_KINDS, check_kind
 from oculi.intervention.base import Binding, Intervention, check_placement, check_tensor
+from oculi.intervention.module_paths import site_of_module
 from oculi.intervention.state import (
     Position,
     Session,
@@ -85,7 +86,7 @@ class SiteWrite:
     ) -> None:
         self.what = repr(owner) if owner is not None else f"{kind} write"
         self.kind = check_writable(adapter, kind, self.what)
-        self.spec = SITE_KINDS[kind]
+        self.spec = MODULE_KINDS[kind] if kind in MODULE_KINDS else SITE_KINDS[kind]
         self.layer = adapter.resolve_layer(layer)
         self.mode = mode
         self.owner = owner if owner is not None else self
@@ -279,10 +280,16 @@ class ActivationPatch(Intervention):
     Example::
 
         ActivationPatch("z", layer=3, position=[4, 5], value=clean_z[:, 3, 1, 4:6], head=1)
+        ActivationPatch(layer_name="model.layers.3.mlp", position=-1, value=v)  # seed 002's form
 
     Args:
         site: any site kind except ``head_out`` (see :mod:`oculi.capture.sites`).
         layer: layer index (negatives count from the end).
+        layer_name: instead of ``site`` and ``layer``, the Hugging Face path of the module
+            whose output to patch (``"model.layers.3"``, ``"model.layers.3.mlp"``, its norms
+            and attention), mapped through the model's anatomy when bound
+            (:mod:`oculi.intervention.module_paths`; an unknown path is an
+            ``UnknownSiteError`` listing the valid ones).
         position: an int, a list, a slice, or ``None`` for every column.
         value: a tensor broadcastable to the selected slice (module docstring), on the model's
             dtype and device, or a number.
@@ -301,34 +308,63 @@ class ActivationPatch(Intervention):
 
     def __init__(
         self,
-        site: str,
-        layer: int,
-        position: Position,
-        value: torch.Tensor | float,
+        site: str | None = None,
+        layer: int | None = None,
+        position: Position = None,
+        value: torch.Tensor | float | None = None,
         mode: Literal["replace", "add"] = "replace",
         head: int | None = None,
         *,
         rows: Sequence[int] | None = None,
+        layer_name: str | None = None,
     ) -> None:
-        check_kind(site)
+        if layer_name is not None:
+            what = f"ActivationPatch(layer_name={layer_name!r})"
+            if site is not None or layer is not None:
+                raise ValueError(
+                    f"{what}: give either layer_name= (a module path) or site= and layer=, "
+                    f"not both (got site={site!r}, layer={layer!r})"
+                )
+            if not isinstance(layer_name, str):
+                raise TypeError(f"{what}: layer_name must be a module path string")
+        else:
+            what = f"ActivationPatch(site={site!r}, layer={layer})"
+            if site is None or layer is None:
+                raise ValueError(
+                    f"{what}: say where to patch: site= and layer= (e.g. site='resid_post', "
+                    "layer=3) or layer_name= (a module path, e.g. 'model.layers.3.mlp')"
+                )
+            check_kind(site)
         if mode not in ("replace", "add"):
             raise ValueError(f"ActivationPatch: mode must be 'replace' or 'add', got {mode!r}")
+        if value is None:
+            raise ValueError(f"{what}: value is required (a tensor or a number)")
         self.site, self.layer, self.mode, self.head = site, layer, mode, head
-        self.position = check_position(position, f"ActivationPatch(site={site!r}, layer={layer})")
-        self.value = check_tensor(value, "value", f"ActivationPatch(site={site!r}, layer={layer})")
+        self.layer_name = layer_name
+        self.position = check_position(position, what)
+        self.value = check_tensor(value, "value", what)
         self.rows = rows
 
     def _repr_fields(self) -> dict[str, Any]:
-        out = {"site": self.site, "layer": self.layer, "position": self.position, "mode": self.mode}
+        where: dict[str, Any] = (
+            {"layer_name": self.layer_name}
+            if self.layer_name is not None
+            else {"site": self.site, "layer": self.layer}
+        )
+        out = {**where, "position": self.position, "mode": self.mode}
         if self.head is not None:
             out["head"] = self.head
         return out
 
     def bind(self, adapter: Adapter) -> Binding:
+        if self.layer_name is not None:
+            site, layer = site_of_module(adapter, self.layer_name)
+        else:
+            site, layer = cast(str, self.site), cast(int, self.layer)
         w = SiteWrite(
             adapter,
-            self.site,
-            self.layer,
+            site,
+            layer,
             self.value,
             mode=self.mode,
             head=self.head,

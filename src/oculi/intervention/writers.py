@@ -45,7 +45,7 @@ import torch
 from oculi.capture.bridge import LayerTaps
 from oculi.capture.hooks import HookSet
 from oculi.capture.places import Place, add_replacer, locate
-from oculi.capture.sites import SITE_KINDS, check_kind
+from oculi.capture.sites import MODULE_KINDS, SITE_KINDS, check_kind
 from oculi.intervention.state import Frame, Tracker
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ Report = Callable[[Any, bool], None]
 
 def check_writable(adapter: Adapter, kind: str, what: str) -> str:
     """``kind`` if oculi can write it for this model, else a ``ValueError`` / ``KeyError``."""
-    loc = check_kind(kind).locate(adapter)
+    loc = (MODULE_KINDS[kind] if kind in MODULE_KINDS else check_kind(kind)).locate(adapter)
     if loc.write is None:
         raise ValueError(f"{what}: {loc.readonly or loc.absent}")
     return kind
@@ -139,7 +139,9 @@ def install(
     grouped: dict[tuple[int, str], list[Edit]] = {}
     for e in edits:
         grouped.setdefault((e.layer, e.kind), []).append(e)
-    order = {k: i for i, k in enumerate(SITE_KINDS)}
+    order: dict[str, float] = {k: i for i, k in enumerate(SITE_KINDS)}
+    # a branch's own output comes just before its output norm's (module paths' kinds)
+    order.update(o_out=order["attn_out"] - 0.5, mlp_result=order["mlp_out"] - 0.5)
     # SITE_KINDS order within a layer: a resid_mid writer keeps the edited resid_pre
     for layer, kind in sorted(grouped, key=lambda lk: (lk[0], order[lk[1]])):
         place = locate(kind, adapter).write
