@@ -122,12 +122,12 @@ def bench_read(out: Path, rows: int, width: int = 640) -> None:
                 "heads": None, "name": "resid_post/0"}]}, "model": {},
                 "tokens": {"n_tokens": rows, "n_prompts": len(lengths)}}  # fmt: skip
     labels = np.full(len(lengths), "train", dtype=object)
-    writer = StoreWriter.create_or_resume(
-        out, plan, manifest, lambda p: write_index(p, tokens, labels), resume=False
-    )
     block = np.random.default_rng(0).standard_normal((16384, width)).astype(np.float32)
-    for unit in plan.units():
-        writer.commit(write_unit(out, plan, unit, {"resid_post/0": block[: unit.rows]}))
+    with StoreWriter.create_or_resume(
+        out, plan, manifest, lambda p: write_index(p, tokens, labels), resume=False
+    ) as writer:
+        for unit in plan.units():
+            writer.commit(write_unit(out, plan, unit, {"resid_post/0": block[: unit.rows]}))
     store = oculi.open_harvest(out)
     print(f"\n### Shuffled reads: {rows} rows x {width} fp32 = {store.nbytes / 2**20:.0f} MB, "
           "1024-row (2.5 MB) chunks, from the page cache\n")  # fmt: skip

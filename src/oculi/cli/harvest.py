@@ -75,7 +75,11 @@ def parse_layers(spec: str) -> list[int] | None:
     help="Fraction of prompts held out as 'test' in the index.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the held-out choice.")
-@click.option("--no-resume", is_flag=True, help="Delete the store at --out and start over.")
+@click.option(
+    "--no-resume",
+    is_flag=True,
+    help="Replace the oculi store at --out (never a folder oculi did not create).",
+)
 @click.option("--verify", is_flag=True, help="On resume, re-read committed units and check them.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
 @click.option("--address", default=None, help="Ray cluster to join (e.g. auto).")
@@ -94,7 +98,8 @@ def harvest(
 ) -> None:  # fmt: skip
     """Record SITES x LAYERS for every token of a prompt set into a zarr + Parquet store.
 
-    Re-running the same command resumes: only units not yet committed are computed. With
+    Re-running the same command resumes: only units not yet committed are computed; a
+    second harvest into a store being written is refused (the store is locked). With
     --executor ray the units run on a Ray cluster, one model per actor (the store folder
     must be visible to every node).
 

@@ -68,10 +68,22 @@ def pack_batches(lengths: dict[int, int], batch_tokens: int) -> list[list[int]]:
 
 
 def compute_unit(
-    adapter: Adapter, plan: HarvestPlan, tokens: Tokens, unit: Unit
+    adapter: Adapter,
+    plan: HarvestPlan,
+    tokens: Tokens,
+    unit: Unit,
+    overflow: dict[str, float] | None = None,
 ) -> dict[str, np.ndarray]:
-    """The unit's rows of every array, ``{name: [unit.rows, width]}`` in the storage dtype."""
+    """The unit's rows of every array, ``{name: [unit.rows, width]}`` in the storage dtype.
+
+    Args:
+        overflow: if given, filled with the arrays whose finite values exceed the storage
+            dtype's range (they are stored as inf), and the largest ``|value|`` of each. Checked
+            only when the storage dtype's range is narrower than the model's: one reduction
+            per batch on the device, one host sync per unit.
+    """
     dtype = _TORCH_DTYPES[plan.config.storage_dtype]
+    peaks: dict[str, tuple[tuple[int, ...], list[torch.Tensor]]] = {}
     out = {
         a.name: np.empty((unit.rows, a.width), dtype=plan.config.storage_dtype) for a in plan.arrays
     }
@@ -96,10 +108,25 @@ def compute_unit(
         rows = np.concatenate(dest)
         for site, (layers, tensor) in recorded.items():
             flat = _rows_first(tensor)  # [n_layers, B*T, width]
-            picked = flat[:, keep].to(dtype).cpu().numpy()
+            gathered = flat[:, keep]
+            if overflow is not None and torch.finfo(gathered.dtype).max > torch.finfo(dtype).max:
+                peaks.setdefault(site, (layers, []))[1].append(_finite_peaks(gathered))
+            picked = gathered.to(dtype).cpu().numpy()
             for i, layer in enumerate(layers):
                 out[f"{site}/{layer}"][rows] = picked[i]
+    if overflow is not None and peaks:
+        limit = torch.finfo(dtype).max
+        for site, (layers, per_batch) in peaks.items():
+            for layer, peak in zip(layers, torch.stack(per_batch).amax(0).tolist()):
+                if peak > limit:
+                    overflow[f"{site}/{layer}"] = peak
     return out
+
+
+def _finite_peaks(x: torch.Tensor) -> torch.Tensor:
+    """``[n_layers, rows, width]`` -> the largest finite ``|value|`` per layer, fp32 ``[n_layers]``."""
+    a = x.abs().float()
+    return a.masked_fill(~torch.isfinite(a), 0).amax(dim=(1, 2))
 
 
 def _rows_first(tensor: torch.Tensor) -> torch.Tensor:

@@ -165,6 +165,7 @@ class RayExecutor:
                     nbytes=json.loads(row["nbytes"]),
                     seconds=float(row["seconds"]),
                     worker=str(row["worker"]),
+                    overflow=json.loads(row["overflow"]),
                 )
             )
 
@@ -221,13 +222,15 @@ class HarvestActor:
         import time
 
         out: dict[str, list[Any]] = {
-            k: [] for k in ("unit", "start", "stop", "crc32", "nbytes", "seconds", "worker")
+            k: []
+            for k in ("unit", "start", "stop", "crc32", "nbytes", "seconds", "worker", "overflow")
         }
         for i in range(len(batch["unit"])):
             t0 = time.perf_counter()
             tokens, local_unit, unit = local_tokens({k: batch[k][i] for k in batch})
-            buffers = compute_unit(self.adapter, self.plan, tokens, local_unit)
-            result = write_unit(self.root, self.plan, unit, buffers, self.arrays)
+            overflow: dict[str, float] = {}
+            buffers = compute_unit(self.adapter, self.plan, tokens, local_unit, overflow)
+            result = write_unit(self.root, self.plan, unit, buffers, self.arrays, overflow)
             out["unit"].append(result.unit)
             out["start"].append(result.start)
             out["stop"].append(result.stop)
@@ -235,4 +238,5 @@ class HarvestActor:
             out["nbytes"].append(json.dumps(result.nbytes))
             out["seconds"].append(time.perf_counter() - t0)
             out["worker"].append(f"{socket.gethostname()}:{os.getpid()}")
+            out["overflow"].append(json.dumps(result.overflow))
         return {k: np.asarray(v) for k, v in out.items()}

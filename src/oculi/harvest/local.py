@@ -68,9 +68,9 @@ class LocalExecutor:
                     return
                 if errors:
                     continue  # drain after a failure so the producer never blocks
-                unit, buffers = item
+                unit, buffers, overflow = item
                 try:
-                    writer.commit(write_unit(writer.root, plan, unit, buffers, arrays))
+                    writer.commit(write_unit(writer.root, plan, unit, buffers, arrays, overflow))
                     bar.update(unit.rows)
                 except BaseException as exc:  # re-raised in the calling thread
                     errors.append(exc)
@@ -81,7 +81,9 @@ class LocalExecutor:
             for unit in units:
                 if errors:
                     break
-                pending.put((unit, compute_unit(adapter, plan, tokens, unit)))
+                overflow: dict[str, float] = {}
+                buffers = compute_unit(adapter, plan, tokens, unit, overflow)
+                pending.put((unit, buffers, overflow))
         finally:
             pending.put(None)
             thread.join()

@@ -6,6 +6,7 @@ import hashlib
 import json
 import platform
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -15,7 +16,8 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import torch
 
-from oculi.errors import InputError, require_extra
+from oculi.capture.io.files import write_atomically
+from oculi.errors import InputError, StorageRangeWarning, require_extra
 from oculi.harvest.plan import STORAGE_DTYPES, HarvestConfig, HarvestPlan, make_plan
 from oculi.harvest.prompts import Tokens, assign_splits, read_prompts, tokenize
 from oculi.harvest.writer import FORMAT, StoreWriter
@@ -94,7 +96,8 @@ def harvest(
             dtype, fp32 for bf16 models (zarr has no bfloat16).
         max_length: keep the first ``max_length`` tokens of each prompt.
         resume: keep the committed units of a matching store at ``out`` and compute only the
-            rest; ``False`` deletes the store there and starts over.
+            rest; ``False`` replaces the store there (only a folder with oculi's marker that
+            holds nothing oculi did not write; anything else is refused, never deleted).
         verify: on resume, also read committed units back and compare their checksums.
         split: fraction of prompts held out as ``"test"`` in the index, or a label per prompt.
         seed: seed of the held-out choice.
@@ -106,9 +109,18 @@ def harvest(
     Returns:
         A :class:`HarvestSummary`.
 
+    The store is locked for the whole call: a second harvest into it (resuming or not, any
+    executor) is refused with the pid and host of the first.
+
     Raises:
         InputError: bad prompts, sites, layers or options (each named).
-        HarvestStoreError: ``out`` holds a harvest of other prompts, model or config.
+        HarvestStoreError: ``out`` holds a harvest of other prompts, model or config, is not
+            an oculi store, or is being written by another harvest.
+        FileWriteError: a write failed (full disk, file-size limit); names the file.
+
+    Warns:
+        StorageRangeWarning: values beyond a float16 storage dtype's range were stored as
+            inf; names the arrays.
     """
     t0 = time.perf_counter()
     require_extra("zarr", "store")
@@ -121,18 +133,21 @@ def harvest(
     )
     labels = assign_splits(tokens.n_prompts, split, seed)
     plan = make_plan(adapter, config, tokens)
-    writer = StoreWriter.create_or_resume(
+    runner = _executor(executor, progress)
+    with StoreWriter.create_or_resume(
         out,
         plan,
         manifest(adapter, plan, tokens),
         lambda path: write_index(path, tokens, labels),
         resume=resume,
         verify=verify,
-    )
-    units = writer.pending()
-    runner = _executor(executor, progress)
-    if units:
-        runner.run(adapter, plan, tokens, units, writer)
+    ) as writer:  # holds the store's lock until the last unit is committed
+        units = writer.pending()
+        if units:
+            runner.run(adapter, plan, tokens, units, writer)
+        overflow = writer.overflow()
+    if overflow:
+        warn_overflow(overflow, plan.config.storage_dtype)
     seconds = time.perf_counter() - t0
     computed = sum(u.rows for u in units)
     return HarvestSummary(
@@ -276,6 +291,20 @@ def write_index(path: Path, tokens: Tokens, labels: np.ndarray) -> None:
             "split": pa.DictionaryArray.from_arrays(pa.array(split_codes), pa.array(names)),
         }
     )
-    tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp, row_group_size=1 << 20)
-    tmp.replace(path)
+    write_atomically(path, lambda tmp: pq.write_table(table, tmp, row_group_size=1 << 20),
+                     overwrite=True, what="the harvest index")  # fmt: skip
+
+
+def warn_overflow(overflow: dict[str, tuple[float, list[int]]], dtype: str) -> None:
+    """One :class:`StorageRangeWarning` naming the arrays that hold values stored as inf."""
+    limit = float(np.finfo(dtype).max)
+    arrays = "; ".join(
+        f"{name!r} (|values| up to {peak:.4g}, units {units[:8]}{'...' if len(units) > 8 else ''})"
+        for name, (peak, units) in overflow.items()
+    )
+    warnings.warn(
+        f"values beyond the range of {dtype} (max {limit:.4g}) were stored as inf in {arrays}; "
+        "harvest these sites in float32 (storage_dtype=torch.float32)",
+        StorageRangeWarning,
+        stacklevel=3,
+    )

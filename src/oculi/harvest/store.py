@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,13 +20,24 @@ from typing import Any
 import numpy as np
 
 from oculi.errors import require_extra
-from oculi.harvest.writer import (
+from oculi.harvest.folder import (
+    FORMAT,
     INDEX,
     MANIFEST,
+    MARKER,
+    UNIT_LOG,
     HarvestStoreError,
-    read_unit_log,
-    unit_checksums_match,
+    read_json,
+    read_marker,
 )
+from oculi.harvest.integrity import (
+    Layout,
+    check_arrays,
+    content_problems,
+    index_problem,
+    unit_problems,
+)
+from oculi.harvest.unitlog import read_unit_log
 
 Key = tuple[str, int]
 
@@ -102,20 +112,26 @@ class HarvestStore:
         complete: every work unit committed.
     """
 
-    def __init__(self, path: Path, manifest: dict[str, Any], done: dict[int, Any]) -> None:
-        zarr = require_extra("zarr", "store")
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict[str, Any],
+        done: dict[int, Any],
+        zarrays: dict[str, Any] | None = None,
+    ) -> None:
         self.path, self.manifest, self._done = path, manifest, done
-        cfg = manifest["config"]
+        self._layout = Layout.of(path, manifest)
+        zarrays = zarrays if zarrays is not None else check_arrays(self._layout)
         self._arrays: dict[Key, HarvestArray] = {}
-        for spec in cfg["arrays"]:
+        for spec in manifest["config"]["arrays"]:
             key = (spec["site"], int(spec["layer"]))
-            z = zarr.open_array(str(path / spec["name"]), mode="r")
-            self._arrays[key] = HarvestArray(z, key[0], key[1], spec.get("heads"))
-        self.n_rows = int(manifest["tokens"]["n_tokens"])
-        self.unit_rows = int(cfg["unit_rows"])
-        self.chunk_rows = int(cfg["chunk_rows"])
-        n_units = -(-self.n_rows // self.unit_rows)
-        self.missing_units = sorted(set(range(n_units)) - set(done))
+            self._arrays[key] = HarvestArray(
+                zarrays[spec["name"]], key[0], key[1], spec.get("heads")
+            )
+        self.n_rows = self._layout.n_tokens
+        self.unit_rows = self._layout.unit_rows
+        self.chunk_rows = self._layout.chunk_rows
+        self.missing_units = sorted(set(range(self._layout.n_units)) - set(done))
         self._index: Any = None
 
     @property
@@ -223,8 +239,8 @@ class HarvestStore:
 
     def verify(self) -> list[int]:
         """Read every committed unit back and compare checksums; returns the damaged units."""
-        arrays = {f"{s}/{layer}": a.zarr for (s, layer), a in self._arrays.items()}
-        return [k for k, rec in sorted(self._done.items()) if not unit_checksums_match(arrays, rec)]
+        zarrays = {f"{s}/{layer}": a.zarr for (s, layer), a in self._arrays.items()}
+        return sorted(content_problems(self._layout, self._done, zarrays))
 
     def __repr__(self) -> str:
         state = "complete" if self.complete else f"{len(self.missing_units)} units missing"
@@ -234,32 +250,64 @@ class HarvestStore:
         )
 
 
-def open_harvest(path: str | Path, *, allow_incomplete: bool = False) -> HarvestStore:
-    """Open a harvest store for reading (nothing is loaded until asked for).
+def open_harvest(
+    path: str | Path, *, allow_incomplete: bool = False, verify: bool = False
+) -> HarvestStore:
+    """Open a harvest store for reading, after checking it against its own records.
 
     Example::
 
         store = oculi.open_harvest("acts")
         store["resid_post", 6].shape            # (n_tokens, d_model)
 
+    Always checked (a ``stat`` per shard, the index's sha256, each array's metadata): every
+    array's shape, dtype, chunking, site and layer against the manifest; the index's size,
+    rows and sha256 against the manifest; every committed unit's shard files against the
+    sizes in the unit log. With ``verify=True`` every unit's rows are also read back and
+    compared with the CRC-32 recorded when they were written (shards swapped between units,
+    flipped bytes).
+
     Args:
         path: the folder ``oculi.harvest`` wrote.
         allow_incomplete: open a store whose harvest has not finished (rows of missing units
             read as zeros); by default that is an error.
+        verify: also compare every unit's content with its recorded checksum (reads it all).
 
     Raises:
-        HarvestStoreError: not a harvest store, or an incomplete one.
+        HarvestStoreError: not a harvest store, an incomplete one, or one whose files
+            disagree with its records (the message names the array, the unit and the file).
     """
-    root = Path(path)
-    manifest_path = root / MANIFEST
-    if not manifest_path.is_file():
-        raise HarvestStoreError(f"{str(root)!r} is not an oculi harvest store (no {MANIFEST})")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    store = HarvestStore(root, manifest, read_unit_log(root))
+    root = Path(path).expanduser()
+    if not (root / MANIFEST).is_file() or (marker := read_marker(root)) is None:
+        missing = MARKER if (root / MANIFEST).is_file() else MANIFEST
+        raise HarvestStoreError(f"'{root}' is not an oculi harvest store (no {missing})")
+    if marker["oculi_harvest"] != FORMAT:
+        raise HarvestStoreError(
+            f"'{root}' is harvest store format {marker['oculi_harvest']}; this oculi reads "
+            f"format {FORMAT}: harvest it again with this version"
+        )
+    manifest = read_json(root / MANIFEST, "the harvest manifest")
+    layout = Layout.of(root, manifest)
+    zarrays = check_arrays(layout)
+    problem = index_problem(layout)
+    if problem:
+        raise HarvestStoreError(f"{problem}; re-run the same oculi.harvest call to rewrite it")
+    done = read_unit_log(root / UNIT_LOG)
+    problems = unit_problems(layout, done)
+    if verify and not problems:
+        problems = content_problems(layout, done, zarrays)
+    if problems:
+        first = problems[min(problems)]
+        more = f" ({len(problems) - 1} more units too)" if len(problems) > 1 else ""
+        raise HarvestStoreError(
+            f"'{root}' is damaged: {first}{more}; re-run the same oculi.harvest call "
+            "(verify=True) to redo the damaged units"
+        )
+    store = HarvestStore(root, manifest, done, zarrays)
     if not store.complete and not allow_incomplete:
         raise HarvestStoreError(
-            f"{str(root)!r} is incomplete: {len(store.missing_units)} of "
-            f"{-(-store.n_rows // store.unit_rows)} work units are missing; re-run the same "
+            f"'{root}' is incomplete: {len(store.missing_units)} of "
+            f"{layout.n_units} work units are missing; re-run the same "
             "oculi.harvest call to finish it, or pass allow_incomplete=True"
         )
     return store

@@ -1,57 +1,82 @@
-"""Writing a harvest store: create or resume it, write a unit's shards, commit units.
+"""Writing a harvest store: create or resume it under a lock, write a unit's shards, commit.
 
 ::
 
-    writer = StoreWriter.create_or_resume(out, plan, tokens, splits, model_info, resume=True)
-    writer.pending()                      # units not yet committed (or found damaged)
-    result = write_unit(out, plan, unit, buffers)   # any process: one shard per array
-    writer.commit(result)                 # the driver only: append to the unit log
+    with StoreWriter.create_or_resume(out, plan, manifest, write_index, resume=True) as writer:
+        writer.pending()                       # units not yet committed (or found damaged)
+        result = write_unit(out, plan, unit, buffers)   # any process: one shard per array
+        writer.commit(result)                  # the driver only: append to the unit log
 
 On disk::
 
     out/
+      oculi-harvest.json        the marker: written first, holds the store format
+      oculi-harvest.lock        the lock of the harvest writing the store (pid, host)
       zarr.json                 the root group (attributes: ``oculi_harvest`` format)
       <site>/<layer>/           one zarr v3 array [n_tokens, width] per (site, layer)
       index.parquet             prompt_id, position, token_id, split; row i = row i of arrays
-      manifest.json             config, model identity, provenance, tokens' fingerprint
+      manifest.json             config, model identity, provenance, tokens' and index's hashes
       units.jsonl               the completed units, one JSON line each (append-only)
 
-A unit's record holds, per array, the CRC-32 of the rows it wrote and the size of its shard
-file. Resuming checks the size of every committed unit's shard files (a ``stat`` each), so a
-shard cut short by a crash or a full disk is found and its unit redone; ``verify=True`` also
-reads the rows back and compares checksums. Chunks carry zarr's own CRC-32C, so a flipped
-bit fails loudly when read. The log is append-only: a kill mid-line leaves a torn last line,
-which is ignored; a unit written twice counts once (the last record wins).
+The manifest is written last, atomically: a folder with the marker but no manifest was
+killed while being created, and is rebuilt by the next run. A unit's record holds, per array,
+the CRC-32 of the rows it wrote and the size of its shard file. Resuming checks every array's
+metadata, the index (rewritten if missing or not the one recorded), and the size of every
+committed unit's shards (a ``stat`` each), so a shard deleted or cut short is redone;
+``verify=True`` also reads the rows back and compares checksums (:mod:`~oculi.harvest.integrity`).
+Index, manifest and marker are written whole or not at all (``write_atomically``); the unit
+log's torn last line is cut off on resume (:mod:`~oculi.harvest.unitlog`).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import socket
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from oculi.errors import InputError, require_extra
+from oculi.errors import FileWriteError, require_extra
+from oculi.harvest.folder import (
+    FORMAT,
+    INDEX,
+    MANIFEST,
+    UNIT_LOG,
+    HarvestStoreError,
+    check_ours,
+    clear_store,
+    read_json,
+    read_marker,
+    write_json,
+    write_marker,
+)
+from oculi.harvest.integrity import (
+    Layout,
+    check_arrays,
+    content_problems,
+    index_problem,
+    index_record,
+    shard_path,
+    unit_problems,
+)
+from oculi.harvest.lock import StoreLock
 from oculi.harvest.plan import HarvestPlan, Unit
+from oculi.harvest.unitlog import append_record, read_unit_log
 
-FORMAT = 1
-MANIFEST, UNIT_LOG, INDEX = "manifest.json", "units.jsonl", "index.parquet"
-
-
-class HarvestStoreError(InputError):
-    """A store that does not match the harvest asked for, or is incomplete or damaged."""
+__all__ = ["FORMAT", "HarvestStoreError", "StoreWriter", "UnitResult", "shard_path", "write_unit"]
 
 
 @dataclass(frozen=True)
 class UnitResult:
-    """What a worker reports after writing a unit: checksums and shard sizes per array."""
+    """What a worker reports after writing a unit: checksums and shard sizes per array.
+
+    ``overflow``: arrays whose values exceeded the storage dtype's range (stored as inf),
+    with the largest finite ``|value|`` before the cast.
+    """
 
     unit: int
     start: int
@@ -60,9 +85,10 @@ class UnitResult:
     nbytes: dict[str, int]
     seconds: float
     worker: str
+    overflow: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "unit": self.unit,
             "rows": [self.start, self.stop],
             "crc32": self.crc32,
@@ -70,11 +96,7 @@ class UnitResult:
             "seconds": round(self.seconds, 4),
             "worker": self.worker,
         }
-
-
-def shard_path(root: Path, name: str, k: int) -> Path:
-    """The file of shard ``k`` of array ``name`` (zarr v3's default chunk key encoding)."""
-    return root / name / "c" / str(k) / "0"
+        return out | ({"overflow": self.overflow} if self.overflow else {})
 
 
 def open_arrays(root: Path, plan: HarvestPlan) -> dict[str, Any]:
@@ -83,11 +105,20 @@ def open_arrays(root: Path, plan: HarvestPlan) -> dict[str, Any]:
 
 
 def write_unit(
-    root: str | Path, plan: HarvestPlan, unit: Unit, buffers: dict[str, np.ndarray], arrays=None
+    root: str | Path,
+    plan: HarvestPlan,
+    unit: Unit,
+    buffers: dict[str, np.ndarray],
+    arrays=None,
+    overflow: dict[str, float] | None = None,
 ) -> UnitResult:
     """Write ``buffers`` (``{name: [unit.rows, width]}``) as shard ``unit.index`` of each array.
 
     Safe to call from any process: a unit owns its shards, no other unit touches them.
+
+    Raises:
+        FileWriteError: a shard could not be written (full disk, file-size limit...); the
+            message names the array, the unit and the shard file.
     """
     t0 = time.perf_counter()
     root = Path(root)
@@ -95,67 +126,33 @@ def write_unit(
     crc, nbytes = {}, {}
     for spec in plan.arrays:
         data = np.ascontiguousarray(buffers[spec.name])
-        # a leftover shard of a failed attempt may be torn: zarr would read it back to merge
-        shard_path(root, spec.name, unit.index).unlink(missing_ok=True)
-        arrays[spec.name][unit.start : unit.stop] = data
-        crc[spec.name] = zlib.crc32(data.data)
-        nbytes[spec.name] = shard_path(root, spec.name, unit.index).stat().st_size
-    worker = f"{socket.gethostname()}:{os.getpid()}"
-    return UnitResult(
-        unit.index, unit.start, unit.stop, crc, nbytes, time.perf_counter() - t0, worker
-    )
-
-
-def read_unit_log(root: Path) -> dict[int, dict[str, Any]]:
-    """Committed units by index (the last record of a unit wins; a torn last line is skipped)."""
-    path = root / UNIT_LOG
-    done: dict[int, dict[str, Any]] = {}
-    if not path.exists():
-        return done
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill: that unit was never committed
-            done[int(rec["unit"])] = rec
-    return done
-
-
-def _atomic_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def unit_intact(root: Path, rec: dict[str, Any], plan: HarvestPlan) -> bool:
-    """Whether every shard of a committed unit has the size recorded at commit."""
-    for spec in plan.arrays:
-        path = shard_path(root, spec.name, int(rec["unit"]))
-        want = rec["nbytes"].get(spec.name)
-        if want is None or not path.exists() or path.stat().st_size != want:
-            return False
-    return True
-
-
-def unit_checksums_match(arrays: dict[str, Any], rec: dict[str, Any]) -> bool:
-    """Read a committed unit's rows back and compare their CRC-32 with the record."""
-    start, stop = rec["rows"]
-    for name, want in rec["crc32"].items():
+        path = shard_path(root, spec.name, unit.index)
         try:
-            data = np.ascontiguousarray(arrays[name][start:stop])
-        except Exception:  # a damaged chunk (zarr's CRC-32C, a torn shard): redo the unit
-            return False
-        if zlib.crc32(data.data) != want:
-            return False
-    return True
+            # a leftover shard of a failed attempt may be torn: zarr would read it back to merge
+            path.unlink(missing_ok=True)
+            arrays[spec.name][unit.start : unit.stop] = data
+            nbytes[spec.name] = path.stat().st_size
+        except OSError as exc:
+            raise FileWriteError(
+                f"cannot write array {spec.name!r}, unit {unit.index} to '{path}': "
+                f"{exc.strerror or exc}"
+            ) from None
+        crc[spec.name] = zlib.crc32(data.data)
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    return UnitResult(unit.index, unit.start, unit.stop, crc, nbytes,
+                      time.perf_counter() - t0, worker, dict(overflow or {}))  # fmt: skip
 
 
 class StoreWriter:
-    """The driver's side of a store: creation, resume checks, and the unit log."""
+    """The driver's side of a store: the lock, creation, resume checks, and the unit log.
 
-    def __init__(self, root: Path, plan: HarvestPlan, done: dict[int, dict[str, Any]]):
-        self.root, self.plan, self.done = root, plan, done
+    A context manager: leaving it releases the store's lock.
+    """
+
+    def __init__(
+        self, root: Path, plan: HarvestPlan, done: dict[int, dict[str, Any]], lock: StoreLock
+    ):
+        self.root, self.plan, self.done, self.lock = root, plan, done, lock
 
     @classmethod
     def create_or_resume(
@@ -168,46 +165,49 @@ class StoreWriter:
         resume: bool,
         verify: bool = False,
     ) -> StoreWriter:
-        """Open ``out`` for ``plan``: resume a matching store, or create a fresh one.
+        """Lock ``out`` and open it for ``plan``: resume a matching store, or create one.
 
         Args:
-            out: the store folder.
+            out: the store folder (created if missing).
             plan: the harvest plan.
             manifest: config, model identity, provenance and the tokens' fingerprint.
-            write_index: ``write_index(path)`` writes the Parquet index (fresh stores only).
-            resume: keep committed units of a matching store; ``False`` rebuilds it.
+            write_index: ``write_index(path)`` writes the Parquet index.
+            resume: keep committed units of a matching store; ``False`` replaces it (only if
+                it is an oculi store holding nothing oculi did not write).
             verify: also read committed units back and compare checksums.
 
         Raises:
-            HarvestStoreError: ``out`` is a harvest of other prompts, model or config (and
-                ``resume=True``), or a non-empty folder that is not a harvest store.
+            HarvestStoreError: ``out`` is not an oculi store and not empty; another harvest
+                holds its lock (:class:`~oculi.harvest.lock.HarvestLockedError`); a store of
+                other prompts, model, config or format (and ``resume=True``); array metadata
+                that disagrees with the manifest.
         """
-        root = Path(out)
-        existing = root / MANIFEST
-        if existing.exists():
-            old = json.loads(existing.read_text(encoding="utf-8"))
-            if resume:
-                _check_same(old, manifest, root)
-                done = read_unit_log(root)
-                writer = cls(root, plan, done)
-                writer._drop_damaged(verify)
-                return writer
-            shutil.rmtree(root)
-        elif root.exists() and any(root.iterdir()):
-            raise HarvestStoreError(
-                f"{str(root)!r} exists and is not an oculi harvest store (no {MANIFEST}); "
-                "choose an empty or new folder"
-            )
-        cls._create(root, plan, manifest, write_index)
-        return cls(root, plan, {})
+        root = Path(out).expanduser()
+        check_ours(root)  # before writing anything into a folder that may be someone else's
+        root.mkdir(parents=True, exist_ok=True)
+        lock = StoreLock(root).acquire()
+        try:
+            check_ours(root)  # another process may have filled it meanwhile
+            marker = read_marker(root)
+            if resume and marker is not None and (root / MANIFEST).exists():
+                done = _resume(root, plan, manifest, write_index, verify, marker)
+                return cls(root, plan, done, lock)
+            if marker is not None:
+                clear_store(root)  # resume=False, or killed before its manifest was written
+            cls._create(root, plan, manifest, write_index)
+            return cls(root, plan, {}, lock)
+        except BaseException:
+            lock.release()
+            raise
 
     @staticmethod
     def _create(root: Path, plan: HarvestPlan, manifest: dict[str, Any], write_index) -> None:
         zarr = require_extra("zarr", "store")
         from zarr.codecs import Crc32cCodec, ZstdCodec
 
-        root.mkdir(parents=True, exist_ok=True)
-        group = zarr.open_group(str(root), mode="w", attributes={"oculi_harvest": FORMAT})
+        write_marker(root)  # first: from here on the folder is provably an oculi store
+        # mode "a", never "w": zarr's "w" empties the whole folder (marker and lock included)
+        group = zarr.open_group(str(root), mode="a", attributes={"oculi_harvest": FORMAT})
         compressors: list[Any] = [ZstdCodec(level=3)] if plan.config.compression else []
         for spec in plan.arrays:
             group.create_array(
@@ -223,17 +223,9 @@ class StoreWriter:
             )
         write_index(root / INDEX)
         (root / UNIT_LOG).touch()
-        # the manifest last: a folder without it is not a store (and is rebuilt)
-        _atomic_json(root / MANIFEST, manifest)
-
-    def _drop_damaged(self, verify: bool) -> None:
-        arrays = open_arrays(self.root, self.plan) if verify else None
-        for k, rec in list(self.done.items()):
-            ok = unit_intact(self.root, rec, self.plan)
-            if ok and arrays is not None:
-                ok = unit_checksums_match(arrays, rec)
-            if not ok:
-                del self.done[k]
+        # the manifest last: a folder with the marker and without it is rebuilt
+        write_json(root / MANIFEST, {**manifest, "index": index_record(root / INDEX)},
+                    "the harvest manifest")  # fmt: skip
 
     def pending(self) -> list[Unit]:
         """Units to compute: not committed, or committed but found damaged."""
@@ -241,12 +233,51 @@ class StoreWriter:
 
     def commit(self, result: UnitResult) -> None:
         """Append a written unit to the log (flushed and synced before returning)."""
-        line = json.dumps(result.to_json(), sort_keys=True) + "\n"
-        with (self.root / UNIT_LOG).open("a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        append_record(self.root / UNIT_LOG, result.to_json())
         self.done[result.unit] = result.to_json()
+
+    def overflow(self) -> dict[str, tuple[float, list[int]]]:
+        """Arrays that hold values stored as inf: ``{name: (largest |value|, units)}``."""
+        out: dict[str, tuple[float, list[int]]] = {}
+        for k, rec in sorted(self.done.items()):
+            for name, peak in rec.get("overflow", {}).items():
+                old, units = out.get(name, (0.0, []))
+                out[name] = (max(old, float(peak)), [*units, k])
+        return out
+
+    def close(self) -> None:
+        """Release the store's lock."""
+        self.lock.release()
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _resume(root: Path, plan: HarvestPlan, new: dict[str, Any], write_index, verify: bool,
+            marker: dict[str, Any]) -> dict[int, dict[str, Any]]:  # fmt: skip
+    """Check a store for resuming; rewrite its index if needed; its intact committed units."""
+    if marker["oculi_harvest"] != FORMAT:
+        raise HarvestStoreError(
+            f"'{root}' is harvest store format {marker['oculi_harvest']}, this oculi writes "
+            f"{FORMAT}; pass resume=False to rebuild it, or harvest into a new folder"
+        )
+    old = read_json(root / MANIFEST, "the harvest manifest")
+    _check_same(old, new, root)
+    layout = Layout.of(root, old)
+    arrays = check_arrays(layout)
+    if index_problem(layout) is not None:  # derived from the tokens: write it again
+        write_index(root / INDEX)
+        write_json(root / MANIFEST, {**old, "index": index_record(root / INDEX)},
+                    "the harvest manifest")  # fmt: skip
+    done = read_unit_log(root / UNIT_LOG, repair=True)
+    damaged = unit_problems(layout, done)
+    intact = {k: rec for k, rec in done.items() if k not in damaged}
+    if verify:
+        damaged |= content_problems(layout, intact, arrays)
+    return {k: rec for k, rec in done.items() if k not in damaged}
 
 
 _IDENTITY_KEYS = ("config", "model", "tokens")
@@ -255,8 +286,8 @@ _IDENTITY_KEYS = ("config", "model", "tokens")
 def _check_same(old: dict[str, Any], new: dict[str, Any], root: Path) -> None:
     if old.get("format") != new.get("format"):
         raise HarvestStoreError(
-            f"{str(root)!r} is harvest format {old.get('format')}, this oculi writes "
-            f"{new.get('format')}; harvest into a new folder"
+            f"'{root}' is harvest format {old.get('format')}, this oculi writes "
+            f"{new.get('format')}; pass resume=False to rebuild it, or harvest into a new folder"
         )
     for key in _IDENTITY_KEYS:
         if old.get(key) != new.get(key):
@@ -264,7 +295,7 @@ def _check_same(old: dict[str, Any], new: dict[str, Any], root: Path) -> None:
                     "tokens": "other prompts"}[key]  # fmt: skip
             diff = _first_difference(old.get(key), new.get(key))
             raise HarvestStoreError(
-                f"{str(root)!r} holds a harvest with {what}{diff}; pass resume=False "
+                f"'{root}' holds a harvest with {what}{diff}; pass resume=False "
                 "to rebuild it, or harvest into a new folder"
             )
 
