@@ -1,0 +1,297 @@
+"""One forward in which every row carries its own set of patched edges.
+
+Each row ``n`` of the batch has a weight ``w[n, e]`` per edge: receiver ``r`` reads
+
+    input_n(r) = actual_n(r) + Σ_{edges e = s -> r} w[n, e] · (source(s) − actual_n(s))
+
+where ``actual_n(s)`` is sender ``s``'s output in this very row's forward (so upstream patches
+propagate) and ``source(s)`` its output in the corrupt run (or its mean, or zero). ``w = 1``
+patches the edge, ``0`` leaves it, values in between interpolate (EAP-IG). A receiver can also
+carry a zero tensor that requires grad, so one backward gives ``∂metric/∂input(r)`` for every
+receiver at once (EAP).
+
+Hooks (all in one :class:`~oculi.capture.hooks.HookSet`, removed on any exit):
+
+- senders are read where they join the residual: the first layer's input (``input``), the
+  attention or MLP branch output, or the output projection's input and output (heads);
+- layer-level receivers (``a{l}``, ``m{l}``, ``logits``) add their delta to the input of the
+  norm in front of the component (its module input where there is none);
+- head receivers get their own normalised input: the norm in front of attention is recomputed
+  on ``resid + delta`` and the head's slice of the q/k/v projection output is replaced by the
+  projection of that input (fused projections are sliced with the site map's views).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from oculi.capture.hooks import HookSet, first_tensor, hidden_arg, replace_first
+from oculi.capture.inputs import Batch
+from oculi.capture.places import fused_qkv_view, heads_view
+from oculi.discovery.graph import Graph, Receiver
+
+if TYPE_CHECKING:
+    from oculi.models.adapter import Adapter
+
+Outputs = dict[str, torch.Tensor]
+
+
+class EdgeForward:
+    """Runs ``batch`` (``S`` copies of ``P`` prompts, set-major) with per-row edge weights.
+
+    Args:
+        adapter: the model's adapter.
+        graph: the graph whose edges ``weights`` indexes.
+        source: sender outputs of the patch source, ``[P, T, ...]`` per key (see
+            :meth:`read`), or ``None`` for a plain run that only records.
+    """
+
+    def __init__(self, adapter: Adapter, graph: Graph, source: Outputs | None) -> None:
+        self.adapter, self.graph, self.source = adapter, graph, source
+        # per receiver: linear senders [(edge, key)] and head senders {layer: [edge per head]}
+        self.linear: dict[str, list[tuple[int, str]]] = {r.name: [] for r in graph.receivers}
+        self.heads: dict[str, dict[int, list[int]]] = {r.name: {} for r in graph.receivers}
+        for i, e in enumerate(graph.edges):
+            s, r = e.sender, e.receiver.name
+            if s.kind == "head":
+                self.heads[r].setdefault(s.layer, [0] * graph.n_heads)[s.head or 0] = i
+            else:
+                self.linear[r].append((i, s.name))
+
+    # -- sender keys ---------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        """The recorded sender outputs: ``input``, ``a{l}``/``m{l}``, ``z{l}`` (heads)."""
+        out = ["input"]
+        for layer in range(self.graph.n_layers):
+            out.append(f"z{layer}" if self.graph.level != "components" else f"a{layer}")
+            out.append(f"m{layer}")
+        return out
+
+    def run(
+        self,
+        batch: Batch,
+        weights: torch.Tensor | None,
+        *,
+        read: int,
+        grad_receivers: bool = False,
+    ) -> tuple[torch.Tensor, Outputs, dict[str, torch.Tensor]]:
+        """Forward ``batch`` with ``weights [N, E]`` (``None``: no patch).
+
+        Returns:
+            ``(hidden [N, d]`` final-normed at position ``read``, the actual sender outputs,
+            the zero tensors added to each receiver's input (``requires_grad`` when
+            ``grad_receivers``) keyed by receiver name``)``.
+        """
+        state = _State(self, weights, grad_receivers)
+        m = self.adapter
+        with HookSet() as hooks:
+            self._hook_senders(hooks, state)
+            if weights is not None or grad_receivers:
+                self._hook_receivers(hooks, state)
+            hidden = m.decoder(**batch.model_kwargs(), use_cache=False).last_hidden_state
+        return hidden[:, read], state.actual, state.extra
+
+    # -- hooks -----------------------------------------------------------------------------
+    def _hook_senders(self, hooks: HookSet, st: _State) -> None:
+        m, anat = self.adapter, self.adapter.anatomy
+        hooks.forward_pre_kwargs(m.layer_modules[0], _reader(st.actual, "input", at_input=True))
+        for layer in range(self.graph.n_layers):
+            if self.graph.level == "components":
+                branch = m.part(layer, anat.attn_out_norm or anat.attn)
+                hooks.forward(branch, _reader(st.actual, f"a{layer}"))
+            else:
+                o_proj = m.part(layer, f"{anat.attn}.{anat.o_proj}")
+                hooks.forward_pre_kwargs(o_proj, _reader(st.actual, f"z{layer}", at_input=True))
+                hooks.forward(o_proj, _reader(st.actual, f"x{layer}"))
+            mlp_branch = m.part(layer, anat.mlp_out_norm or anat.mlp)
+            hooks.forward(mlp_branch, _reader(st.actual, f"m{layer}"))
+
+    def _hook_receivers(self, hooks: HookSet, st: _State) -> None:
+        m, anat = self.adapter, self.adapter.anatomy
+        by_layer: dict[int, list[Receiver]] = {}
+        for r in self.graph.receivers:
+            if r.kind == "logits":
+                hooks.forward_pre_kwargs(m.module(anat.final_norm), _adder(st, r))
+            elif r.kind == "mlp":
+                place = anat.mlp_norm or anat.mlp
+                hooks.forward_pre_kwargs(m.part(r.layer, place), _adder(st, r))
+            elif r.kind == "attn":
+                place = anat.attn_norm or anat.attn
+                hooks.forward_pre_kwargs(m.part(r.layer, place), _adder(st, r))
+            else:
+                by_layer.setdefault(r.layer, []).append(r)
+        for layer, recv in by_layer.items():
+            self._hook_heads(hooks, st, layer, recv)
+
+    def _hook_heads(self, hooks: HookSet, st: _State, layer: int, recv: list[Receiver]) -> None:
+        m, anat = self.adapter, self.adapter.anatomy
+        norm = m.part(layer, anat.attn_norm) if anat.attn_norm else None
+        normed: dict[str, torch.Tensor] = {}
+        projected: dict[tuple[str, int], torch.Tensor] = {}
+
+        def stash(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            resid = hidden_arg(args, kwargs)
+            normed.clear()
+            projected.clear()
+            for r in recv:
+                delta = st.delta(r)
+                if delta is not None:
+                    x = resid + delta
+                    normed[r.name] = norm.forward(x) if norm is not None else x
+
+        hooks.forward_pre_kwargs(norm if norm is not None else m.part(layer, anat.attn), stash)
+        for proj, which, view in _projections(m, layer):
+            users = [r for r in recv if which in r.proj]
+            if users:
+                hooks.forward(proj, _slicer(proj, view, users, normed, projected))
+
+
+class _State:
+    """What one forward accumulates: actual sender outputs and lazily computed head deltas."""
+
+    def __init__(self, fwd: EdgeForward, weights: torch.Tensor | None, grad: bool) -> None:
+        self.fwd, self.weights, self.grad = fwd, weights, grad
+        self.actual: Outputs = {}
+        self.extra: dict[str, torch.Tensor] = {}
+        self._head_diff: dict[int, torch.Tensor] = {}
+
+    def _diff(self, key: str) -> torch.Tensor:
+        """``source − actual`` for a sender key, ``[N, T, ...]``."""
+        a, s = self.actual[key], self.fwd.source[key]  # type: ignore[index]
+        p = s.shape[0]
+        return (s.unsqueeze(0) - a.view(-1, p, *a.shape[1:])).view(a.shape)
+
+    def head_diff(self, layer: int) -> torch.Tensor:
+        """Each head's change of the output projection's output, ``[N, H, T, d]`` (no bias)."""
+        if layer not in self._head_diff:
+            self._head_diff[layer] = head_deltas(self.fwd.adapter, layer, self._diff(f"z{layer}"))
+        return self._head_diff[layer]
+
+    def delta(self, r: Receiver) -> torch.Tensor | None:
+        """What receiver ``r``'s input changes by in each row, or ``None`` for nothing."""
+        w, fwd = self.weights, self.fwd
+        total: torch.Tensor | None = None
+        if w is not None:
+            for edge, key in fwd.linear[r.name]:
+                col = w[:, edge]
+                if bool(col.any()):
+                    part = col.view(-1, 1, 1).to(self.actual[key].dtype) * self._diff(key)
+                    total = part if total is None else total + part
+            for layer, edges in fwd.heads[r.name].items():
+                cols = w[:, edges]
+                if not bool(cols.any()):
+                    continue
+                diff = self.head_diff(layer)
+                part = torch.einsum("nh,nhtd->ntd", cols.to(diff.dtype), diff)
+                part = through_post_norm(fwd.adapter, layer, self.actual[f"x{layer}"], part)
+                total = part if total is None else total + part
+        if self.grad:
+            like = self._like(r)
+            leaf = torch.zeros_like(like, requires_grad=True)
+            self.extra[r.name] = leaf
+            total = leaf if total is None else total + leaf
+        return total
+
+    def _like(self, r: Receiver) -> torch.Tensor:
+        return self.actual["input"]
+
+
+def head_deltas(adapter: Adapter, layer: int, dz: torch.Tensor) -> torch.Tensor:
+    """What each head's share of ``dz [N, T, H*D]`` (a change of the output projection's input)
+    changes its output by, ``[N, H, T, d]``: the projection of each head's block alone, bias
+    removed. Uses the module's own forward (fused, Conv1D or quantized projections alike)."""
+    o_proj = adapter.part(layer, f"{adapter.anatomy.attn}.{adapter.anatomy.o_proj}")
+    n, t, hd = dz.shape
+    h = adapter.n_heads
+    blocks = torch.zeros(n, h, t, h, hd // h, dtype=dz.dtype, device=dz.device)
+    idx = torch.arange(h, device=dz.device)
+    blocks[:, idx, :, idx, :] = dz.view(n, t, h, hd // h).permute(2, 0, 1, 3)
+    out = o_proj.forward(blocks.view(n, h, t, hd))
+    return out - o_proj.forward(torch.zeros(1, hd, dtype=dz.dtype, device=dz.device))
+
+
+def through_post_norm(
+    adapter: Adapter, layer: int, x: torch.Tensor, part: torch.Tensor
+) -> torch.Tensor:
+    """``part`` (a change of the output projection's output ``x``) as the change of the attention
+    branch's output: exact through a norm after the branch (Gemma 2/3, OLMo 2), else itself.
+    ``part`` may carry extra leading axes before ``x``'s."""
+    name = adapter.anatomy.attn_out_norm
+    if name is None:
+        return part
+    post = adapter.part(layer, name)
+    return post.forward(x + part) - post.forward(x)
+
+
+def _reader(store: Outputs, key: str, *, at_input: bool = False) -> Callable[..., None]:
+    if at_input:
+
+        def read_in(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            store[key] = hidden_arg(args, kwargs)
+
+        return read_in
+
+    def read_out(_m: nn.Module, _args: Any, output: Any) -> None:
+        store[key] = first_tensor(output)
+
+    return read_out
+
+
+def _adder(st: _State, r: Receiver) -> Callable[..., Any]:
+    def add(_m: nn.Module, args: tuple, kwargs: dict) -> Any:
+        delta = st.delta(r)
+        if delta is None:
+            return None
+        new = hidden_arg(args, kwargs) + delta
+        if args:
+            return (new, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": new}
+
+    return add
+
+
+def _projections(m: Adapter, layer: int) -> list[tuple[nn.Module, str, Callable]]:
+    """``(module, "q"|"k"|"v", view to [B, H, T, D])`` for the layer's q/k/v projections."""
+    anat = m.anatomy
+    if anat.qkv_proj is not None:
+        fused = m.part(layer, f"{anat.attn}.{anat.qkv_proj}")
+        return [(fused, "qkv"[i], fused_qkv_view(m, i)) for i in range(3)]
+    out = []
+    for which, name, n in (
+        ("q", anat.q_proj, m.n_heads),
+        ("k", anat.k_proj, m.n_kv_heads),
+        ("v", anat.v_proj, m.n_kv_heads),
+    ):
+        out.append((m.part(layer, f"{anat.attn}.{name}"), which, heads_view(n, "flat")))
+    return out
+
+
+def _slicer(
+    proj: nn.Module,
+    view: Callable,
+    users: list[Receiver],
+    normed: dict[str, torch.Tensor],
+    projected: dict[tuple[str, int], torch.Tensor],
+) -> Callable[..., Any]:
+    """Replace each receiver's head slice of ``proj``'s output by the projection of its own
+    input. A fused projection gets one hook per part (q, k, v), each replacing its own slice of
+    one projection per receiver (``projected``, shared by the three)."""
+
+    def hook(_m: nn.Module, _args: Any, output: Any) -> Any:
+        live = [r for r in users if r.name in normed]
+        if not live:
+            return None
+        out = first_tensor(output).clone()
+        for r in live:
+            key = (r.name, id(proj))
+            if key not in projected:
+                projected[key] = proj.forward(normed[r.name])
+            mine = projected[key]
+            view(out)[:, r.head] = view(mine)[:, r.head]
+        return replace_first(output, out)
+
+    return hook
