@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import oculi
 from models import FAMILIES, tiny_model, tiny_tokenizer
-from oculi.discovery import Graph, patch_edges
+from oculi.discovery import Graph, acdc, eap, eap_ig, patch_edges
 from oculi.errors import InputError
 from oculi.patching.metrics import logit_diff
 
@@ -351,3 +351,151 @@ def test_mean_and_zero_sources():
 def _double(family: str) -> oculi.Adapter:
     model = copy.deepcopy(tiny_model(family)).double()
     return oculi.attach(model, tiny_tokenizer())
+
+
+# -- scores ---------------------------------------------------------------------------------
+
+NO_POST_NORM = [f for f in FAMILIES if f not in ("gemma2", "gemma3", "olmo2")]
+
+
+@pytest.mark.parametrize("family", NO_POST_NORM)
+def test_eap_is_the_derivative_of_edge_patching(family):
+    """EAP's score is d/dw metric(edge weight w) at w = 0: checked by a central difference on
+    a float64 model on every level's edges (a sample of 40; metrics read logits in float32,
+    hence the step and tolerance)."""
+    adapter = _double(family)
+    for level in ("components", "heads", "qkv"):
+        graph = Graph.from_adapter(adapter, level)
+        scores = eap(adapter, graph, CLEAN, CORRUPT, metric=METRIC)
+        idx = torch.randperm(len(graph.edges), generator=torch.Generator().manual_seed(1))[:40]
+        eps = 1e-3
+        w = torch.zeros(2 * len(idx), len(graph.edges), dtype=torch.float64)
+        w[torch.arange(len(idx)), idx] = eps
+        w[len(idx) + torch.arange(len(idx)), idx] = -eps
+        values = scores.patcher.run(w)
+        numeric = (values[: len(idx)] - values[len(idx) :]) / (2 * eps)
+        torch.testing.assert_close(
+            scores.values[idx].double(), numeric.double(), atol=1e-3, rtol=1e-3
+        )
+
+
+def _linear_gpt2() -> oculi.Adapter:
+    """GPT-2 whose last block's MLP is linear (identity activation, no ln_2) and whose final
+    norm is the identity: the metric is then linear in the inputs of m2 and the logits."""
+    model = copy.deepcopy(tiny_model("gpt2")).double()
+    last = model.transformer.h[-1]
+    last.ln_2 = torch.nn.Identity()
+    last.mlp.act = torch.nn.Identity()
+    model.transformer.ln_f = torch.nn.Identity()
+    return oculi.attach(model, tiny_tokenizer())
+
+
+def test_eap_equals_exact_patching_where_the_model_is_linear():
+    adapter = _linear_gpt2()
+    graph = Graph.from_adapter(adapter, "heads")
+    scores = eap(adapter, graph, CLEAN, CORRUPT, metric=METRIC)
+    exact = scores.exact()
+    linear = [i for i, e in enumerate(graph.edges) if e.receiver.name in ("m2", "logits")]
+    # float64 model; the metric reads the logits in float32
+    torch.testing.assert_close(
+        scores.values[linear].double(), exact[linear].double(), atol=1e-6, rtol=1e-5
+    )
+    others = [i for i in range(len(graph.edges)) if i not in linear]
+    assert (scores.values[others].double() - exact[others].double()).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "gpt2", "gemma3"])
+def test_eap_ig_completeness_gap_shrinks_with_steps(family):
+    adapter = _double(family)
+    graph = Graph.from_adapter(adapter, "components")
+    gaps = []
+    for steps in (4, 16, 64):
+        ig = eap_ig(
+            adapter, graph, CLEAN, CORRUPT, metric=METRIC, steps=steps, variant="activations"
+        )
+        c = ig.info["completeness"]
+        assert c["target"] == pytest.approx(ig.corrupt_value - ig.clean_value)
+        gaps.append(abs(c["gap"]))
+    # the midpoint rule's error falls as 1/steps²: 16x per 4x steps
+    assert gaps[1] < gaps[0] / 8 and gaps[2] < gaps[1] / 8, gaps
+    assert gaps[2] < 1e-3 * abs(ig.info["completeness"]["target"])
+    inputs = eap_ig(adapter, graph, CLEAN, CORRUPT, metric=METRIC, steps=16, variant="inputs")
+    assert abs(inputs.info["completeness"]["gap"]) < 5e-3 * abs(
+        inputs.info["completeness"]["target"]
+    )
+
+
+def test_eap_ig_equals_exact_where_the_model_is_linear():
+    """Where the metric is linear in a receiver's input (m2 and the logits of the linear toy),
+    every point of the path has the same gradient there, so EAP-IG equals exact patching."""
+    adapter = _linear_gpt2()
+    graph = Graph.from_adapter(adapter, "heads")
+    ig = eap_ig(adapter, graph, CLEAN, CORRUPT, metric=METRIC, steps=3, variant="inputs")
+    exact = ig.exact()
+    linear = [i for i, e in enumerate(graph.edges) if e.receiver.name in ("m2", "logits")]
+    torch.testing.assert_close(
+        ig.values[linear].double(), exact[linear].double(), atol=1e-6, rtol=1e-5
+    )
+
+
+def test_circuit_selection_and_faithfulness():
+    adapter = _adapter("llama_gqa")
+    graph = Graph.from_adapter(adapter, "heads")
+    scores = eap(adapter, graph, CLEAN, CORRUPT, metric=METRIC)
+    everything = scores.circuit(top_n=len(graph.edges), prune=False)
+    assert everything.faithfulness == pytest.approx(1.0, abs=1e-5)
+    assert everything.value == pytest.approx(scores.clean_value, abs=1e-5)
+    nothing = scores.circuit(top_n=0)
+    assert nothing.faithfulness == pytest.approx(0.0, abs=1e-5) and nothing.n_edges == 0
+    found = scores.circuit(recover=0.8)
+    assert found.faithfulness >= 0.8
+    assert 0 < found.n_edges < len(graph.edges)
+    # the circuit's value is exact edge patching of everything outside it
+    outside = [i for i in range(len(graph.edges)) if i not in set(found.edges)]
+    direct = patch_edges(adapter, graph, CLEAN, CORRUPT, outside, METRIC)
+    assert found.value == pytest.approx(direct, abs=1e-5)
+    # pruning leaves only edges on a path from the input to the logits
+    import networkx as nx
+
+    g = found.to_networkx()
+    for name in found.names:
+        sender, receiver = name.split("->")
+        node = graph.edges[graph.index(name)[0]].receiver.node
+        assert sender == "input" or nx.has_path(g, "input", sender)
+        assert node == "logits" or nx.has_path(g, node, "logits")
+    curve = scores.faithfulness_curve([5, 20, 80])
+    for n, c in zip([5, 20, 80], curve):
+        assert c.faithfulness == pytest.approx(scores.circuit(top_n=n).faithfulness, abs=1e-6)
+    with pytest.raises(InputError, match="exactly one of"):
+        scores.circuit(top_n=3, recover=0.5)
+
+
+@pytest.mark.parametrize("level", ["components", "heads"])
+@pytest.mark.parametrize("family", ["llama_gqa", "gemma3", "neox_parallel"])
+def test_acdc_batched_equals_one_edge_per_forward(family, level):
+    adapter = _adapter(family)
+    graph = Graph.from_adapter(adapter, level)
+    fast = acdc(adapter, graph, CLEAN, CORRUPT, threshold=0.02, progress=False)
+    slow = acdc(adapter, graph, CLEAN, CORRUPT, threshold=0.02, speculate=False, progress=False)
+    assert fast.info["kept"] == slow.info["kept"]
+    assert slow.info["forwards"] == len(graph.edges) + 1
+    assert fast.info["forwards"] < slow.info["forwards"]
+    kept = fast.circuit(prune=False)
+    assert kept.edges == fast.info["kept"]
+
+
+def test_acdc_finds_a_planted_circuit():
+    """A Llama whose heads write nothing (o_proj zero) and whose later MLPs write nothing
+    (down_proj zero): only input -> m0, input -> logits and m0 -> logits carry the task."""
+    model = copy.deepcopy(tiny_model("llama_gqa"))
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            layer.self_attn.o_proj.weight.zero_()
+            if i > 0:
+                layer.mlp.down_proj.weight.zero_()
+    adapter = oculi.attach(model, tiny_tokenizer())
+    graph = Graph.from_adapter(adapter, "components")
+    found = acdc(adapter, graph, CLEAN, CORRUPT, threshold=1e-4, progress=False)
+    names = sorted(graph.edges[i].name for i in found.info["kept"])
+    assert names == ["input->logits", "input->m0", "m0->logits"]
+    assert found.circuit().faithfulness == pytest.approx(1.0, abs=1e-4)

@@ -8,6 +8,7 @@ exactly, for many edge sets in one batched forward, and is the reference the sco
 are measured against.
 """
 
+from oculi.discovery.acdc import acdc
 from oculi.discovery.graph import Edge, Graph, Receiver, Sender
 from oculi.discovery.patch import EdgePatcher, patch_edges
 from oculi.discovery.scores import Circuit, CircuitScores, eap, eap_ig
@@ -20,6 +21,7 @@ __all__ = [
     "Graph",
     "Receiver",
     "Sender",
+    "acdc",
     "eap",
     "eap_ig",
     "patch_edges",

@@ -105,10 +105,14 @@ class CircuitScores:
 
         Give one of ``top_n`` (that many edges), ``threshold`` (edges with ``|score| ≥``
         it) or ``recover`` (the smallest top-n circuit, on a doubling grid refined by bisection,
-        whose faithfulness reaches that fraction). ``prune`` drops edges whose sender the input
+        whose faithfulness reaches that fraction); ACDC's scores also take none of them (the
+        circuit ACDC kept). ``prune`` drops edges whose sender the input
         no longer reaches or whose receiver no longer reaches the logits inside the circuit.
         """
         given = [x is not None for x in (top_n, threshold, recover)]
+        if not any(given) and "kept" in self.info:
+            kept = list(self.info["kept"])
+            return self._measure([self._pruned(kept) if prune else kept])[0]
         if sum(given) != 1:
             raise InputError("give exactly one of top_n=, threshold= or recover=")
         if recover is not None:
@@ -275,7 +279,8 @@ def _scores(patcher: EdgePatcher, weights: torch.Tensor | None, *, use_rows: boo
         base = actual
     else:
         base = {k: v.repeat(s, *[1] * (v.ndim - 1)) for k, v in patcher.clean_outputs.items()}
-    diffs = _sender_diffs(patcher, base, s)
+    with torch.no_grad():
+        diffs = _sender_diffs(patcher, base, s)
     names = [r.name for r in graph.receivers]
     g = torch.stack([grads[n] for n in names])  # [R, S, P, T, d]
     senders = [x.name for x in graph.senders]
