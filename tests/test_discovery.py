@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import oculi
 from models import FAMILIES, tiny_model, tiny_tokenizer
-from oculi.discovery import Graph, acdc, eap, eap_ig, patch_edges
+from oculi.discovery import Graph, acdc, atp_star, eap, eap_ig, integrated_gradients, patch_edges
 from oculi.errors import InputError
 from oculi.patching.metrics import logit_diff
 
@@ -499,3 +499,92 @@ def test_acdc_finds_a_planted_circuit():
     names = sorted(graph.edges[i].name for i in found.info["kept"])
     assert names == ["input->logits", "input->m0", "m0->logits"]
     assert found.circuit().faithfulness == pytest.approx(1.0, abs=1e-4)
+
+
+# -- AtP* and integrated gradients ---------------------------------------------------------
+
+
+def test_atp_mlp_nodes_are_the_sum_of_their_eap_edges():
+    """∂metric/∂out(m) is the sum of the gradients at every later receiver's input, so plain
+    AtP of an MLP equals the sum of EAP over the edges out of it."""
+    for family in ("llama_gqa", "gemma3", "neox_parallel"):
+        adapter = _adapter(family)
+        graph = Graph.from_adapter(adapter, "qkv")
+        plain = atp_star(
+            adapter, graph, CLEAN, CORRUPT, metric=METRIC, qk_fix=False, grad_drop=False
+        )
+        edges = eap(adapter, graph, CLEAN, CORRUPT, metric=METRIC)
+        for layer in range(adapter.n_layers):
+            out = [i for i, e in enumerate(graph.edges) if e.sender.name == f"m{layer}"]
+            assert plain.nodes[f"m{layer}"] == pytest.approx(
+                float(edges.values[out].sum()), abs=1e-4
+            )
+
+
+def test_qk_fix_is_exact_where_the_metric_is_linear_in_the_pattern():
+    """In the linear GPT-2 toy the metric is linear in the last layer's pattern and values, so
+    the QK-fixed score of its q, k and v nodes is exact node patching; plain AtP is not."""
+    adapter = _linear_gpt2()
+    graph = Graph.from_adapter(adapter, "qkv")
+    fixed = atp_star(adapter, graph, CLEAN, CORRUPT, metric=METRIC, grad_drop=False)
+    plain = atp_star(adapter, graph, CLEAN, CORRUPT, metric=METRIC, qk_fix=False, grad_drop=False)
+    last = [n for n in fixed.nodes if n.startswith("a2.")]
+    exact = fixed.exact_nodes(last)
+    for name in last:
+        assert fixed.nodes[name] == pytest.approx(exact[name], abs=1e-6), name
+    qk = [n for n in last if n.endswith((".q", ".k"))]
+    assert max(abs(plain.nodes[n] - exact[n]) for n in qk) > 1e-3
+
+
+def test_grad_drop_leaves_last_layer_nodes_at_their_magnitude():
+    """Dropping an earlier layer cuts no path from the last layer to the logits, and dropping
+    the last cuts them all: its nodes' GradDrop score is |c| · (L − 1) / (L − 1) = |c|."""
+    adapter = _adapter("llama_gqa")
+    graph = Graph.from_adapter(adapter, "qkv")
+    star = atp_star(adapter, graph, CLEAN, CORRUPT, metric=METRIC)
+    fixed = atp_star(adapter, graph, CLEAN, CORRUPT, metric=METRIC, grad_drop=False)
+    for name, value in fixed.nodes.items():
+        if name.startswith(("a2.", "m2")):
+            assert star.nodes[name] == pytest.approx(abs(value), rel=1e-5, abs=1e-7), name
+    assert all(v >= 0 for v in star.nodes.values())
+    circuit = star.circuit(top_n=6)
+    assert 0 < circuit.n_edges < len(graph.edges)
+    with pytest.raises(InputError, match="level='qkv'"):
+        atp_star(adapter, Graph.from_adapter(adapter, "heads"), CLEAN, CORRUPT, metric=METRIC)
+
+
+def test_integrated_gradients_match_a_hand_riemann_sum():
+    """Llama's first layer reads the embedding itself, so HF's inputs_embeds path is an
+    independent reference: the midpoint rule over a zero baseline, by plain autograd."""
+    adapter = _adapter("llama_gqa")
+    model = adapter.model
+    ids = adapter.prepare(CLEAN).input_ids
+    x = model.model.embed_tokens(ids)[0].detach()
+    a, b = adapter.to_single_token("house"), adapter.to_single_token("tree")
+    steps = 8
+    total = torch.zeros_like(x)
+    for k in range(steps):
+        point = ((k + 0.5) / steps * x).requires_grad_(True)
+        logits = model(inputs_embeds=point[None]).logits[0, -1]
+        (grad,) = torch.autograd.grad(logits[a] - logits[b], [point])
+        total += grad
+    expected = (x * total / steps).sum(-1)
+    ig = integrated_gradients(adapter, CLEAN, metric=METRIC, steps=steps)
+    torch.testing.assert_close(ig.values, expected, atol=1e-5, rtol=1e-4)
+    assert ig.tokens[0] == "<bos>" and len(ig.values) == ids.shape[1]
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_integrated_gradients_completeness(layer):
+    adapter = _adapter("gemma3")
+    gaps = []
+    for steps in (8, 32, 128):
+        ig = integrated_gradients(
+            adapter, CLEAN, metric=METRIC, baseline=CORRUPT, layer=layer, steps=steps
+        )
+        ref = _hf_metric(adapter.model, adapter, [CLEAN, CORRUPT])
+        assert ig.completeness["target"] == pytest.approx(float(ref[0] - ref[1]), abs=1e-4)
+        gaps.append(abs(ig.completeness["gap"]))
+    assert gaps[2] < gaps[0] and gaps[2] < 1e-3 * abs(ig.completeness["target"])
+    with pytest.raises(InputError, match="steps"):
+        integrated_gradients(adapter, CLEAN, metric=METRIC, steps=0)

@@ -9,7 +9,9 @@ are measured against.
 """
 
 from oculi.discovery.acdc import acdc
+from oculi.discovery.atp import atp_star
 from oculi.discovery.graph import Edge, Graph, Receiver, Sender
+from oculi.discovery.integrated import IntegratedGradients, integrated_gradients
 from oculi.discovery.patch import EdgePatcher, patch_edges
 from oculi.discovery.scores import Circuit, CircuitScores, eap, eap_ig
 
@@ -19,10 +21,13 @@ __all__ = [
     "Edge",
     "EdgePatcher",
     "Graph",
+    "IntegratedGradients",
     "Receiver",
     "Sender",
     "acdc",
+    "atp_star",
     "eap",
     "eap_ig",
+    "integrated_gradients",
     "patch_edges",
 ]

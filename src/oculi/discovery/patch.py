@@ -65,7 +65,7 @@ class EdgePatcher:
             raise InputError(f"batch_size must be a positive number of edge sets, got {batch_size}")
         self.adapter, self.graph, self.mode = adapter, graph, mode
         self.clean = _prompts(adapter, clean, "clean")
-        corrupt_batch = _prompts(adapter, corrupt, "corrupt")
+        self.corrupt_batch = corrupt_batch = _prompts(adapter, corrupt, "corrupt")
         check_aligned(adapter, self.clean, corrupt_batch)
         p, t = self.clean.input_ids.shape
         if corrupt_batch.input_ids.shape[0] != p:
@@ -217,7 +217,7 @@ def patch_edges(
     )
     if isinstance(edges, torch.Tensor):
         return patcher.run(edges)
-    items = list(edges)
+    items: list[Any] = list(edges)
     one = not items or isinstance(items[0], (str, Edge, int))
     values = patcher.run(patcher.mask([items] if one else items))
     return float(values[0]) if one else values

@@ -74,6 +74,8 @@ class CircuitScores:
         clean_value, corrupt_value: the metric with no edge / every edge patched (exact).
         patcher: the exact edge patcher the scores were made with (used for faithfulness).
         info: method-specific numbers (steps, completeness, ...).
+        nodes: node scores (``{"a3.h1.q": ..., "m2": ...}``) for node methods (AtP*); their
+            edge ``values`` are NaN and circuits are chosen by node.
     """
 
     graph: Graph
@@ -83,15 +85,53 @@ class CircuitScores:
     corrupt_value: float
     patcher: EdgePatcher = field(repr=False)
     info: dict[str, Any] = field(default_factory=dict)
+    nodes: dict[str, float] | None = None
 
     def top(self, n: int = 20) -> list[tuple[str, float]]:
-        """The ``n`` edges with the largest ``|score|``, ``[(name, score), ...]``."""
+        """The ``n`` edges (nodes, for node methods) with the largest ``|score|``."""
+        if self.nodes is not None:
+            ranked = sorted(self.nodes.items(), key=lambda kv: -abs(kv[1]))
+            return ranked[:n]
         order = self.values.abs().argsort(descending=True)[:n]
         return [(self.graph.edges[i].name, float(self.values[i])) for i in order]
 
     def ranked(self) -> list[int]:
-        """Edge indices by decreasing ``|score|``."""
+        """Edge indices by decreasing ``|score|`` (for node methods: the edges of the top-n
+        node circuits, see :meth:`_edges_for`)."""
         return self.values.abs().argsort(descending=True).tolist()
+
+    def _units(self) -> list:
+        """What ``top_n`` counts: edge indices, or node names for node methods."""
+        if self.nodes is not None:
+            return [n for n, _ in sorted(self.nodes.items(), key=lambda kv: -abs(kv[1]))]
+        return self.ranked()
+
+    def _edges_for(self, units: list) -> list[int]:
+        """The edges of a selection: the edges themselves, or for nodes every edge into a kept
+        receiver (the logits always) from a kept sender (the input always; a head when its
+        query or its key/value head is kept)."""
+        if self.nodes is None:
+            return list(units)
+        kept = set(units)
+        group = max(1, self.graph.n_heads // max(1, self.graph.n_kv_heads))
+        out = []
+        for i, e in enumerate(self.graph.edges):
+            r, s = e.receiver, e.sender
+            if r.name != "logits" and r.name not in kept:
+                continue
+            if s.kind == "head":
+                kv = (s.head or 0) // group
+                base = (
+                    f"a{s.layer}.kv{kv}"
+                    if self.graph.n_kv_heads != self.graph.n_heads
+                    else f"a{s.layer}.h{kv}"
+                )
+                if not kept & {f"a{s.layer}.h{s.head}.q", f"{base}.k", f"{base}.v"}:
+                    continue
+            elif s.kind == "mlp" and s.name not in kept:
+                continue
+            out.append(i)
+        return out
 
     def circuit(
         self,
@@ -120,29 +160,38 @@ class CircuitScores:
         if top_n is not None:
             if top_n < 0:
                 raise InputError(f"top_n must be ≥ 0, got {top_n}")
-            chosen = self.ranked()[:top_n]
+            chosen = self._edges_for(self._units()[:top_n])
+        elif self.nodes is not None:
+            units = [n for n, v in self.nodes.items() if abs(v) >= float(threshold)]  # type: ignore[arg-type]
+            chosen = self._edges_for(units)
         else:
             chosen = (self.values.abs() >= float(threshold)).nonzero()[:, 0].tolist()  # type: ignore[arg-type]
         return self._measure([self._pruned(chosen) if prune else chosen])[0]
 
     def faithfulness_curve(self, ns: list[int], *, prune: bool = True) -> list[Circuit]:
-        """The top-``n`` circuit for each ``n`` in ``ns``, measured in one batched run."""
-        ranked = self.ranked()
-        sets = [ranked[:n] for n in ns]
+        """The top-``n`` circuit (edges, or nodes for node methods) for each ``n`` in ``ns``,
+        measured in one batched run."""
+        units = self._units()
+        sets = [self._edges_for(units[:n]) for n in ns]
         return self._measure([self._pruned(s) if prune else s for s in sets])
 
     def _recover(self, target: float, prune: bool) -> Circuit:
-        ranked = self.ranked()
-        e = len(ranked)
+        units = self._units()
+        e = len(units)
+
+        def edges(n: int) -> list[int]:
+            chosen = self._edges_for(units[:n])
+            return self._pruned(chosen) if prune else chosen
+
         grid = sorted({min(e, 2**k) for k in range(e.bit_length() + 1)} | {e})
-        circuits = self._measure([self._pruned(ranked[:n]) if prune else ranked[:n] for n in grid])
+        circuits = self._measure([edges(n) for n in grid])
         hit = next((i for i, c in enumerate(circuits) if c.faithfulness >= target), None)
         if hit is None:
             return circuits[-1]
         lo, hi, best = (grid[hit - 1] if hit else 0), grid[hit], circuits[hit]
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            c = self._measure([self._pruned(ranked[:mid]) if prune else ranked[:mid]])[0]
+            c = self._measure([edges(mid)])[0]
             if c.faithfulness >= target:
                 hi, best = mid, c
             else:
@@ -188,6 +237,23 @@ class CircuitScores:
                 )
             )
         return out
+
+    def exact_nodes(self, names: list[str] | None = None) -> dict[str, float]:
+        """Exact node patching ``metric(node patched) − clean``: every edge into a q/k/v or MLP
+        receiver node, or, for ``m{l}`` senders, every edge out of it; batched."""
+        names = list(self.nodes or {}) if names is None else list(names)
+        weights = torch.zeros(len(names), len(self.graph.edges))
+        for row, name in enumerate(names):
+            cols = [
+                i
+                for i, e in enumerate(self.graph.edges)
+                if (e.sender.name == name if name.startswith("m") else e.receiver.name == name)
+            ]
+            if not cols:
+                raise InputError(f"no node {name!r} in the {self.graph.level!r} graph")
+            weights[row, cols] = 1.0
+        values = self.patcher.run(weights) - self.clean_value
+        return dict(zip(names, values.tolist()))
 
     def exact(self, edges: list[int] | None = None) -> torch.Tensor:
         """Exact single-edge patching ``metric(edge patched) − clean`` for ``edges`` (default
