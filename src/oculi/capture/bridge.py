@@ -53,6 +53,8 @@ class LayerTaps:
     k: list[Tap] = field(default_factory=list)
     v: list[Tap] = field(default_factory=list)
     scores: list[Tap] = field(default_factory=list)  # pre-softmax [B, H, T, S], edits only
+    # pre-softmax [B, H, T, S] with the mask added (masked entries hold the dtype's minimum)
+    masked_scores: list[Tap] = field(default_factory=list)
     pattern: list[Tap] = field(default_factory=list)  # [B, H, T, S]
     pattern_edits: bool = False
     z: list[Tap] = field(default_factory=list)  # [B, T, H, D]
@@ -64,6 +66,7 @@ class LayerTaps:
             k=self.k + other.k,
             v=self.v + other.v,
             scores=self.scores + other.scores,
+            masked_scores=self.masked_scores + other.masked_scores,
             pattern=self.pattern + other.pattern,
             pattern_edits=self.pattern_edits or other.pattern_edits,
             z=self.z + other.z,
@@ -235,7 +238,7 @@ def _bridge_attention(
     query = _apply(taps.q, query)
     key = _apply(taps.k, key)
     value = _apply(taps.v, value)
-    if taps.pattern_edits or taps.scores:
+    if taps.pattern_edits or taps.scores or taps.masked_scores:
         out, weights = eager_attention(
             module, query, key, value, attention_mask, taps=taps, **kwargs
         )
@@ -296,6 +299,8 @@ def eager_attention(
         t, s = scores.shape[-2:]
         causal = torch.ones(t, s, dtype=torch.bool, device=scores.device).tril(s - t)
         scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+    if taps is not None:
+        scores = _apply(taps.masked_scores, scores)
     pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     if taps is not None:
         pattern = _apply(taps.pattern, pattern)

@@ -250,18 +250,60 @@ class Adapter:
             )
         return int(ids[0])
 
-    def to_str_tokens(self, inputs: Inputs) -> list[str] | list[list[str]]:
-        """The tokens of ``inputs`` as strings (a list per row for batches)."""
-        if self.tokenizer is None:
-            raise InputError(
-                "to_str_tokens needs a tokenizer; attach one (oculi.attach(model, tokenizer))"
-            )
-        batch = self.prepare(inputs)
-        rows = [
-            self.tokenizer.convert_ids_to_tokens(ids[mask.bool()].tolist())
-            for ids, mask in zip(batch.input_ids, batch.attention_mask)
-        ]
-        return rows[0] if batch.single else rows
+    # -- TransformerLens-style entry points (oculi.tl) ---------------------------------------
+    def to_str_tokens(
+        self, inputs: Any, prepend_bos: bool | None = None
+    ) -> list[str] | list[list[str]]:
+        """Each token as its decoded string (``' Mary'``), a list per row for batches; see
+        :func:`oculi.tl.tokens.to_str_tokens`."""
+        from oculi.tl.tokens import to_str_tokens
+
+        return to_str_tokens(self, inputs, prepend_bos)
+
+    def to_tokens(
+        self,
+        input: str | list[str],
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+        move_to_device: bool = True,
+    ) -> torch.Tensor:
+        """TransformerLens's ``to_tokens``: ids ``[batch, pos]``; see :mod:`oculi.tl.tokens`."""
+        from oculi.tl.tokens import to_tokens
+
+        return to_tokens(self, input, prepend_bos, padding_side, move_to_device)
+
+    def to_string(self, tokens: Any) -> str | list[str]:
+        """Decode ``[pos]`` ids to a string (``[batch, pos]``: one per row)."""
+        from oculi.tl.tokens import to_string
+
+        return to_string(self, tokens)
+
+    @property
+    def cfg(self) -> Any:
+        """TransformerLens's ``model.cfg``: ``n_layers``, ``n_heads``, ``d_model``, ... ."""
+        from oculi.tl.tokens import tl_config
+
+        return tl_config(self)
+
+    def run_with_cache(self, input: Any, names_filter: Any = None, **kwargs: Any) -> Any:
+        """``(logits [batch, pos, d_vocab], cache)`` with the cache keyed by TransformerLens
+        hook names; see :func:`oculi.tl.run_with_cache`."""
+        from oculi.tl.run import run_with_cache
+
+        return run_with_cache(self, input, names_filter, **kwargs)
+
+    def run_with_hooks(
+        self, input: Any, fwd_hooks: Any = (), bwd_hooks: Any = (), **kwargs: Any
+    ) -> Any:
+        """One forward with TransformerLens hook functions ``fwd_hooks=[(name, fn)]``, where
+        ``fn(activation, hook)`` may return a replacement; see :func:`oculi.tl.run_with_hooks`."""
+        from oculi.tl.run import run_with_hooks
+
+        return run_with_hooks(self, input, fwd_hooks, bwd_hooks, **kwargs)
+
+    def __call__(self, input: Any, return_type: Any = "logits", **kwargs: Any) -> Any:
+        """``model(tokens)`` as in TransformerLens: logits ``[batch, pos, d_vocab]``."""
+        return self.run_with_hooks(input, return_type=return_type, **kwargs)
 
     # -- running -------------------------------------------------------------------------
     def forward(

@@ -42,6 +42,8 @@ class Anatomy:
         decoder: the base model without the unembedding (``"model"``, ``"transformer"``).
         layers: the ``ModuleList`` of decoder layers.
         embed: the token embedding.
+        pos_embed: a learned absolute position embedding added to it before layer 0 (GPT-2's
+            ``wpe``), or ``None``.
         final_norm: the norm applied to the last residual before unembedding.
         unembed: the unembedding (``lm_head``).
         attn: the attention module, relative to a layer.
@@ -77,6 +79,7 @@ class Anatomy:
     decoder: str = "model"
     layers: str = "model.layers"
     embed: str = "model.embed_tokens"
+    pos_embed: str | None = None
     final_norm: str = "model.norm"
     unembed: str = "lm_head"
     attn: str = "self_attn"

@@ -17,6 +17,7 @@ GPT2 = register_anatomy(
         decoder="transformer",
         layers="transformer.h",
         embed="transformer.wte",
+        pos_embed="transformer.wpe",
         final_norm="transformer.ln_f",
         attn="attn",
         attn_norm="ln_1",
