@@ -70,7 +70,7 @@ def test_probe_per_prompt_labels_and_steering(planted):
     assert isinstance(vec, SteeringVector) and vec.layer == 1 and vec.site == "resid_post"
     assert torch.allclose(vec.vector.norm(), torch.tensor(1.0))
     plain = adapter.forward("the cat sat")
-    with InterventionContext(adapter, [SteeringVector(result.direction, 1, 3.0)]):
+    with InterventionContext(adapter, [SteeringVector(result.direction, 1, 3.0, scale=vec.scale)]):
         steered = adapter.forward("the cat sat")
     with InterventionContext(adapter, [vec]):
         again = adapter.forward("the cat sat")

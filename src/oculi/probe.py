@@ -6,8 +6,9 @@
     result = oculi.probe.fit(store, "resid_post", 6, labels)   # one label per row or prompt
     result.accuracy                      # on held-out prompts
     result.direction                     # unit vector [d_model], toward classes[1]
-    with InterventionContext(adapter, [result.steering_vector(coefficient=8.0)]):
-        adapter.generate("Today I feel")
+    result.scale                         # the activations' typical norm (~4500 at Gemma's 6)
+    with InterventionContext(adapter, [result.steering_vector(coefficient=0.1)]):
+        adapter.generate("Today I feel so")   # a sentiment probe: " joy" becomes the top-1
 
 A probe is logistic regression from one ``(site, layer)`` activation to a label. Labels come
 per row (one per token) or per prompt; per-prompt labels are read at each prompt's last token
@@ -16,6 +17,12 @@ per row (one per token) or per prompt; per-prompt labels are read at each prompt
 either way, so no prompt is in both. ``method="sklearn"`` (default) loads the selected rows
 and fits scikit-learn's ``LogisticRegression``; ``method="torch"`` streams the store in
 shuffled batches through a linear layer, for data sets larger than memory.
+
+A probe's steering vector adds ``coefficient * scale`` along its unit direction, ``scale``
+being the median L2 norm of the rows it was fitted on: ``coefficient`` is a fraction of a
+typical activation there, so it means the same on every model and layer (0.1-0.3 steers
+Gemma 3 270M's middle layers; 1.0 adds a vector as long as the residual itself).
+``steering_vector(raw=True)`` adds ``coefficient`` times the unit direction instead.
 """
 
 from __future__ import annotations
@@ -48,6 +55,8 @@ class ProbeResult:
         bias: ``[n_classes]`` (one entry for binary labels).
         n_train, n_test: rows fitted and held out.
         method: ``"sklearn"`` or ``"torch"``.
+        scale: the median L2 norm of the training rows (the unit of
+            :meth:`steering_vector`'s coefficient); ``None`` if unknown.
     """
 
     site: str
@@ -60,6 +69,7 @@ class ProbeResult:
     n_train: int
     n_test: int
     method: str
+    scale: float | None = None
     estimator: Any = field(default=None, repr=False)
 
     @property
@@ -87,21 +97,39 @@ class ProbeResult:
         coefficient: float = 1.0,
         *,
         label: Any = None,
+        raw: bool = False,
         dtype=torch.float32,
         device="cpu",
         **kwargs: Any,
     ) -> SteeringVector:
-        """A :class:`~oculi.intervention.SteeringVector` adding ``coefficient`` x the unit
-        direction (toward ``label``, default ``classes[1]``) at the probe's site and layer.
+        """A :class:`~oculi.intervention.SteeringVector` along the unit direction (toward
+        ``label``, default ``classes[1]``) at the probe's site and layer.
 
-        ``dtype``/``device`` must be the model's; ``kwargs`` go to the constructor
-        (``positions``, ``steps``).
+        Example::
+
+            vec = result.steering_vector(coefficient=0.1)   # adds 0.1 * result.scale * dir
+
+        Its length is ``coefficient * self.scale``: a multiple of the typical norm of the
+        activations the probe was fitted on (``vec.scale``). ``raw=True`` adds ``coefficient``
+        times the unit direction instead (a length in activation units). ``dtype``/``device``
+        must be the model's; ``kwargs`` go to the constructor (``positions``, ``steps``).
+
+        Raises:
+            ValueError: the probe has no recorded ``scale`` (built by hand) and ``raw`` is
+                false.
         """
         from oculi.intervention.steering import SteeringVector
 
+        if not raw and self.scale is None:
+            raise ValueError(
+                "this probe records no scale (the typical norm of its training rows), so a "
+                "relative coefficient has no unit; set result.scale, or pass raw=True to add "
+                "coefficient * the unit direction"
+            )
         vec = self.direction if label is None else self.direction_for(label)
         return SteeringVector(vec.to(dtype=dtype, device=device), self.layer, coefficient,
-                              site=self.site, **kwargs)  # fmt: skip
+                              site=self.site, scale=None if raw else self.scale,
+                              **kwargs)  # fmt: skip
 
 
 def fit(
@@ -229,7 +257,8 @@ def _fit_sklearn(array, site, layer, y, train, test, classes, C, max_iter, seed)
         accuracy=float(clf.score(x_test / scale, y[test])),
         train_accuracy=float(clf.score(x_train / scale, y[train])),
         classes=classes, weights=weights, bias=torch.from_numpy(clf.intercept_).float(),
-        n_train=len(train), n_test=len(test), method="sklearn", estimator=clf,
+        n_train=len(train), n_test=len(test), method="sklearn",
+        scale=float(np.median(np.linalg.norm(x_train, axis=1))), estimator=clf,
     )  # fmt: skip
 
 
@@ -243,9 +272,11 @@ def _fit_torch(
     total = torch.zeros(width, dtype=torch.float64)
     sq = torch.zeros(width, dtype=torch.float64)
     n = 0
+    norms = []  # one float per training row: the median norm is the steering unit
     for batch in store.shuffled(seed, batch_rows, keys=[key], rows=train):
         x = torch.from_numpy(batch[key]).double()
         total, sq, n = total + x.sum(0), sq + (x * x).sum(0), n + len(x)
+        norms.append(x.norm(dim=1))
     mean = total / n
     scale = ((sq / n - mean * mean).clamp_min(0).sqrt() + 1e-12).float()
     mean = mean.float()
@@ -279,5 +310,5 @@ def _fit_torch(
     return ProbeResult(
         site, layer, accuracy=accuracy(test), train_accuracy=accuracy(train), classes=classes,
         weights=weights.detach().clone(), bias=bias.detach().clone(), n_train=len(train),
-        n_test=len(test), method="torch",
+        n_test=len(test), method="torch", scale=float(np.median(torch.cat(norms).numpy())),
     )  # fmt: skip

@@ -9,8 +9,9 @@
     acts.layer_activations["model.layers.5"].shape          # [T, d_model], every token fed
     analyzer.print_logit_lens("The quick brown fox", layer_step=2)
     analyzer.plot_convergence("The quick brown fox", save_path="convergence.png")
-    analyzer.generate_with_steering("Today I feel", positive_examples=["I am happy"],
-                                    negative_examples=["I am sad"], coefficient=4.0)
+    analyzer.generate_with_steering("Today I feel so", positive_examples=["I am so happy"],
+                                    negative_examples=["I am so sad"], coefficient=1.0,
+                                    layer=6)   # "Today I feel so happy with ..."
 
 A thin facade: every number comes from oculi's adapter, captures, logit lens, interventions
 and patching, so it is exactly what those compute. Activations recorded during ``generate`` are
@@ -195,7 +196,11 @@ class ModelAnalyzer(LensPlots, CausalAnalyses):
         position: int | str = -1,
     ) -> str:
         """Generate with ``coefficient * (mean(positive) - mean(negative))`` added to the
-        residual leaving ``layer`` (default: the middle layer) at every position and step."""
+        residual leaving ``layer`` (default: the middle layer) at every position and step.
+
+        Seed 002's meaning: ``coefficient`` multiplies the mean difference itself (for a
+        coefficient relative to the residual's norm, use
+        :meth:`oculi.intervention.SteeringVector.from_contrast`)."""
         from oculi.intervention import InterventionContext, SteeringVector
 
         self._check_generation()
@@ -207,6 +212,7 @@ class ModelAnalyzer(LensPlots, CausalAnalyses):
             layer=layer,
             position=position,  # type: ignore[arg-type]
             coefficient=coefficient,
+            relative=False,  # seed 002's meaning: a factor on the mean difference itself
         )
         with InterventionContext(self.adapter, [vector]):
             return prompt + self.adapter.generate(prompt, max_new_tokens=max_new_tokens)

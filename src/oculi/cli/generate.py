@@ -42,9 +42,10 @@ from oculi.cli._options import (
 )
 @click.option(
     "--coefficient",
-    default=1.0,
+    default=0.25,
     show_default=True,
-    help="Steering strength (1: add the mean difference once).",
+    help="Steering strength: the added vector's length as a multiple of the residual's "
+    "typical norm at --layer (0.25: a quarter of it).",
 )
 @click.option(
     "--ablate", multiple=True, metavar="L.H", help="Zero-ablate head H of layer L (repeatable)."
@@ -82,7 +83,7 @@ def generate(
 
     \b
     Examples:
-      oculi generate "Today I feel" --steer "I am so happy" "I am so sad" --layer 6 --coefficient 0.5
+      oculi generate "Today I feel so" --steer "I am so happy" "I am so sad" --layer 6 --coefficient 0.25
       oculi generate "The capital of France is" --ablate 3.1 --scale 5.2=1.5 --compare
     """
     ablations = [parse_head(a, "--ablate") for a in ablate]

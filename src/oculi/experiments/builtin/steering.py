@@ -23,7 +23,8 @@ class SteeringConfig(ExperimentConfig):
         positive, negative: the contrasting prompts (the vector is their mean difference).
         layer: where the vector is read and added; site: a d_model-wide site.
         position: which token of each contrast prompt (``-1``: the last real one; ``mean``).
-        coefficients: the strengths tried (0 is the unsteered baseline).
+        coefficients: the strengths tried, as multiples of the residual's typical norm at
+            ``layer`` (0 is the unsteered baseline; see :mod:`oculi.intervention.steering`).
         max_new_tokens: greedy tokens generated per coefficient; top_k: next tokens listed.
     """
 
@@ -33,7 +34,7 @@ class SteeringConfig(ExperimentConfig):
     layer: int
     site: Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"] = "resid_post"
     position: int | Literal["mean"] = -1
-    coefficients: list[float] = Field(default=[0.0, 0.5, 1.0], min_length=1)
+    coefficients: list[float] = Field(default=[0.0, 0.1, 0.25], min_length=1)
     max_new_tokens: int = Field(default=20, ge=1)
     top_k: int = Field(default=5, ge=1)
 
