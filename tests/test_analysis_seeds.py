@@ -80,12 +80,12 @@ def test_seed_ch7_attribution(gemma):
     full = gemma.capture_full(FACT, attention=CaptureConfig(capture_head_contributions=True))
     target_id = gemma.tokenizer.encode(" Paris", add_special_tokens=False)[0]
     unembed = gemma.model.lm_head.weight
-    # the seed's form: no final norm given, so the raw residual is projected (said in .note)
+    # the seed's form: exact through the final norm the residual capture recorded
     seed = AttributionMethods.direct_logit_attribution(
         full.residual, unembed, target_id, position=-1
     )
-    assert seed.values.shape == (18,) and seed.note
-    # with the final norm, or on the FullCapture, it is the model's logit
+    assert seed.values.shape == (18,) and seed.note == ""
+    # with the final norm given, or on the FullCapture, it is the model's logit too
     exact = AttributionMethods.direct_logit_attribution(
         full.residual, unembed, target_id, position=-1, final_norm=gemma.model.model.norm
     )
@@ -93,6 +93,7 @@ def test_seed_ch7_attribution(gemma):
     assert abs(float(exact.total) - logit) <= 1e-4 * abs(logit)
     dla = AttributionMethods.direct_logit_attribution(full, target_id, position=-1)
     torch.testing.assert_close(dla.values, exact.values)
+    torch.testing.assert_close(seed.values, exact.values)
     comp = AttributionMethods.component_attribution(full.residual, full.mlp, unembed, target_id)
     assert comp.values.shape == (18, 2)
     heads = AttributionMethods.head_attribution(full, target_id)

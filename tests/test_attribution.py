@@ -204,7 +204,7 @@ def test_seed_form_residual_and_unembed(tiny):
         residual, unembed, 9, -1, final_norm=adapter.model.model.norm
     )
     assert float(exact.total) == pytest.approx(float(ref[9]), rel=1e-4, abs=1e-5)
-    raw = AttributionMethods.direct_logit_attribution(residual, unembed, 9, -1)
+    raw = AttributionMethods.direct_logit_attribution(residual, unembed, 9, -1, raw=True)
     assert "not the model's logit" in raw.note
     comp = AttributionMethods.component_attribution(residual, None, unembed, 9)
     assert comp.values.shape == (adapter.n_layers, 2)
@@ -221,6 +221,7 @@ def test_dla_refuses_partial_captures_and_bad_targets(tiny):
         AttributionMethods.direct_logit_attribution(full, 10**7)
     gpt2 = tiny["gpt2"].capture_full(ids)
     gpt2.logits.final_norm_bias = None  # as a hand-made capture would lack it
+    gpt2.residual.final_norm_bias = None
     with pytest.raises(InputError, match="LayerNorm whose bias"):
         AttributionMethods.direct_logit_attribution(gpt2, 3)
     with_adapter = AttributionMethods.direct_logit_attribution(gpt2, 3, adapter=tiny["gpt2"])

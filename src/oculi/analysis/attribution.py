@@ -69,7 +69,12 @@ class AttributionMethods:
 
     @staticmethod
     def component_attribution(
-        capture: Any, *args: Any, position: int = -1, adapter: Any = None
+        capture: Any,
+        *args: Any,
+        position: int = -1,
+        adapter: Any = None,
+        final_norm: Any = None,
+        raw: bool = False,
     ) -> AttributionResult:
         """Attention vs MLP share per layer: ``.values [L, 2]`` (column 0 attention, 1 MLP).
 
@@ -77,18 +82,31 @@ class AttributionMethods:
 
             comp = AttributionMethods.component_attribution(full, target_id)
             comp.values[:, 0], comp.values[:, 1]
+            comp.total                     # == comp.logit, the model's logit
 
         Takes ``(full, target, position=-1)``, or the seed's ``(residual, mlp, unembed,
-        target)`` (the MLP capture is not needed: the residual stream holds both writes).
+        target)`` (the MLP capture is not needed: the residual stream holds both writes), as
+        exact as :func:`direct_logit_attribution` and refused where it would not be.
         """
         if isinstance(capture, ResidualCapture):
             if len(args) < 3:
                 raise TypeError("component_attribution(residual, mlp, unembed, target)")
-            dla = direct_logit_attribution(capture, args[1], args[2], position)
+            dla = direct_logit_attribution(
+                capture,
+                args[1],
+                args[2],
+                *args[3:4],
+                position=position,
+                adapter=adapter,
+                final_norm=final_norm,
+                raw=raw,
+            )
         else:
             if not args:
                 raise TypeError("component_attribution(full, target, position=-1)")
-            dla = direct_logit_attribution(capture, args[0], position=position, adapter=adapter)
+            dla = direct_logit_attribution(
+                capture, args[0], *args[1:2], position=position, adapter=adapter, raw=raw
+            )
         assert dla.attention is not None and dla.mlp is not None
         dla.values = torch.stack([dla.attention, dla.mlp], dim=-1)
         return dla
@@ -163,7 +181,7 @@ class AttributionMethods:
 
             gxi = AttributionMethods.gradient_x_input(adapter, "The capital of France is", paris)
         """
-        from oculi.analysis.dla import _direction
+        from oculi.analysis.readout import _direction
         from oculi.models.anatomy import get_path
 
         batch = adapter.prepare(inputs)

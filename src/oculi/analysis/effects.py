@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from oculi.analysis._common import capture_layer, check_index
-from oculi.analysis.dla import _gather, _rows, frozen_norm
+from oculi.analysis.readout import Streams, _gather, _rows, frozen_norm
 from oculi.capture.structures import FullCapture
 from oculi.errors import InputError
 
@@ -45,7 +45,7 @@ _SPARE = 32
 _BLOCK_FLOATS = 4 * 2**20
 
 
-def _write(full: FullCapture, component: Any, streams: dict[str, Tensor], single: bool) -> Tensor:
+def _write(full: FullCapture, component: Any, streams: Streams, single: bool) -> Tensor:
     """The component's residual write at every position, ``[B, T, d]`` (not yet float64)."""
     if not isinstance(component, tuple) or len(component) != 2:
         raise InputError(
@@ -123,8 +123,7 @@ def promoted_tokens(
     if f.center:
         write = write - write.mean(-1, keepdim=True)
     g = f.a[:, 0] * write  # what reaches the unembedding, [B, d]
-    assert full.logits is not None and full.logits.unembed is not None  # frozen_norm checked
-    w_u = full.logits.unembed.detach()
+    w_u = f.unembed.detach()
     sign = 1.0 if by == "value" else -1.0
     rows = []
     for vec in g:

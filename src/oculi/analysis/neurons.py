@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from oculi.analysis.dla import _gather, _rows, _squeeze, readout
+from oculi.analysis.readout import _gather, _rows, _squeeze, readout
 from oculi.analysis.result import AttributionResult
 from oculi.capture.engine import rms_gain
 from oculi.capture.structures import FullCapture

@@ -54,9 +54,14 @@ class AttributionResult:
 
     @property
     def total(self) -> Tensor:
-        """``values.sum(-1) + embedding + bias``: equals ``logit`` for an exact DLA."""
+        """Every layer's attention and MLP share + ``embedding`` + ``bias``: equals ``logit``
+        for an exact DLA (whatever ``values`` holds: layers, ``[L, 2]`` components, heads)."""
         if self.embedding is None or self.bias is None:
-            raise InputError("total is defined for direct logit attribution results only")
+            raise InputError(
+                "total is defined for direct logit attribution results of every layer only"
+            )
+        if self.attention is not None and self.mlp is not None:
+            return self.attention.sum(-1) + self.mlp.sum(-1) + self.embedding + self.bias
         return self.values.sum(-1) + self.embedding + self.bias
 
 

@@ -83,8 +83,13 @@ class CapturePlan:
             )
         if self.residual is not None:
             fields = _fields(recorded, self.layers["residual"], _RESID_FIELDS, self.residual, batch)
+            final = _final_norm(adapter, batch, recorded, self.residual)
+            residual_meta = dict(meta)
+            if final:  # what the seed's (residual, unembed, target) attribution cannot be given
+                _w, unembed_bias, cap = adapter.unembedding()
+                residual_meta.update(final_softcap=cap, unembed_bias=unembed_bias is not None)
             full.residual = ResidualCapture(
-                layers=self.layers["residual"], metadata=dict(meta), **fields
+                layers=self.layers["residual"], metadata=residual_meta, **fields, **final
             )
         if self.mlp is not None:
             fields = _fields(recorded, self.layers["mlp"], _MLP_FIELDS, self.mlp, batch)
@@ -127,12 +132,15 @@ def build_full_capture(
         for name, (flag, kind) in table.items():
             if getattr(cfg, flag):
                 plan.want(overrides.get(name, kind), layers, cfg.storage_dtype, cfg.storage_device)
+    final = adapter.n_layers - 1
     if logits is not None:
         layers = adapter.resolve_layers(logits.layers)
         plan.layers["logits"] = layers
-        final = adapter.n_layers - 1
         wanted = layers if final in layers else (*layers, final)
         plan.want("resid_post", wanted, None, None)
+    if logits is not None or (residual is not None and final in plan.layers["residual"]):
+        # the final norm's input in the model's dtype, whatever the storage dtype
+        plan.want("resid_final", (final,), None, None)
     return plan
 
 
@@ -174,12 +182,34 @@ def _metadata(adapter: ModelParts, batch: Batch) -> dict[str, Any]:
     }
 
 
+def _normalize_final(adapter: ModelParts, recorded: Recorded) -> torch.Tensor:
+    """The final norm's output ``[B, T, d]`` after the last layer, from its full-precision input."""
+    norm = adapter.module(adapter.anatomy.final_norm)
+    with torch.no_grad():
+        return norm(recorded["resid_final"][1][:, 0].to(adapter.device, adapter.dtype))
+
+
+def _final_norm(adapter, batch, recorded, cfg: ResidualConfig) -> dict[str, torch.Tensor | None]:
+    """What a residual capture records of the final norm (where it holds the last layer), so
+    direct logit attribution can freeze that norm from the capture alone."""
+    if "resid_final" not in recorded:
+        return {}
+    final = _normalize_final(adapter, recorded)
+    bias = getattr(adapter.module(adapter.anatomy.final_norm), "bias", None)
+    bias = bias.detach().clone() if isinstance(bias, torch.Tensor) else None
+    store: Any = dict(device=cfg.storage_device, dtype=cfg.storage_dtype)
+    if cfg.storage_dtype is not None or cfg.storage_device is not None:
+        final = final.to(**store)
+        bias = None if bias is None else bias.to(**store)
+    return {"final_normalized": final[0] if batch.single else final, "final_norm_bias": bias}
+
+
 def _logit_capture(adapter, batch, recorded, layers, cfg: LogitConfig, meta) -> LogitCapture:
     norm = adapter.module(adapter.anatomy.final_norm)
     have, resid = recorded["resid_post"]
     with torch.no_grad():
         normed = norm(resid.to(adapter.device, adapter.dtype))
-    final = normed[:, have.index(adapter.n_layers - 1)]
+    final = _normalize_final(adapter, recorded)
     normed = normed[:, [have.index(layer) for layer in layers]]
     if cfg.storage_dtype is not None or cfg.storage_device is not None:
         normed = normed.to(device=cfg.storage_device, dtype=cfg.storage_dtype)

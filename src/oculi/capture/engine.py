@@ -25,8 +25,10 @@ from oculi.capture.sites import SITE_KINDS
 from oculi.errors import StorageRangeWarning
 
 # Recorded for capture structures but not sites of their own: the MLP module's output, which
-# differs from ``mlp_out`` (what joins the residual) where an output norm follows the MLP.
-INTERNAL_KINDS = frozenset({"mlp_result"})
+# differs from ``mlp_out`` (what joins the residual) where an output norm follows the MLP; and
+# ``resid_final``, the last layer's output kept in the model's dtype whatever the residual's
+# storage dtype, for the final norm's output (``final_normalized``).
+INTERNAL_KINDS = frozenset({"mlp_result", "resid_final"})
 
 
 def streams_to_host(compute: torch.device, storage: torch.device) -> bool:

@@ -255,8 +255,9 @@ def _head_out(m: ModelParts) -> Location:
 
 
 #: site kind -> its locator (``SITE_KINDS`` order), plus the internal kinds the engine records
-#: for derived sites: ``mlp_result`` (the MLP's own output) and the output projection's input
-#: and output ``o_in``/``o_out`` (for ``head_out``).
+#: for derived sites: ``mlp_result`` (the MLP's own output), ``resid_final`` (the last layer's
+#: output in the model's dtype) and the output projection's input and output
+#: ``o_in``/``o_out`` (for ``head_out``).
 LOCATORS: dict[str, Callable[[ModelParts], Location]] = {
     "resid_pre": _module("input", lambda a: None),
     "attn_in": _attn_in,
@@ -277,6 +278,7 @@ LOCATORS: dict[str, Callable[[ModelParts], Location]] = {
     "mlp_out": _module("output", lambda a: a.mlp_out_norm or a.mlp),
     "resid_post": _module("output", lambda a: None),
     "mlp_result": _module("output", lambda a: a.mlp),
+    "resid_final": _module("output", lambda a: None),
     "o_in": _module("input", lambda a: _attn(a, a.o_proj)),
     "o_out": _module("output", lambda a: _attn(a, a.o_proj)),
 }

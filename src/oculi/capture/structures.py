@@ -13,6 +13,8 @@ AttentionCapture    queries              ``[L, H, T, D]``
                     head_contributions   ``[L, H, T, d_model]``
 ResidualCapture     pre_attn, post_attn  ``[L, T, d_model]``
                     pre_mlp, post_mlp    ``[L, T, d_model]``
+                    final_normalized     ``[T, d_model]``
+                    final_norm_bias      ``[d_model]`` (no batch dim)
 MLPCapture          gate, up             ``[L, T, d_mlp]``
                     post_activation      ``[L, T, d_mlp]``
                     output               ``[L, T, d_model]``
@@ -162,6 +164,12 @@ class ResidualCapture(_Capture):
         pre_mlp: the MLP's actual (normalised) input.
         post_mlp: the residual leaving the block.
         attn_out, mlp_out: what attention and the MLP add to the residual.
+        final_normalized: the model's final norm applied to the last layer's output, ``[T,
+            d_model]``, computed from the full-precision residual of the same forward (kept
+            when the capture holds the last layer). With it, direct logit attribution on this
+            capture alone freezes the final norm exactly (:mod:`oculi.analysis.dla`).
+        final_norm_bias: the final norm's additive bias ``[d_model]`` where it has one (the
+            LayerNorm of GPT-2 and GPT-NeoX), else ``None``.
     """
 
     pre_attn: torch.Tensor | None = None
@@ -170,6 +178,8 @@ class ResidualCapture(_Capture):
     post_mlp: torch.Tensor | None = None
     attn_out: torch.Tensor | None = None
     mlp_out: torch.Tensor | None = None
+    final_normalized: torch.Tensor | None = None
+    final_norm_bias: torch.Tensor | None = None
 
 
 @dataclass

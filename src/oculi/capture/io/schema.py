@@ -29,10 +29,14 @@ DIMS: dict[str, dict[str, tuple[str, ...]]] = {
         "head_outputs": ("L", "H", "T", "D"),
         "head_contributions": ("L", "H", "T", "d_model"),
     },
-    "ResidualCapture": dict.fromkeys(
-        ("pre_attn", "post_attn", "pre_mlp", "post_mlp", "attn_out", "mlp_out"),
-        ("L", "T", "d_model"),
-    ),
+    "ResidualCapture": {
+        **dict.fromkeys(
+            ("pre_attn", "post_attn", "pre_mlp", "post_mlp", "attn_out", "mlp_out"),
+            ("L", "T", "d_model"),
+        ),
+        "final_normalized": ("T", "d_model"),
+        "final_norm_bias": ("d_model",),
+    },
     "MLPCapture": {
         "gate": ("L", "T", "d_mlp"),
         "up": ("L", "T", "d_mlp"),
@@ -47,6 +51,8 @@ DIMS: dict[str, dict[str, tuple[str, ...]]] = {
         "logsumexp": ("L", "T"),
     },
 }
+# Fields that belong to the model, not to a sequence: no leading "B" in batched captures.
+UNBATCHED = frozenset({"final_norm_bias"})
 # NumPy and HDF5 lack these dtypes; they are stored as float32, which holds them exactly.
 WIDENED = {torch.bfloat16} | {
     getattr(torch, n)
@@ -186,7 +192,7 @@ def shape_problem(
             bound[dim] = attrs[attr]
     for name, t in values.items():
         dims = DIMS[structure].get(name, ("L",))
-        dims = ("B", *dims) if batched else dims
+        dims = ("B", *dims) if batched and name not in UNBATCHED else dims
         kept = (
             f"{name} has shape {list(t.shape)}, but a {structure} keeps it as [{', '.join(dims)}]"
         )
