@@ -27,6 +27,7 @@ from oculi.analysis.correlation import (
 from oculi.analysis.entropy import EntropyAnalysis
 from oculi.analysis.logit_lens import LogitLensAnalysis, LogitLensResult, crossover_layer
 from oculi.analysis.norms import NormAnalysis
+from oculi.analysis.repeats import repeated_random_tokens
 from oculi.analysis.stratified import StratifiedView, find_extreme_heads
 from oculi.analysis.validation import Task, ValidationResult
 from oculi.analysis.weights import HeadWeights
@@ -50,4 +51,5 @@ __all__ = [
     "find_extreme_heads",
     "pearson_pvalue",
     "regularized_incomplete_beta",
+    "repeated_random_tokens",
 ]

@@ -2,8 +2,8 @@
 
 ::
 
-    ids = torch.randint(100, 1000, (1, 20))
-    capture = adapter.capture(torch.cat([ids, ids], dim=1))     # a repeated random sequence
+    ids = oculi.analysis.repeated_random_tokens(adapter, 50)   # random tokens, repeated twice
+    capture = adapter.capture(ids)
     induction = CircuitDetection.detect_induction_heads(capture)   # [L, H]
     induction > 0.5                                                # the induction heads
 
@@ -129,8 +129,10 @@ def _repeated(name: str, score):
         out = score(pattern, ids)
         if out is None:
             raise InputError(
-                f"no token repeats in this sequence, so there is no {name} to measure; "
-                "capture a repeated random sequence, e.g. torch.cat([ids, ids], dim=1)"
+                f"no token repeats in this sequence, so there is no {name} to measure: it is "
+                "read at tokens that occurred before (A B ... A -> B). Capture a sequence that "
+                "repeats, e.g. a random one twice: ids = oculi.analysis.repeated_random_tokens("
+                "adapter, n=50); capture = adapter.capture(ids)"
             )
         return out
 

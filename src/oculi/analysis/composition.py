@@ -41,7 +41,9 @@ from oculi.analysis._common import attention_of, is_batched
 from oculi.analysis._common import field as capture_field
 from oculi.analysis.paths import path_patching_score
 from oculi.analysis.result import CompositionResult
+from oculi.analysis.token_composition import ov_composition_per_token
 from oculi.analysis.weights import HeadWeights, weights_of
+from oculi.capture.structures import AttentionCapture, FullCapture
 from oculi.errors import InputError
 
 __all__ = ["CompositionAnalysis", "CompositionResult"]
@@ -154,14 +156,20 @@ class CompositionAnalysis:
         return _normalised(grams["writer"], grams[kind], w.n_layers, w.n_heads)
 
     @staticmethod
-    def qk_composition(weights: Any, source: Head, target: Head) -> CompositionResult:
+    def qk_composition(
+        weights: Any, source: Head, target: Head, *, adapter: Any = None
+    ) -> CompositionResult:
         """Q- and K-composition of ``source`` into ``target``: ``.values = [q, k]``.
 
         Example::
 
             CompositionAnalysis.qk_composition(adapter, source=(1, 0), target=(4, 2)).values
+            CompositionAnalysis.qk_composition(capture, (1, 0), (4, 2)).values.mean()  # seed 000
+
+        ``weights`` is the adapter, :class:`HeadWeights`, or a capture the adapter made (its
+        weights are read while that adapter lives; else pass ``adapter=``).
         """
-        w = weights_of(weights)
+        w = weights_of(weights, adapter, call="CompositionAnalysis.qk_composition")
         s, t = _check_head(source, w, "source"), _check_head(target, w, "target")
         q, k = _pair_score(w, s, t, "q"), _pair_score(w, s, t, "k")
         return CompositionResult(
@@ -169,24 +177,45 @@ class CompositionAnalysis:
         )
 
     @staticmethod
-    def ov_composition(weights: Any, source: Head, target: Head) -> CompositionResult:
-        """V-composition of ``source`` into ``target``: ``.values`` a scalar tensor."""
-        w = weights_of(weights)
+    def ov_composition(
+        weights: Any, source: Head, target: Head, *, adapter: Any = None
+    ) -> CompositionResult:
+        """V-composition of ``source`` into ``target``.
+
+        Example::
+
+            CompositionAnalysis.ov_composition(adapter, (1, 0), (4, 2)).values    # a scalar
+            CompositionAnalysis.ov_composition(capture, (1, 0), (4, 2)).values    # [T], seed 000
+
+        From the adapter (or :class:`HeadWeights`), ``.values`` is the weight-level scalar.
+        From a capture, it is seed 000's per-token OV composition ``[T]`` (``[B, T]`` for
+        batches; see :mod:`oculi.analysis.token_composition`), with the weight-level scalar in
+        ``.metadata["v"]`` and the per-key shares in ``.metadata["per_key"]``.
+        """
+        w = weights_of(weights, adapter, call="CompositionAnalysis.ov_composition")
         s, t = _check_head(source, w, "source"), _check_head(target, w, "target")
+        if isinstance(weights, (AttentionCapture, FullCapture)):
+            if s[0] >= t[0]:
+                _pair_score(w, s, t, "v")  # raises: the source must be earlier
+            return ov_composition_per_token(weights, w, s, t)
         v = _pair_score(w, s, t, "v")
         return CompositionResult(
             torch.tensor(v, dtype=torch.float64), {"v": v, "source": s, "target": t}
         )
 
     @staticmethod
-    def composition_matrix(weights: Any, method: str = "k") -> CompositionResult:
+    def composition_matrix(
+        weights: Any, method: str = "k", *, adapter: Any = None
+    ) -> CompositionResult:
         """Head-to-head scores flattened to ``[L*H, L*H]`` (row: writer, column: reader).
 
         ``method``: ``"q"``, ``"k"``, ``"v"``, or ``"qk"`` (the larger of Q and K per pair).
+        ``weights`` is the adapter, :class:`HeadWeights`, or a capture its adapter made.
         """
         if method not in (*KINDS, "qk"):
             raise InputError(f"method must be 'q', 'k', 'v' or 'qk', got {method!r}")
-        scores = CompositionAnalysis.all_composition_scores(weights)
+        w = weights_of(weights, adapter, call="CompositionAnalysis.composition_matrix")
+        scores = CompositionAnalysis.all_composition_scores(w)
         tensor = torch.maximum(scores["q"], scores["k"]) if method == "qk" else scores[method]
         n = tensor.shape[0] * tensor.shape[1]
         return CompositionResult(tensor.reshape(n, n), {"method": method, "shape": tensor.shape})
@@ -232,6 +261,7 @@ class CompositionAnalysis:
         previous_threshold: float | None = None,
         input_ids: Any = None,
         k_scores: Tensor | None = None,
+        adapter: Any = None,
     ) -> CompositionResult:
         """Previous-token head → induction head pairs, ranked by K-composition.
 
@@ -244,13 +274,16 @@ class CompositionAnalysis:
 
         Example::
 
-            circuits = CompositionAnalysis.detect_induction_circuit(capture, adapter)
+            ids = oculi.analysis.repeated_random_tokens(adapter, 50)
+            circuits = CompositionAnalysis.detect_induction_circuit(adapter.capture(ids))
             for c in circuits.metadata["circuits"][:3]:
                 print(c["previous_token_head"], "->", c["induction_head"], c["composition_score"])
 
         Args:
-            capture: an ``AttentionCapture`` of one repeated random sequence, all layers.
-            weights: the adapter or :class:`HeadWeights`.
+            capture: an ``AttentionCapture`` of one repeated random sequence, all layers
+                (:func:`~oculi.analysis.repeats.repeated_random_tokens` makes one).
+            weights: the adapter or :class:`HeadWeights`; by default the adapter that made
+                the capture (while it lives), else pass it here or as ``adapter=``.
             threshold: induction score from which a head is an induction head.
             previous_threshold: previous-token score for the earlier head (default: threshold).
             input_ids: token ids if the capture's metadata lacks them.
@@ -265,11 +298,14 @@ class CompositionAnalysis:
         """
         from oculi.analysis.circuits import CircuitDetection
 
-        if weights is None and k_scores is None:
-            raise InputError(
-                "detect_induction_circuit ranks pairs by the K-composition of their weights, "
-                "which a capture does not hold: pass the adapter (or HeadWeights) as weights, "
-                "e.g. detect_induction_circuit(capture, adapter, threshold=0.3)"
+        if isinstance(weights, (int, float)) and not isinstance(weights, bool):
+            threshold, weights = weights, None  # the seed's detect_induction_circuit(capture, 0.3)
+        w = None
+        if k_scores is None:
+            w = weights_of(
+                capture if weights is None else weights,
+                adapter,
+                call="CompositionAnalysis.detect_induction_circuit",
             )
         prev_limit = threshold if previous_threshold is None else previous_threshold
         induction = CircuitDetection.detect_induction_heads(capture, input_ids=input_ids)
@@ -277,7 +313,7 @@ class CompositionAnalysis:
         if induction.dim() != 2:
             raise InputError("detect_induction_circuit reads one sequence, not a batch")
         layers = list(attention_of(capture).layers)
-        k = k_scores if k_scores is not None else CompositionAnalysis.composition_scores(weights)
+        k = k_scores if k_scores is not None else CompositionAnalysis.composition_scores(w)
         circuits = []
         for i2, h2 in (induction >= threshold).nonzero().tolist():
             l2 = layers[i2]

@@ -82,14 +82,34 @@ class HeadWeights:
         return HeadWeights(w_q=q, w_k=k, w_v=v, w_o=o, n_kv_heads=adapter.n_kv_heads)
 
 
-def weights_of(source: Any) -> HeadWeights:
-    """``source`` itself if it is :class:`HeadWeights`, else read from an adapter."""
+def weights_of(source: Any, adapter: Any = None, *, call: str = "") -> HeadWeights:
+    """The :class:`HeadWeights` of ``source``: itself, read from an adapter, or from the
+    adapter that made a capture (while it lives; see :func:`~oculi.capture.structures.bound_adapter`).
+
+    ``adapter`` wins when given. ``call`` names the function, for the error's example.
+
+    Raises:
+        InputError: a capture that cannot reach its model (loaded from a file, copied, or its
+            adapter is gone), naming the ``adapter=`` call; anything else that holds no weights.
+    """
+    from oculi.capture.structures import Storable, bound_adapter
+    from oculi.errors import InputError
+
+    if adapter is not None:
+        return weights_of(adapter, call=call)
     if isinstance(source, HeadWeights):
         return source
     if hasattr(source, "anatomy") and hasattr(source, "layer_modules"):
         return HeadWeights.from_adapter(source)
-    from oculi.errors import InputError
-
+    if isinstance(source, Storable):
+        live = bound_adapter(source)
+        if live is not None:
+            return HeadWeights.from_adapter(live)
+        example = f"{call or 'CompositionAnalysis.qk_composition'}(capture, ..., adapter=adapter)"
+        raise InputError(
+            "this reads the model's weights, which this capture cannot reach (loaded from a "
+            f"file, copied, or its adapter is gone): pass the adapter, {example}"
+        )
     raise InputError(
         "weight-based analysis needs the model's weights: pass the adapter (oculi.load / "
         f"oculi.attach) or HeadWeights.from_adapter(adapter); got {type(source).__name__}"

@@ -16,7 +16,13 @@ from oculi.capture.configs import CaptureConfig, LogitConfig, MLPConfig, Residua
 from oculi.capture.inputs import Batch
 from oculi.capture.lens import LogitCapture
 from oculi.capture.places import ModelParts
-from oculi.capture.structures import AttentionCapture, FullCapture, MLPCapture, ResidualCapture
+from oculi.capture.structures import (
+    AttentionCapture,
+    FullCapture,
+    MLPCapture,
+    ResidualCapture,
+    bind_adapter,
+)
 
 Recorded = dict[str, tuple[tuple[int, ...], torch.Tensor]]
 
@@ -98,6 +104,9 @@ class CapturePlan:
             full.logits = _logit_capture(
                 adapter, batch, recorded, self.layers["logits"], self.logits, meta
             )
+        for part in (full, full.attention, full.residual, full.mlp, full.logits):
+            if part is not None:
+                bind_adapter(part, adapter)
         return full
 
     @staticmethod

@@ -22,11 +22,17 @@ MLPCapture          gate, up             ``[L, T, d_mlp]``
 
 ``L`` counts the captured layers (``.layers`` lists them), ``H`` query heads, ``H_kv`` key/value
 heads, ``T`` tokens, ``D`` the head dimension.
+
+A capture made by an adapter also keeps a *weak* reference to that adapter
+(:func:`bound_adapter`): it never keeps the model alive, is never saved, pickled or copied, and
+only lets analyses that read weights (head composition) find them when the caller passes the
+capture alone. Everything a capture's numbers mean is in its tensors and metadata.
 """
 
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -56,8 +62,26 @@ class LayerIndexed:
             ) from None
 
 
+def bind_adapter(capture: Any, adapter: Any) -> None:
+    """Let ``capture`` find the adapter that made it while that adapter lives (a weak reference)."""
+    capture.__dict__["_adapter_ref"] = weakref.ref(adapter)
+
+
+def bound_adapter(capture: Any) -> Any:
+    """The live adapter that made ``capture``, or ``None`` (loaded from a file, copied, or the
+    adapter is gone)."""
+    ref = getattr(capture, "__dict__", {}).get("_adapter_ref")
+    return ref() if ref is not None else None
+
+
 class Storable:
     """``save`` and ``to_numpy`` for every capture structure (the formats: :mod:`oculi.capture.io`)."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled and copied without the weak reference to the adapter (plain data only)."""
+        state = dict(self.__dict__)
+        state.pop("_adapter_ref", None)
+        return state
 
     def save(
         self, path: str | os.PathLike, *, format: str | None = None, overwrite: bool = True

@@ -32,9 +32,8 @@ class HeadDetectionConfig(ExperimentConfig):
 def head_scores(adapter: Any, prompt: str, *, induction_length: int, seed: int, window: int):
     """``{score name: [L, H] tensor}`` from one capture of ``prompt`` (and one of a repeated
     random sequence for ``induction``)."""
-    import torch
 
-    from oculi.analysis import CircuitDetection
+    from oculi.analysis import CircuitDetection, repeated_random_tokens
     from oculi.capture import CaptureConfig
 
     patterns_only = CaptureConfig(capture_queries=False, capture_keys=False, capture_values=False)
@@ -46,12 +45,8 @@ def head_scores(adapter: Any, prompt: str, *, induction_length: int, seed: int, 
         "recent": positional["recent_score"],
     }
     if induction_length:
-        gen = torch.Generator().manual_seed(seed)
-        low = 3 if adapter.vocab_limit > 3 else 0
-        ids = torch.randint(low, adapter.vocab_limit, (induction_length,), generator=gen)
-        bos = getattr(adapter.tokenizer, "bos_token_id", None)
-        seq = torch.cat([ids, ids]) if bos is None else torch.cat([torch.tensor([bos]), ids, ids])
-        rep = adapter.capture(seq[None], patterns_only)
+        seq = repeated_random_tokens(adapter, max(induction_length, 2), seed=seed)
+        rep = adapter.capture(seq, patterns_only)
         scores["induction"] = CircuitDetection.detect_induction_heads(rep, input_ids=seq)
     return scores
 
