@@ -43,6 +43,7 @@ from torch import Tensor
 from oculi.analysis.readout import (
     FrozenNorm,
     Readout,
+    _frozen_map,  # noqa: F401 - importable from here as before the readout moved
     _gather,
     _rows,
     _squeeze,

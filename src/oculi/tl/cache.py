@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import torch
 from torch import Tensor, nn
 
-from oculi.analysis.dla import _frozen_map
+from oculi.analysis.readout import _frozen_map
 from oculi.capture.engine import head_contributions
 from oculi.errors import InputError, did_you_mean
 from oculi.tl.names import get_act_name, hook_specs
