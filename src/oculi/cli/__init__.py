@@ -7,6 +7,7 @@
     oculi run logit_lens --config configs/logit_lens.yaml --tag first
     python -m oculi verify --json
     oculi harvest --prompts prompts.jsonl --sites resid_post --layers 0-17 --out acts
+    oculi sae train --store acts --site resid_post --layer 6 --d-sae 4096 --k 32 --out sae6
 
 Every command takes ``--model`` (default: the embedded Gemma 3 270M), ``--device`` and
 ``--dtype``; most take ``--json`` for machine-readable output. A bad input ends the command with
@@ -41,6 +42,7 @@ COMMANDS: dict[str, str] = {
     "report": "oculi.cli.report:report",
     "verify": "oculi.cli.verify:verify",
     "harvest": "oculi.cli.harvest:harvest",
+    "sae": "oculi.cli.sae:sae",
 }
 
 from oculi.cli._app import cli, main  # noqa: E402 - the group reads COMMANDS

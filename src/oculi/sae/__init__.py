@@ -16,26 +16,34 @@ splicing it is an intervention like any other and its latents are a site that ca
 
 Module map: ``model`` (the :class:`SAE` type), ``stats`` (density, dead and dense latents), ``io`` (oculi's own file), ``formats`` (SAELens,
 Gemma Scope, sparsify), ``load`` (recognising a layout by its files), ``splice``
-(:class:`SAEPatch`, an intervention), ``latents`` (latents as a capture site).
+(:class:`SAEPatch`, an intervention), ``latents`` (latents as a capture site), ``train``
+(with ``data``, ``objectives``, ``checkpoint``), ``evaluate``.
 """
 
+from oculi.sae.config import TrainConfig
+from oculi.sae.evaluate import SAEEvaluation, evaluate
 from oculi.sae.io import SAEFormatError, save_sae
 from oculi.sae.latents import capture_latents
 from oculi.sae.load import load_sae, load_saes
 from oculi.sae.model import KINDS, SAE, fvu
 from oculi.sae.splice import SAEPatch
 from oculi.sae.stats import LatentStats, latent_stats
+from oculi.sae.train import train
 
 __all__ = [
     "KINDS",
     "SAE",
     "LatentStats",
+    "SAEEvaluation",
     "SAEFormatError",
     "SAEPatch",
+    "TrainConfig",
     "capture_latents",
+    "evaluate",
     "fvu",
     "latent_stats",
     "load_sae",
     "load_saes",
     "save_sae",
+    "train",
 ]
