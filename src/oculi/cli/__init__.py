@@ -37,6 +37,7 @@ COMMANDS: dict[str, str] = {
     "attribute": "oculi.cli.attribute:attribute",
     "patch": "oculi.cli.patch:patch",
     "trace": "oculi.cli.patch:trace",
+    "discover": "oculi.cli.discover:discover",
     "generate": "oculi.cli.generate:generate",
     "run": "oculi.cli.run:run",
     "report": "oculi.cli.report:report",

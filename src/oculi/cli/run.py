@@ -9,7 +9,7 @@ from oculi.cli._options import DTYPES, emit_json, json_option
 # shown in --help without importing the experiments (kept equal to the registry by a test)
 EXPERIMENT_NAMES = (
     "logit_lens", "causal_tracing", "activation_patching", "path_patching", "head_detection",
-    "steering", "attribution", "circuit",
+    "steering", "attribution", "circuit", "circuit_discovery",
 )  # fmt: skip
 
 

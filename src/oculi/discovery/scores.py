@@ -62,6 +62,13 @@ class Circuit:
         """The circuit as a networkx graph; edge ``weight`` is the score."""
         return self.graph.to_networkx(self.edges, self.scores or None)
 
+    def plot(self, ax: Any = None, title: str | None = None) -> Any:
+        """The circuit's graph by layer, edge width by score (the ``[viz]`` extra)."""
+        from oculi.visualize.circuit import discovered_graph, draw_circuit
+
+        title = title or f"{self.n_edges} edges, faithfulness {self.faithfulness:.2f}"
+        return draw_circuit(discovered_graph(self), ax=ax, title=title)
+
 
 @dataclass
 class CircuitScores:
@@ -233,7 +240,7 @@ class CircuitScores:
                     v,
                     len(chosen),
                     len(nodes),
-                    [float(self.values[i]) for i in chosen],
+                    [] if self.nodes is not None else [float(self.values[i]) for i in chosen],
                 )
             )
         return out

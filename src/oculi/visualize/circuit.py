@@ -121,3 +121,54 @@ def draw_circuit(graph: Any, ax: Any = None, title: str = "circuit") -> Any:
     ax.set_xlabel("layer")
     ax.tick_params(left=False, labelleft=False, bottom=True, labelbottom=True)
     return ax
+
+
+def discovered_graph(circuit: Any) -> Any:
+    """A discovered circuit (:class:`oculi.discovery.Circuit`) as a :func:`circuit_graph`-style
+    graph for :func:`draw_circuit`: component nodes (``input``, ``a3.h1``, ``a3.kv0``, ``m3``,
+    ``logits``) with ``layer`` and ``kind``, ``importance`` = the sum of the scores of the
+    circuit's edges into and out of the node, edge ``weight`` = the edge's score."""
+    g = circuit.to_networkx()
+    n_layers = circuit.graph.n_layers
+    for name in g.nodes:
+        g.nodes[name].update(_node_place(name, n_layers))
+    for name in g.nodes:
+        g.nodes[name]["importance"] = sum(
+            abs(d.get("weight", 0.0)) for *_, d in g.in_edges(name, data=True)
+        ) + sum(abs(d.get("weight", 0.0)) for *_, d in g.out_edges(name, data=True))
+    g.remove_nodes_from([n for n in list(g.nodes) if g.degree(n) == 0])
+    return g
+
+
+def _node_place(name: str, n_layers: int) -> dict[str, Any]:
+    if name == "input":
+        return {"layer": -1, "head": None, "kind": "output"}
+    if name == "logits":
+        return {"layer": n_layers, "head": None, "kind": "output"}
+    layer = int(name[1:].split(".")[0])
+    if name.startswith("m"):
+        return {"layer": layer, "head": None, "kind": "mlp"}
+    part = name.split(".")[1] if "." in name else ""
+    if part.startswith("kv"):
+        return {"layer": layer, "head": 1000 + int(part[2:]), "kind": "head"}
+    return {"layer": layer, "head": int(part[1:]) if part.startswith("h") else None, "kind": "head"}
+
+
+def faithfulness_curves(curves: dict[str, Any], ax: Any = None, title: str = "faithfulness") -> Any:
+    """One line per method: circuit size (edges after pruning) against faithfulness.
+
+    ``curves`` maps a method name to its :meth:`CircuitScores.faithfulness_curve` list.
+    """
+    ax = new_axes(ax, 6.4, 4.0)
+    for method, circuits in curves.items():
+        xs = [c.n_edges for c in circuits]
+        ys = [c.faithfulness for c in circuits]
+        ax.plot(xs, ys, marker="o", label=method)
+    ax.axhline(1.0, color="#9ca3af", lw=0.8, ls="--")
+    ax.axhline(0.0, color="#9ca3af", lw=0.8)
+    ax.set_xscale("symlog", linthresh=10)
+    ax.set_xlabel("edges in the circuit")
+    ax.set_ylabel("faithfulness (1 = clean, 0 = corrupt)")
+    ax.set_title(title)
+    ax.legend()
+    return ax

@@ -9,9 +9,18 @@
 ``steering``              a contrastive steering vector at several strengths
 ``attribution``           exact direct logit attribution by layer, branch and head
 ``circuit``               top DLA components, composition edges, promoted tokens; a graph
+``circuit_discovery``     EAP, EAP-IG, AtP*, ACDC circuits with exact faithfulness
 ========================  =====================================================
 """
 
-from oculi.experiments.builtin import attribution, causal, circuit, heads, lens, steering
+from oculi.experiments.builtin import (
+    attribution,
+    causal,
+    circuit,
+    discovery,
+    heads,
+    lens,
+    steering,
+)
 
-__all__ = ["attribution", "causal", "circuit", "heads", "lens", "steering"]
+__all__ = ["attribution", "causal", "circuit", "discovery", "heads", "lens", "steering"]
