@@ -23,21 +23,24 @@ Ownership: the switch is global to the model, so one :class:`_Owner` per model h
 bridge registers with the owner; the first switches the configs to ``"oculi"``, the last one to
 close (in whatever order they close) restores the implementations it found. Taps are scoped to
 the thread and ``contextvars`` context that opened their bridge: a forward in a thread with no
-bridge of its own finds none and runs the model's own implementation.
+bridge of its own finds none and runs the model's own implementation. Opening and closing are
+all-or-nothing, also against Ctrl-C (:mod:`oculi.capture.interrupts`): after any bridge closes
+the module tables hold no entry of it, and the last one leaves no owner behind.
 """
 
 from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from oculi.capture.interrupts import Errors, closed, opened, protected, raise_held
 
 IMPL_NAME = "oculi"
 
@@ -139,35 +142,60 @@ def _register_once() -> None:
     _REGISTERED = True
 
 
+@protected
 def _acquire(configs: list[Any], layer_of: dict[int, int]) -> _Owner:
-    """Register one bridge with the model's owner; the first one switches to ``"oculi"``."""
+    """Register one bridge with the model's owner; the first one switches to ``"oculi"``.
+
+    All or nothing: if a config refuses the switch, the ones already switched get their
+    implementation back and no owner is left registered.
+    """
     with _LOCK:
         owner = _OWNERS.get(id(configs[0]))
         if owner is None:
             originals = [c._attn_implementation for c in configs]
             fallback = originals[0] if originals[0] in ("eager", "sdpa") else "sdpa"
             owner = _Owner(list(configs), originals, fallback, list(layer_of))
-            _OWNERS[id(configs[0])] = owner
+            try:
+                for c in configs:
+                    c._attn_implementation = IMPL_NAME
+            except BaseException:
+                _restore(owner)
+                raise
             for m in owner.modules:
                 _FALLBACK_OF[m] = fallback
-            for c in configs:
-                c._attn_implementation = IMPL_NAME
+            _OWNERS[id(configs[0])] = owner
         owner.count += 1
         return owner
 
 
+@protected
 def _release(owner: _Owner) -> None:
-    """Unregister one bridge; the last one restores the model's implementation exactly."""
+    """Unregister one bridge; the last one restores the model's implementation exactly.
+
+    The owner's table entries go first, so a config that refuses its value back (the first
+    such error is raised after every other config is restored) leaves no stale owner.
+    """
     with _LOCK:
         owner.count -= 1
         if owner.count > 0:
             return
-        for c, name in zip(owner.configs, owner.originals):
-            if c._attn_implementation == IMPL_NAME:  # else its user set it meanwhile: theirs
-                c._attn_implementation = name
+        if _OWNERS.get(id(owner.configs[0])) is owner:
+            del _OWNERS[id(owner.configs[0])]
         for m in owner.modules:
             _FALLBACK_OF.pop(m, None)
-        _OWNERS.pop(id(owner.configs[0]), None)
+        _restore(owner)
+
+
+def _restore(owner: _Owner) -> None:
+    errors = Errors()
+    for c, name in zip(owner.configs, owner.originals):
+        if c._attn_implementation == IMPL_NAME:  # else its user set it meanwhile: theirs
+
+            def put_back(c: Any = c, name: str = name) -> None:
+                c._attn_implementation = name
+
+            errors.run(put_back)
+    errors.raise_first()
 
 
 def _taps_for(module: nn.Module) -> tuple[str, LayerTaps | None] | None:
@@ -309,11 +337,14 @@ def eager_attention(
     return out, pattern
 
 
-@contextmanager
-def attention_bridge(
-    configs: list[Any], layer_of: dict[int, int], taps: dict[int, LayerTaps]
-) -> Iterator[BridgeState]:
+class attention_bridge:  # noqa: N801 - a context manager used like the function it was
     """Route the model's attention through oculi while the block runs; always restore it.
+
+    ::
+
+        with attention_bridge(adapter.attention_configs, adapter.attention_layer_ids, taps) as state:
+            model(ids)
+            state.check_routed(taps)   # every tapped layer's attention came through the bridge
 
     The taps apply only in the thread (and ``contextvars`` context) that opened the bridge.
     Bridges on one model may close in any order: the configs say ``"oculi"`` while any is
@@ -324,21 +355,60 @@ def attention_bridge(
         layer_of: ``id(attention module) -> layer index``.
         taps: per-layer taps; layers without an entry run the original implementation.
 
-    Yields:
-        The bridge's state; ``state.check_routed(layers)`` after a forward confirms that the
-        taps of ``layers`` ran.
+    ``__enter__`` returns the bridge's :class:`BridgeState`; ``state.check_routed(layers)``
+    after a forward confirms that the taps of ``layers`` ran.
     """
-    _register_once()
-    owner = _acquire(configs, layer_of)
-    state = BridgeState(layer_of, taps, owner.fallback, configs=owner.configs)
+
+    def __init__(
+        self, configs: list[Any], layer_of: dict[int, int], taps: dict[int, LayerTaps]
+    ) -> None:
+        self._args = (configs, layer_of, taps)
+        self._owner: _Owner | None = None
+        self._state: BridgeState | None = None
+        self._opened = False
+
+    @protected
+    def __enter__(self) -> BridgeState:
+        if self._owner is not None:
+            raise RuntimeError("this attention bridge is already open")
+        self._opened = opened()
+        try:
+            configs, layer_of, taps = self._args
+            _register_once()
+            self._owner = _acquire(configs, layer_of)
+            state = BridgeState(layer_of, taps, self._owner.fallback, configs=self._owner.configs)
+            self._state = state
+            with _LOCK:
+                _ACTIVE.append(state)
+            _OPEN.set((*_OPEN.get(), state))
+            raise_held()
+        except BaseException:
+            self._close()
+            raise
+        return state
+
+    @protected
+    def __exit__(self, *exc: object) -> None:
+        self._close()
+        raise_held()
+
+    @protected
+    def _close(self) -> None:
+        state, owner, counted = self._state, self._owner, self._opened
+        self._state, self._owner, self._opened = None, None, False
+        errors = Errors()
+        if state is not None:
+            state.live = False
+            errors.run(lambda: _forget(state))
+        if owner is not None:
+            errors.run(lambda: _release(owner))
+        errors.run(lambda: closed(counted))
+        errors.raise_first()
+
+
+def _forget(state: BridgeState) -> None:
+    """Drop ``state`` from this context's open bridges and from the table of all of them."""
+    _OPEN.set(tuple(s for s in _OPEN.get() if s is not state))
     with _LOCK:
-        _ACTIVE.append(state)
-    _OPEN.set((*_OPEN.get(), state))
-    try:
-        yield state
-    finally:
-        state.live = False
-        _OPEN.set(tuple(s for s in _OPEN.get() if s is not state))
-        with _LOCK:
+        if any(s is state for s in _ACTIVE):
             _ACTIVE.remove(state)
-        _release(owner)

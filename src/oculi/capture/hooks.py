@@ -14,7 +14,12 @@ plain ``model(...)`` beside a capture, runs untouched. Sets close in any order: 
 exactly its own handles.
 
 The attention bridge (``bridge.py``) owns the one other piece of model state oculi touches,
-``config._attn_implementation``, with the same rules.
+``config._attn_implementation``, with the same rules; a set can hold bridges (:meth:`HookSet.enter`)
+and cleanup callbacks too, and closes everything it holds together.
+
+Entering, registering and removing are all-or-nothing, also against Ctrl-C
+(:mod:`oculi.capture.interrupts`): a handle is kept the moment its hook exists, and removal
+finishes every step whatever one of them raises, then raises the first error.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from contextvars import ContextVar
 from typing import Any
 
 from torch import nn
-from torch.utils.hooks import RemovableHandle
+
+from oculi.capture.interrupts import Errors, closed, opened, protected, raise_held
 
 
 class StopForward(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -44,7 +50,13 @@ def add_forward_end(fn: Callable[[], None]) -> None:
 
 
 def remove_forward_end(fn: Callable[[], None]) -> None:
-    _FORWARD_END.set(tuple(f for f in _FORWARD_END.get() if f is not fn))
+    """Remove the last ``fn`` added (compared with ``==``: a bound method is a new object at
+    each attribute access, so ``is`` would never find it)."""
+    fns = _FORWARD_END.get()
+    for i in range(len(fns) - 1, -1, -1):
+        if fns[i] == fn:
+            _FORWARD_END.set(fns[:i] + fns[i + 1 :])
+            return
 
 
 def forward_ended() -> None:
@@ -64,61 +76,119 @@ class HookSet:
 
     Hooks may be added inside the ``with`` block; outside one they are refused so a handle can
     never outlive its context. They fire only in the thread (and ``contextvars`` context) that
-    entered the set.
+    entered the set. Context managers entered with :meth:`enter` (attention bridges) and
+    functions given to :meth:`callback` are closed with the hooks, in reverse order of adding.
     """
 
     def __init__(self) -> None:
-        self._handles: list[RemovableHandle] = []
+        self._undo: list[Callable[[], Any]] = []  # handle.remove, exits, callbacks; in order
+        self._n_hooks = 0
         self._active = False
+        self._opened = False
         self._key = next(_KEYS)
 
+    @protected
     def __enter__(self) -> HookSet:
         if self._active:
             raise RuntimeError("this HookSet is already open")
-        self._active = True
-        _OPEN.set(_OPEN.get() | {self._key})
+        self._opened = opened()
+        try:
+            self._active = True
+            _OPEN.set(_OPEN.get() | {self._key})
+            raise_held()
+        except BaseException:
+            self.remove()
+            raise
         return self
 
+    @protected
     def __exit__(self, *exc: object) -> None:
-        self.remove()
+        self.remove()  # delivers an interrupt held meanwhile, once everything is removed
 
+    @protected
     def remove(self) -> None:
-        """Remove every hook this set registered (idempotent)."""
+        """Remove every hook this set registered and close what it entered (idempotent).
+
+        Every step runs whatever another one raises; the first error is raised at the end.
+        """
         self._active = False
+        errors = Errors()
+        errors.run(self._forget_key)
+        while self._undo:
+            errors.run(self._undo[-1])
+            self._undo.pop()
+        self._n_hooks = 0
+        counted, self._opened = self._opened, False
+        errors.run(lambda: closed(counted))
+        try:
+            errors.raise_first()
+        finally:
+            raise_held()
+
+    def _forget_key(self) -> None:
         open_sets = _OPEN.get()
         if self._key in open_sets:
             _OPEN.set(open_sets - {self._key})
-        while self._handles:
-            self._handles.pop().remove()
 
     def _scoped(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         key = self._key
 
         def hook(*args: Any) -> Any:
+            raise_held()  # an interrupt held since an enter's last line: the forward stops here
             # another thread's (or context's) forward: this set is not open there
             return fn(*args) if key in _OPEN.get() else None
 
         return hook
 
+    @protected
+    def _keep(self, handle: Any) -> None:
+        self._undo.append(handle.remove)
+        self._n_hooks += 1
+        raise_held()
+
+    @protected
     def forward(self, module: nn.Module, fn: Callable[[nn.Module, Any, Any], Any]) -> None:
         """``fn(module, args, output)`` after ``module`` runs; a non-None return replaces the output."""
         self._check()
-        self._handles.append(module.register_forward_hook(self._scoped(fn)))
+        self._keep(module.register_forward_hook(self._scoped(fn)))
 
+    @protected
     def forward_pre(self, module: nn.Module, fn: Callable[[nn.Module, tuple], Any]) -> None:
         """``fn(module, args)`` before ``module`` runs; a non-None return replaces the args."""
         self._check()
-        self._handles.append(module.register_forward_pre_hook(self._scoped(fn)))
+        self._keep(module.register_forward_pre_hook(self._scoped(fn)))
 
+    @protected
     def forward_pre_kwargs(
         self, module: nn.Module, fn: Callable[[nn.Module, tuple, dict], Any]
     ) -> None:
         """``fn(module, args, kwargs)`` before ``module`` runs; may return ``(args, kwargs)``."""
         self._check()
-        self._handles.append(module.register_forward_pre_hook(self._scoped(fn), with_kwargs=True))
+        self._keep(module.register_forward_pre_hook(self._scoped(fn), with_kwargs=True))
+
+    @protected
+    def enter(self, manager: Any) -> Any:
+        """Enter ``manager`` (e.g. an attention bridge) now and exit it when this set closes.
+
+        Returns what its ``__enter__`` returns.
+        """
+        self._check()
+        kind = type(manager)
+        value = kind.__enter__(manager)
+        self._undo.append(lambda: kind.__exit__(manager, None, None, None))
+        raise_held()
+        return value
+
+    @protected
+    def callback(self, fn: Callable[[], Any]) -> None:
+        """Call ``fn()`` when this set closes (in reverse order with its hooks)."""
+        self._check()
+        self._undo.append(fn)
+        raise_held()
 
     def __len__(self) -> int:
-        return len(self._handles)
+        """The number of module hooks registered."""
+        return self._n_hooks
 
     def _check(self) -> None:
         if not self._active:

@@ -13,7 +13,9 @@ Everything that can be checked is checked when the context is built (layers, hea
 names, tensor shapes, dtypes and devices); positions are checked against each prompt (range,
 padding) when its forward starts, before any layer runs. On entering, the context registers
 its module hooks and attention-bridge taps; on leaving, also after an exception, it removes
-exactly those. Weights are never touched.
+exactly those. Weights are never touched. Entering is all-or-nothing and leaving finishes
+every step whatever one raises, also against Ctrl-C (:mod:`oculi.capture.interrupts`): an
+interrupt during either is held until the model is consistent, then raised.
 
 Contexts compose in any order: each one's interventions apply exactly while it is open,
 whichever closes first, and the attention implementation (owned by the model's bridge owner,
@@ -31,11 +33,11 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterable
-from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
 from oculi.capture.bridge import BridgeState, LayerTaps, attention_bridge
 from oculi.capture.hooks import HookSet, add_forward_end, remove_forward_end
+from oculi.capture.interrupts import interruptible, protected, raise_held
 from oculi.intervention.base import Binding, Intervention, NoEffectWarning
 from oculi.intervention.finite import FiniteGuard
 from oculi.intervention.state import Session, Tracker
@@ -83,8 +85,7 @@ class InterventionContext:
                 )
         self.check_effect = debug_enabled() if check_effect is None else bool(check_effect)
         self.bindings: list[Binding] = [iv.bind(adapter) for iv in self.interventions]
-        self._hooks: HookSet | None = None
-        self._stack: ExitStack | None = None
+        self._hooks: HookSet | None = None  # everything this context installed, while open
         self._forward_effects: dict[int, bool] = {}  # owner id -> changed, this forward
         self._applied: set[int] = set()
         self._warned: set[int] = set()
@@ -93,29 +94,36 @@ class InterventionContext:
         self._tapped: list[int] = []
 
     # -- lifecycle ------------------------------------------------------------------------
+    @protected
     def __enter__(self) -> InterventionContext:
         if self._hooks is not None:
             raise RuntimeError(
                 "this InterventionContext is already active; contexts do not re-enter"
             )
-        hooks, stack = HookSet(), ExitStack()
-        hooks.__enter__()
-        self._hooks, self._stack = hooks, stack
-        try:
-            for b in self.bindings:
-                if b.prepare is not None:
-                    b.prepare()
-            self._enter_hooks(hooks, stack)
-        except BaseException:
-            self._close()
-            raise
-        if self.check_effect:
+        self._prepare()
+        if self.check_effect:  # before anything is installed: raised as errors, nothing to undo
             for iv, b in zip(self.interventions, self.bindings):
                 if b.noop:
                     self._warn(iv, f"{iv!r} is a no-op: {b.noop}")
+        hooks = HookSet()
+        try:
+            self._hooks = hooks.__enter__()
+            self._install(hooks)
+            raise_held()
+        except BaseException:
+            self._close(hooks)
+            raise
         return self
 
-    def _enter_hooks(self, hooks: HookSet, stack: ExitStack) -> None:
+    @interruptible
+    def _prepare(self) -> None:
+        """The interventions' own preparation (captures of reference data): interruptible,
+        each capture restores the model itself."""
+        for b in self.bindings:
+            if b.prepare is not None:
+                b.prepare()
+
+    def _install(self, hooks: HookSet) -> None:
         adapter = self.adapter
         tracker = Tracker(on_session=self._begin_session)
         hooks.forward_pre_kwargs(adapter.model, tracker.model_pre_hook)
@@ -126,16 +134,26 @@ class InterventionContext:
         edits = [e for b in self.bindings for e in b.edits]
         install(adapter, hooks, taps, [self._guard.wrap(e) for e in edits], tracker, report)
         self._guard.watch_attention(taps, edits)
-        add_forward_end(self._guard.check)
-        stack.callback(remove_forward_end, self._guard.check)
+        check = self._guard.check  # one object: a bound method is a new one at each access
+        add_forward_end(check)
+        hooks.callback(lambda: remove_forward_end(check))
         if taps:
-            self._routed = stack.enter_context(
+            self._routed = hooks.enter(
                 attention_bridge(adapter.attention_configs, adapter.attention_layer_ids, taps)
             )
             self._tapped = list(taps)
 
+    @protected
     def __exit__(self, exc_type: Any, *_: Any) -> None:
-        self._close()
+        self._close(self._hooks)
+        try:
+            self._final_checks(exc_type)
+        finally:
+            raise_held()
+
+    @interruptible
+    def _final_checks(self, exc_type: Any) -> None:
+        """After the model is restored: the overflow and effect checks of the last forward."""
         if exc_type is None:
             self._guard.check()  # a forward that a capture ended early
         if self.check_effect and exc_type is None:
@@ -147,17 +165,17 @@ class InterventionContext:
                         f"{iv!r} never ran: no forward pass inside the context reached it "
                         "(a capture that stops before its layer, or positions/steps that no "
                         "forward covered?)",
+                        stacklevel=4,
                     )
 
-    def _close(self) -> None:
-        try:
-            if self._stack is not None:
-                self._stack.close()  # the attention bridge restores the implementation
-        finally:
-            if self._hooks is not None:
-                self._hooks.remove()
-            self._hooks = self._stack = None
-            self._routed = None
+    @protected
+    def _close(self, hooks: HookSet | None) -> None:
+        """Remove everything installed (hooks, the bridge, the forward-end check); every step
+        runs whatever another raises, then the first error (or a held interrupt) is raised."""
+        self._hooks = None
+        self._routed = None
+        if hooks is not None:
+            hooks.remove()
 
     @property
     def active(self) -> bool:
@@ -203,8 +221,8 @@ class InterventionContext:
                     "positions and value)",
                 )
 
-    def _warn(self, owner: Any, message: str) -> None:
+    def _warn(self, owner: Any, message: str, stacklevel: int = 3) -> None:
         if id(owner) in self._warned:
             return
         self._warned.add(id(owner))
-        warnings.warn(message, NoEffectWarning, stacklevel=3)
+        warnings.warn(message, NoEffectWarning, stacklevel=stacklevel)

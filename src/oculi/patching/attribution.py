@@ -12,7 +12,6 @@ training step. It is exact for sites the metric depends on linearly and a guide 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -150,11 +149,11 @@ def _metric_and_grads(
         return (place.view(x) if place.view else x)[0]
 
     taps: dict[int, LayerTaps] = {}
-    with HookSet() as hooks, ExitStack() as stack, torch.enable_grad():
+    with HookSet() as hooks, torch.enable_grad():
         for layer in layers:
             add_replacer(hooks, taps, adapter, layer, place, keeper(layer))
         if taps:
-            stack.enter_context(
+            hooks.enter(
                 attention_bridge(adapter.attention_configs, adapter.attention_layer_ids, taps)
             )
         # the embedding output is the leaf that makes every later activation require grad

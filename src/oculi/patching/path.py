@@ -211,9 +211,9 @@ def _add(patchers: LayerPatchers, more: LayerPatchers) -> None:
             patchers[layer] = register
             continue
 
-        def both(hooks, stack, first=previous, second=register):
-            first(hooks, stack)
-            second(hooks, stack)
+        def both(hooks, first=previous, second=register):
+            first(hooks)
+            second(hooks)
 
         patchers[layer] = both
 
@@ -227,10 +227,10 @@ def _receiver_inputs(adapter, runner, patchers, recv, kind) -> dict[int, torch.T
         getattr(taps, kind).append(lambda x, rl=rl: got.__setitem__(rl, x.detach().clone()))
         previous = patchers.get(rl)
 
-        def register(hooks, stack, rl=rl, taps=taps, previous=previous):
+        def register(hooks, rl=rl, taps=taps, previous=previous):
             if previous is not None:
-                previous(hooks, stack)
-            stack.enter_context(
+                previous(hooks)
+            hooks.enter(
                 attention_bridge(adapter.attention_configs, adapter.attention_layer_ids, {rl: taps})
             )
 
@@ -255,8 +255,8 @@ def _run_with_receivers(adapter, run: ResumableRun, inputs, recv, kind, read) ->
         taps = LayerTaps()
         getattr(taps, kind).append(write)
 
-        def register(hooks, stack, rl=rl, taps=taps):
-            stack.enter_context(
+        def register(hooks, rl=rl, taps=taps):
+            hooks.enter(
                 attention_bridge(adapter.attention_configs, adapter.attention_layer_ids, {rl: taps})
             )
 

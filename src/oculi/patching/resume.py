@@ -14,7 +14,7 @@ to the vocabulary rows the metric reads, only.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,8 +28,9 @@ from oculi.models.anatomy import get_path
 if TYPE_CHECKING:
     from oculi.models.adapter import Adapter
 
-# layer -> callable(hooks: HookSet, stack: ExitStack) that registers patches inside that layer
-LayerPatchers = dict[int, Callable[[HookSet, ExitStack], None]]
+# layer -> callable(hooks: HookSet) that registers patches inside that layer (bridges with
+# hooks.enter, so the set closes them with its hooks)
+LayerPatchers = dict[int, Callable[[HookSet], None]]
 
 
 def _suffix(value: Any, start: int, t: int) -> Any:
@@ -183,16 +184,15 @@ class ResumableRun:
         h = hidden
         calls = self.calls
         t = self.resid.shape[1]
-        with ExitStack() as prefix:
-            if start:
-                calls = [_suffix(c, start, t) for c in self.calls]
-                prefix.enter_context(
-                    attention_bridge(
-                        adapter.attention_configs,
-                        adapter.attention_layer_ids,
-                        {i: self._prefix_taps(i, start) for i in range(layer, end)},
-                    )
-                )
+        if start:
+            calls = [_suffix(c, start, t) for c in self.calls]
+            taps = {i: self._prefix_taps(i, start) for i in range(layer, end)}
+            prefix: Any = attention_bridge(
+                adapter.attention_configs, adapter.attention_layer_ids, taps
+            )
+        else:
+            prefix = nullcontext()
+        with prefix:
             h = self._run_layers(layer, end, h, calls, patchers)
         if stop_after is not None:
             return h
@@ -235,8 +235,8 @@ class ResumableRun:
                 call_args, call_kwargs = _expand(args, n), _expand(kwargs, n)
                 module = adapter.layer_modules[i]
                 if i in patchers:
-                    with ExitStack() as stack, HookSet() as hooks:
-                        patchers[i](hooks, stack)
+                    with HookSet() as hooks:
+                        patchers[i](hooks)
                         h = first_tensor(module(h, *call_args, **call_kwargs))
                 else:
                     h = first_tensor(module(h, *call_args, **call_kwargs))
@@ -294,14 +294,11 @@ def run_joined(
     # built on the host and sent without waiting for the device's queue
     row_run = torch.tensor(order).to(base.resid.device, non_blocking=True)
     first = joins[0][0]
-    with ExitStack() as stack, torch.no_grad():
-        if start:
-            taps = {
-                i: _joined_prefix_taps(runs, i, start, row_run) for i in range(first, len(calls))
-            }
-            stack.enter_context(
-                attention_bridge(adapter.attention_configs, adapter.attention_layer_ids, taps)
-            )
+    prefix: Any = nullcontext()
+    if start:
+        taps = {i: _joined_prefix_taps(runs, i, start, row_run) for i in range(first, len(calls))}
+        prefix = attention_bridge(adapter.attention_configs, adapter.attention_layer_ids, taps)
+    with prefix, torch.no_grad():
         h: torch.Tensor | None = None
         pending = list(joins)
         end = adapter.n_layers if stop_after is None else stop_after + 1

@@ -9,7 +9,6 @@ locator in :mod:`oculi.capture.places` says) doing exactly those writes while th
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -93,7 +92,7 @@ def patchers_for(
     specs: list[PatchSpec],
     resid_in: torch.Tensor,
     offset: int = 0,
-) -> dict[int, Callable[[HookSet, ExitStack], None]]:
+) -> dict[int, Callable[[HookSet], None]]:
     """Hooks writing ``clean`` into ``site`` of ``layer`` for each spec's row.
 
     The site is written where its locator says (:mod:`oculi.capture.places`).
@@ -124,11 +123,12 @@ def patchers_for(
         _write(view(out) if view else out, target, specs, at, per_head)
         return out
 
-    def register(hooks: HookSet, stack: ExitStack) -> None:
+    def register(hooks: HookSet) -> None:
         taps: dict[int, LayerTaps] = {}
         add_replacer(hooks, taps, adapter, layer, place, write)
         if taps:
-            bridge = attention_bridge(adapter.attention_configs, adapter.attention_layer_ids, taps)
-            stack.enter_context(bridge)
+            hooks.enter(
+                attention_bridge(adapter.attention_configs, adapter.attention_layer_ids, taps)
+            )
 
     return {layer: register}
