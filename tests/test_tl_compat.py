@@ -25,8 +25,11 @@ from test_parity import (
     hf_attn,
     hf_final_norm,
     hf_layers,
+    linear,
     mlp_input,
+    mlp_parts,
     o_proj_bias,
+    pattern_by_hand,
     qkv_by_hand,
     with_attn_impl,
 )
@@ -178,6 +181,29 @@ def test_cache_entries_match_the_model_and_hand_hooks(ref: Ref):
         close(cache[b + "attn.hook_k"][0], k.transpose(0, 1), f"hook_k {layer}")
         close(v[0], v_hand.transpose(0, 1), f"hook_v {layer}")
         assert (f"{b}attn.hook_rot_q" in cache) == (fam in ROTARY)
+        if fam in ROTARY:  # the rotated q, k give the model's pattern by hand
+            rot_q, rot_k = cache[b + "attn.hook_rot_q"][0], cache[b + "attn.hook_rot_k"][0]
+            with torch.no_grad():
+                by_hand = pattern_by_hand(
+                    fam, model, layer, rot_q.transpose(0, 1), rot_k.transpose(0, 1)
+                )
+            close(by_hand, pattern[0], f"pattern from hook_rot_q/k {layer}")
+        block = hf_layers(fam, model)[layer]
+        gate, up, _ = mlp_parts(fam, block.mlp)
+        mlp_in = cache[b + "ln2.hook_normalized"] if fam != "olmo2" else cache[b + "hook_resid_mid"]
+        with torch.no_grad():
+            pre_act = linear(mlp_in, *(gate or up))  # TL's hook_pre: the pre-activation
+            close(cache[b + "mlp.hook_pre"], pre_act, f"mlp.hook_pre {layer}")
+            if gate is not None:
+                close(cache[b + "mlp.hook_pre_linear"], linear(mlp_in, *up), f"pre_linear {layer}")
+        mlp_norm_in = pre if fam == "neox_parallel" else cache[b + "hook_resid_mid"]
+        for ln, x_in in (("ln1", pre), ("ln2", mlp_norm_in)):
+            if fam != "olmo2":  # OLMo 2 has no norm before attention or the MLP
+                module = hf_norm(fam, block, ln)
+                normed = cache[f"{b}{ln}.hook_normalized"]
+                check_scale(
+                    module, x_in, cache[f"{b}{ln}.hook_scale"], normed, fam, f"{ln} {layer}"
+                )
         if fam != "olmo2":
             with torch.no_grad():
                 expected = attn_input(fam, model, layer, pre)
@@ -186,6 +212,15 @@ def test_cache_entries_match_the_model_and_hand_hooks(ref: Ref):
             with torch.no_grad():
                 expected = mlp_input(fam, model, layer, pre, pre + attn_out)
             close(cache[b + "ln2.hook_normalized"], expected, f"ln2.hook_normalized {layer}")
+
+
+def hf_norm(family, block, ln):
+    """The block's norm before attention (``ln1``) or the MLP (``ln2``), by hand."""
+    if family == "gpt2":
+        return block.ln_1 if ln == "ln1" else block.ln_2
+    if ln == "ln1":
+        return block.input_layernorm
+    return block.pre_feedforward_layernorm if family in SANDWICH else block.post_attention_layernorm
 
 
 def check_scale(norm, x, scale, normed, family, what):

@@ -135,7 +135,7 @@ def _module(adapter: Adapter, spec: HookSpec) -> nn.Module:
 
 
 def norm_scale(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The divisor of ``norm`` for input ``x [..., d]``: ``[..., 1]`` (see :mod:`oculi.tl.names`)."""
+    """The divisor of ``norm`` for input ``x [..., d]``: ``[..., 1]`` (:mod:`oculi.tl.names`)."""
     eps = getattr(norm, "eps", None)
     if eps is None:
         eps = getattr(norm, "variance_epsilon", None)
