@@ -22,7 +22,6 @@ exact edge patching of every edge into it (q/k/v) or out of it (MLPs):
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -174,9 +173,9 @@ class _Nodes:
             )
             for layer in range(a.n_layers)
         }
-        with ExitStack() as stack, torch.enable_grad():
-            hooks = stack.enter_context(HookSet())
-            stack.enter_context(attention_bridge(a.attention_configs, a.attention_layer_ids, taps))
+        # the set closes the bridge with its hooks (no unprotected ExitStack between them)
+        with HookSet() as hooks, torch.enable_grad():
+            hooks.enter(attention_bridge(a.attention_configs, a.attention_layer_ids, taps))
             for layer in range(a.n_layers):
                 mlp = a.part(layer, a.anatomy.mlp_out_norm or a.anatomy.mlp)
                 hooks.forward(mlp, _leaf_out(clean, leaves, f"m{layer}", cut=layer == drop))

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import ExitStack
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -198,10 +198,11 @@ def forward(
     stored: dict[str, torch.Tensor] = {}
     outputs: list[Any] = []
     site_writes = [w for w in writes if w[0].source == "site"]
-    with ExitStack() as stack, torch.no_grad():
-        if site_writes:
-            stack.enter_context(InterventionContext(adapter, [_SiteHooks(list(site_writes))]))
-        hooks = stack.enter_context(HookSet())
+    context: Any = nullcontext()
+    if site_writes:
+        context = InterventionContext(adapter, [_SiteHooks(list(site_writes))])
+    # the set closes the bridge with its hooks (no unprotected ExitStack between them)
+    with context, torch.no_grad(), HookSet() as hooks:
         taps: dict[int, LayerTaps] = {}
         for spec, fn, point in writes:  # before the reads, so the reads see the writes
             if spec.source != "site":
@@ -211,7 +212,7 @@ def forward(
                 _add_read(adapter, hooks, taps, spec, stored)
         routed = None
         if taps:
-            routed = stack.enter_context(
+            routed = hooks.enter(
                 attention_bridge(adapter.attention_configs, adapter.attention_layer_ids, taps)
             )
         kinds = {kind: sorted(layers) for kind, layers in requests.items()}
