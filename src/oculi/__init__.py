@@ -25,6 +25,7 @@ _EXPORTS: dict[str, str] = {
     "intervention": "oculi.intervention",
     "patching": "oculi.patching",
     "probe": "oculi.probe",
+    "sae": "oculi.sae",
     "logit_lens": "oculi.analysis.logit_lens",
     "AttentionCapture": "oculi.capture",
     "CaptureConfig": "oculi.capture",
@@ -62,6 +63,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real imports
     from oculi import intervention as intervention
     from oculi import patching as patching
     from oculi import probe as probe
+    from oculi import sae as sae
     from oculi.analysis.logit_lens import logit_lens
     from oculi.analyzer import ModelAnalyzer
     from oculi.capture import (
@@ -96,7 +98,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real imports
 
 
 # exports that are submodules themselves (the others are attributes of their module)
-_MODULES = frozenset({"intervention", "patching", "probe"})
+_MODULES = frozenset({"intervention", "patching", "probe", "sae"})
 
 
 def __getattr__(name: str) -> Any:
@@ -169,5 +171,6 @@ __all__ = [
     "path_patching",
     "probe",
     "register_anatomy",
+    "sae",
     "supported_model_types",
 ]

@@ -17,11 +17,15 @@ splicing it is an intervention like any other and its latents are a site that ca
 Module map: ``model`` (the :class:`SAE` type), ``stats`` (density, dead and dense latents), ``io`` (oculi's own file), ``formats`` (SAELens,
 Gemma Scope, sparsify), ``load`` (recognising a layout by its files), ``splice``
 (:class:`SAEPatch`, an intervention), ``latents`` (latents as a capture site), ``train``
-(with ``data``, ``objectives``, ``checkpoint``), ``evaluate``.
+(with ``data``, ``objectives``, ``checkpoint``), ``evaluate``, ``features`` (top
+activations, contexts, logit effects; the page is :mod:`oculi.visualize.features`),
+``attribution`` (DLA and AtP per latent).
 """
 
+from oculi.sae.attribution import FeatureAttribution, feature_attribution
 from oculi.sae.config import TrainConfig
 from oculi.sae.evaluate import SAEEvaluation, evaluate
+from oculi.sae.features import Context, TopActivations, logit_effects, top_activations
 from oculi.sae.io import SAEFormatError, save_sae
 from oculi.sae.latents import capture_latents
 from oculi.sae.load import load_sae, load_saes
@@ -31,19 +35,25 @@ from oculi.sae.stats import LatentStats, latent_stats
 from oculi.sae.train import train
 
 __all__ = [
+    "Context",
+    "FeatureAttribution",
     "KINDS",
     "SAE",
     "LatentStats",
     "SAEEvaluation",
     "SAEFormatError",
     "SAEPatch",
+    "TopActivations",
     "TrainConfig",
     "capture_latents",
     "evaluate",
+    "feature_attribution",
     "fvu",
     "latent_stats",
     "load_sae",
     "load_saes",
+    "logit_effects",
     "save_sae",
+    "top_activations",
     "train",
 ]

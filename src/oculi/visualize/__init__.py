@@ -23,6 +23,7 @@ from oculi.visualize.embeddings import (
     reduce_dimensions,
 )
 from oculi.visualize.entropy import entropy_heatmap
+from oculi.visualize.features import feature_page, write_feature_page
 from oculi.visualize.heatmaps import attention_grid, attention_heatmap, heatmap, text_grid
 from oculi.visualize.intervention import intervention_comparison
 from oculi.visualize.lens import (
@@ -44,6 +45,7 @@ __all__ = [
     "convergence_metrics",
     "draw_circuit",
     "entropy_heatmap",
+    "feature_page",
     "head_attribution_bars",
     "heatmap",
     "input_preservation",
@@ -58,6 +60,7 @@ __all__ = [
     "reduce_dimensions",
     "text_grid",
     "top_heads",
+    "write_feature_page",
     "write_report",
 ]
 
