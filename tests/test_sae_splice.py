@@ -261,3 +261,28 @@ def test_model_is_restored_and_bad_patches_are_refused():
     far.layer = 7
     with pytest.raises(IndexError, match="layer 7"):
         InterventionContext(a, [SAEPatch(far)])
+
+
+# -- Gemma 3 270M -----------------------------------------------------------------------------
+@pytest.mark.gemma
+def test_gemma_splice_with_and_without_error_term(gemma):
+    prompt = "The Eiffel Tower is located in the city of"
+    base = gemma.forward(prompt)
+    sae = SAE(gemma.d_model, 512, "topk", k=16, site="resid_post", layer=6).init_weights(0)
+    sae.requires_grad_(False)
+    with InterventionContext(gemma, [SAEPatch(sae, error=True, record=True)]):
+        same = gemma.forward(prompt)
+    assert torch.equal(same, base)
+    with layer_output_hook(gemma, 6, lambda x: sae.decode(sae.encode(x)).to(x.dtype)):
+        want = gemma.forward(prompt)
+    with InterventionContext(gemma, [SAEPatch(sae)]):
+        got = gemma.forward(prompt)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    acts = capture_latents(gemma, prompt, sae)[0]
+    with layer_output_hook(gemma, 6, _hand_edit(sae, steer={int(acts[0, -1].argmax()): 50.0})):
+        want = gemma.forward(prompt)
+    with InterventionContext(
+        gemma, [SAEPatch(sae, error=True, steer={int(acts[0, -1].argmax()): 50.0})]
+    ):
+        got = gemma.forward(prompt)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
