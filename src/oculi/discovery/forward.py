@@ -158,12 +158,16 @@ class _State:
         self.actual: Outputs = {}
         self.extra: dict[str, torch.Tensor] = {}
         self._head_diff: dict[int, torch.Tensor] = {}
+        self._diffs: dict[str, torch.Tensor] = {}
 
     def _diff(self, key: str) -> torch.Tensor:
-        """``source − actual`` for a sender key, ``[N, T, ...]``."""
-        a, s = self.actual[key], self.fwd.source[key]  # type: ignore[index]
-        p = s.shape[0]
-        return (s.unsqueeze(0) - a.view(-1, p, *a.shape[1:])).view(a.shape)
+        """``source − actual`` for a sender key, ``[N, T, ...]`` (once per forward: the sender's
+        actual output is final once recorded)."""
+        if key not in self._diffs:
+            a, s = self.actual[key], self.fwd.source[key]  # type: ignore[index]
+            p = s.shape[0]
+            self._diffs[key] = (s.unsqueeze(0) - a.view(-1, p, *a.shape[1:])).view(a.shape)
+        return self._diffs[key]
 
     def head_diff(self, layer: int) -> torch.Tensor:
         """Each head's change of the output projection's output, ``[N, H, T, d]`` (no bias)."""
@@ -176,11 +180,13 @@ class _State:
         w, fwd = self.weights, self.fwd
         total: torch.Tensor | None = None
         if w is not None:
-            for edge, key in fwd.linear[r.name]:
-                col = w[:, edge]
-                if bool(col.any()):
-                    part = col.view(-1, 1, 1).to(self.actual[key].dtype) * self._diff(key)
-                    total = part if total is None else total + part
+            linear = fwd.linear[r.name]
+            if linear:
+                cols = w[:, [edge for edge, _ in linear]]
+                active = [i for i, on in enumerate(cols.any(0).tolist()) if on]  # one sync
+                if active:
+                    diffs = torch.stack([self._diff(linear[i][1]) for i in active])
+                    total = torch.einsum("nk,kntd->ntd", cols[:, active].to(diffs.dtype), diffs)
             for layer, edges in fwd.heads[r.name].items():
                 cols = w[:, edges]
                 if not bool(cols.any()):

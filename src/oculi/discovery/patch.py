@@ -84,7 +84,7 @@ class EdgePatcher:
         plain = EdgeForward(adapter, graph, None)
         with torch.no_grad():
             h_clean, clean_out, _ = plain.run(self.clean, None, read=self.read)
-            _, corrupt_out, _ = plain.run(corrupt_batch, None, read=self.read)
+            h_corrupt, corrupt_out, _ = plain.run(corrupt_batch, None, read=self.read)
         if metric.kind == "kl":
             if p != 1:
                 raise InputError(
@@ -97,7 +97,13 @@ class EdgePatcher:
         self.source = {k: _source(corrupt_out[k], mode) for k in keys}
         self.forward = EdgeForward(adapter, graph, self.source)
         self.clean_value = float(self._metric(h_clean).mean())
-        self.corrupt_value = float(self.run(torch.ones(1, len(graph.edges)))[0])
+        # every edge carrying the corrupt run's value is the corrupt run (tested identity)
+        everything = torch.ones(1, len(graph.edges))
+        self.corrupt_value = (
+            float(self._metric(h_corrupt).mean())
+            if mode == "corrupt"
+            else float(self.run(everything)[0])
+        )
 
     @property
     def n_prompts(self) -> int:
