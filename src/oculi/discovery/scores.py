@@ -245,7 +245,9 @@ class CircuitScores:
             )
         return out
 
-    def exact_nodes(self, names: list[str] | None = None) -> dict[str, float]:
+    def exact_nodes(
+        self, names: list[str] | None = None, *, progress: bool = False
+    ) -> dict[str, float]:
         """Exact node patching ``metric(node patched) − clean``: every edge into a q/k/v or MLP
         receiver node, or, for ``m{l}`` senders, every edge out of it; batched."""
         names = list(self.nodes or {}) if names is None else list(names)
@@ -259,16 +261,16 @@ class CircuitScores:
             if not cols:
                 raise InputError(f"no node {name!r} in the {self.graph.level!r} graph")
             weights[row, cols] = 1.0
-        values = self.patcher.run(weights) - self.clean_value
+        values = self.patcher.run(weights, progress=progress) - self.clean_value
         return dict(zip(names, values.tolist()))
 
-    def exact(self, edges: list[int] | None = None) -> torch.Tensor:
+    def exact(self, edges: list[int] | None = None, *, progress: bool = False) -> torch.Tensor:
         """Exact single-edge patching ``metric(edge patched) − clean`` for ``edges`` (default
         all), the reference the scores estimate; batched."""
         idx = list(range(len(self.graph.edges))) if edges is None else list(edges)
         weights = torch.zeros(len(idx), len(self.graph.edges))
         weights[torch.arange(len(idx)), idx] = 1.0
-        return self.patcher.run(weights) - self.clean_value
+        return self.patcher.run(weights, progress=progress) - self.clean_value
 
 
 def eap(

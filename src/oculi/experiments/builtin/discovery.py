@@ -75,13 +75,13 @@ def _agreement(results: dict[str, Any], k: int) -> dict[str, Any]:
     if edge_methods and k > 0:
         union = sorted({i for s in edge_methods.values() for i in s.ranked()[:k]})
         ref = next(iter(edge_methods.values()))
-        exact = ref.exact(union)
+        exact = ref.exact(union, progress=True)
         for m, s in edge_methods.items():
             rho = spearmanr(s.values[union].numpy(), exact.numpy()).statistic
             out[m] = {"spearman": float(rho), "edges": len(union)}
     if "atp_star" in results:
         s = results["atp_star"]
-        exact_nodes = s.exact_nodes()
+        exact_nodes = s.exact_nodes(progress=True)
         names = list(exact_nodes)
         rho = spearmanr([s.nodes[n] for n in names], [abs(exact_nodes[n]) for n in names]).statistic
         out["atp_star"] = {"spearman_abs": float(rho), "nodes": len(names)}
