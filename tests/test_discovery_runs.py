@@ -91,3 +91,21 @@ def test_cli_discover(tiny_dir, tmp_path, tiny):
     assert "faithfulness" in text.output and figure.read_bytes()[:4] == b"\x89PNG"
     bad = CliRunner().invoke(cli, [*args[:2], "the dog", *args[3:]])
     assert bad.exit_code == 2 and "same token length" in bad.output
+
+
+def test_report_circuit_section(tiny, tmp_path):
+    """With a contrasting prompt the report gains the circuit: the same circuit and
+    faithfulness as EAP-IG's recover=0.8 through the Python API."""
+    from oculi.discovery import eap_ig
+    from oculi.visualize.report import build_report, render
+
+    data = build_report(tiny, CLEAN, corrupt=CORRUPT, samples=1)
+    scores, circuit = data.circuit
+    rival = int(tiny.forward(CORRUPT)[-1].argmax())
+    metric = logit_diff(data.target_id, rival)
+    again = eap_ig(tiny, Graph.from_adapter(tiny, "heads"), CLEAN, CORRUPT, metric=metric, steps=5)
+    assert circuit.names == again.circuit(recover=0.8).names
+    page = render(data)
+    assert '<section id="circuit">' in page and "<svg" in page
+    assert f"{circuit.faithfulness:.0%}" in page
+    assert build_report(tiny, CLEAN, samples=1).circuit is None

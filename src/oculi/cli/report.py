@@ -38,6 +38,13 @@ from oculi.cli._options import load_adapter, model_options
     type=click.IntRange(min=1),
     help="Noise samples of the causal tracing.",
 )
+@click.option(
+    "--corrupt",
+    "-c",
+    default=None,
+    help="A contrasting prompt of the same token length: adds the circuit that carries the "
+    "answer (EAP-IG, exact faithfulness).",
+)
 @model_options
 def report(
     prompt: str,
@@ -45,6 +52,7 @@ def report(
     target: str | None,
     subject: str | None,
     samples: int,
+    corrupt: str | None,
     **model_opts: Any,
 ) -> None:
     """Write an offline HTML report: top next tokens, logit lens, which layers and heads write
@@ -57,5 +65,7 @@ def report(
     from oculi.visualize.report import write_report
 
     adapter = load_adapter(**model_opts)
-    path = write_report(adapter, prompt, output, target=target, subject=subject, samples=samples)
+    path = write_report(
+        adapter, prompt, output, target=target, subject=subject, samples=samples, corrupt=corrupt
+    )
     click.echo(f"wrote {path}")

@@ -11,7 +11,9 @@ The page shows the top next tokens; the logit lens (each layer's prediction at e
 position, and the answer's probability layer by layer); which layers, heads and MLPs write
 the answer into the residual stream (direct logit attribution); the attention patterns of
 the heads that matter most, with a head picker and token hover; and a causal-tracing grid
-(noise on the subject, one clean state restored at a time). Everything — data, styles,
+(noise on the subject, one clean state restored at a time); with a contrasting ``corrupt``
+prompt, the circuit that carries the answer (EAP-IG over the heads graph, the smallest circuit
+keeping 80% of the difference, by exact edge patching). Everything — data, styles,
 script — is inline: it opens offline, from a file or an e-mail attachment.
 
 Cost: one forward pass that captures what the sections need, plus the causal-tracing sweep
@@ -61,6 +63,7 @@ class ReportData:
     layers: list[int] = field(default_factory=list)
     samples: int = 0
     seconds: float = 0.0
+    circuit: tuple[Any, Any] | None = None  # (CircuitScores, Circuit) with a corrupt prompt
 
 
 def default_subject(adapter: Any, prompt: str) -> str:
@@ -108,6 +111,7 @@ def build_report(
     subject: str | None = None,
     samples: int = 5,
     top_k: int = 10,
+    corrupt: str | None = None,
 ) -> ReportData:
     """Run what the report shows. See :func:`write_report` for the arguments."""
     start = time.perf_counter()
@@ -148,6 +152,7 @@ def build_report(
         adapter, prompt, subject if subject is not None else default_subject(adapter, prompt),
         target_id, samples=samples, progress=False,
     )  # fmt: skip
+    circuit = None if corrupt is None else _circuit(adapter, prompt, corrupt, target_id)
     return ReportData(
         model=str(full.metadata.get("model", type(adapter.model).__name__)),
         prompt=prompt,
@@ -164,7 +169,22 @@ def build_report(
         layers=list(lc.layers),
         samples=samples,
         seconds=time.perf_counter() - start,
+        circuit=circuit,
     )
+
+
+def _circuit(adapter: Any, prompt: str, corrupt: str, target_id: int) -> tuple[Any, Any]:
+    """EAP-IG on the heads graph for ``target − the corrupt prompt's top token`` (the target's
+    logit when both predict it), and its smallest circuit keeping 80%."""
+    from oculi import discovery, patching
+
+    rival = int(adapter.forward(corrupt)[-1].argmax())
+    metric = (
+        patching.logit(target_id) if rival == target_id else patching.logit_diff(target_id, rival)
+    )
+    graph = discovery.Graph.from_adapter(adapter, "heads")
+    scores = discovery.eap_ig(adapter, graph, prompt, corrupt, metric=metric, steps=5)
+    return scores, scores.circuit(recover=0.8)
 
 
 def _section(title: str, note: str, body: str, anchor: str) -> str:
@@ -230,6 +250,19 @@ def render(data: ReportData) -> str:
             "tracing",
         ),
     ]
+    if data.circuit is not None:
+        scores, circuit = data.circuit
+        sections.append(
+            _section(
+                "Circuit",
+                "Which edges between the embedding, the heads and the MLPs carry the answer over "
+                f"the contrasting prompt ({esc(scores.patcher.metric.name)}): every edge scored "
+                "by EAP-IG, then the smallest set of best edges whose exact patching keeps 80% of "
+                "the difference.",
+                views.circuit_view(scores, circuit),
+                "circuit",
+            )
+        )
     foot = (
         f'<p class="oc-meta">oculi {esc(__version__)} · computed in {data.seconds:.1f} s · '
         "self-contained page: no network needed</p>"
@@ -250,6 +283,7 @@ def write_report(
     target: str | int | None = None,
     subject: str | None = None,
     samples: int = 5,
+    corrupt: str | None = None,
 ) -> Path:
     """Write the report page for ``prompt`` to ``path``; returns the path.
 
@@ -266,11 +300,14 @@ def write_report(
         subject: the substring of ``prompt`` that causal tracing corrupts (default: every
             token but the last; see :func:`default_subject`).
         samples: noise samples of the causal tracing.
+        corrupt: a contrasting prompt of the same token length; adds the circuit section.
 
     Raises:
         InputError: an empty prompt, a target of several tokens, a subject not in the prompt.
     """
-    data = build_report(adapter, prompt, target=target, subject=subject, samples=samples)
+    data = build_report(
+        adapter, prompt, target=target, subject=subject, samples=samples, corrupt=corrupt
+    )
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(data), encoding="utf-8")

@@ -263,3 +263,40 @@ def attribution_view(attribution: Any, layers: Sequence[int] | None = None) -> s
         f'{note}<div class="oc-row oc-dla"><div><table class="oc-list">{summary}</table></div>'
         f"{cells}</div>"
     )
+
+
+def circuit_view(scores: Any, circuit: Any, top: int = 15) -> str:
+    """A discovered circuit: its size and faithfulness, the graph (an inline SVG when
+    matplotlib is installed) and the ``top`` edges by ``|score|``, circuit edges marked."""
+    kept = set(circuit.names)
+    rows = "".join(
+        f"<tr><td>{esc(name)}</td><td>{value:+.4f}</td><td>{'✓' if name in kept else ''}</td></tr>"
+        for name, value in scores.top(top)
+    )
+    summary = (
+        f"<p>{circuit.n_edges} edges between {circuit.n_nodes} components "
+        f"({esc(scores.method)}, {len(scores.graph.edges)} edges in the graph) keep "
+        f"<b>{circuit.faithfulness:.0%}</b> of the clean–corrupt difference "
+        f"(metric {circuit.value:.3f}; clean {scores.clean_value:.3f}, corrupt "
+        f"{scores.corrupt_value:.3f}; exact edge patching).</p>"
+    )
+    table = (
+        '<table class="oc-grid"><tr><th>edge</th><th>score</th><th>in circuit</th></tr>'
+        f"{rows}</table>"
+    )
+    return summary + _circuit_svg(circuit) + table
+
+
+def _circuit_svg(circuit: Any) -> str:
+    try:
+        import io
+
+        from matplotlib.figure import Figure
+    except ImportError:  # the page still has the numbers and the table
+        return ""
+    fig = Figure(figsize=(10, 4.5), layout="constrained")
+    circuit.plot(ax=fig.subplots())
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg")
+    svg = buf.getvalue()
+    return f'<div class="oc-figure">{svg[svg.index("<svg") :]}</div>'
