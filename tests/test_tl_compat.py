@@ -468,7 +468,7 @@ def test_bad_hooks_and_names_say_what_is_wrong():
     ):
         a.run_with_cache(ids, names_filter="blocks.0.attn.hook_patern")
     with pytest.raises(
-        UnknownSiteError, match=re.escape("block 7 out of range, the model has 3 blocks (0..2)")
+        IndexError, match=re.escape("layer 7 out of range for a model with 3 layers (0..2)")
     ):
         a.run_with_hooks(ids, fwd_hooks=[("blocks.7.hook_resid_pre", lambda x, hook: x)])
     with pytest.raises(UnknownSiteError, match="hook_rot_q"):  # GPT-2 has no rotary
@@ -484,6 +484,8 @@ def test_bad_hooks_and_names_say_what_is_wrong():
     with pytest.raises(InputError, match="bwd_hooks are not supported"):
         a.run_with_hooks(ids, bwd_hooks=[("blocks.0.hook_resid_pre", lambda x, hook: x)])
     _, cache = a.run_with_cache(ids, names_filter="blocks.0.hook_resid_pre")
+    with pytest.raises(IndexError, match=re.escape("layer -4 out of range for a model with 3")):
+        cache["resid_pre", -4]
     with pytest.raises(
         KeyError, match=re.escape("needs ['blocks.2.hook_resid_post', 'ln_final.hook_normalized']")
     ):
@@ -586,3 +588,48 @@ def test_numbers_equal_transformer_lens_on_gpt2():
     tl_attrs = fold_cache.logit_attrs(fold_cache.decompose_resid(pos_slice=-1), 5, pos_slice=-1)
     close(cache.logit_attrs(resid, 5, pos_slice=-1), tl_attrs, "logit_attrs vs folded TL")
     close(cache.logit_bias(5), folded.b_U[5], "logit_bias == folded b_U")
+
+
+def test_a_padded_batch_gives_each_row_its_own_numbers():
+    a = oculi.attach(tiny_model("gemma3"), tiny_tokenizer())
+    short = "the cat sat"
+    logits, cache = a.run_with_cache([short, PROMPT])  # left-padded, as the tokenizer pads
+    _, alone = a.run_with_cache(short)
+    n = alone["resid_pre", 1].shape[1]
+    close(cache["resid_pre", 1][0, -n:], alone["resid_pre", 1][0], "padded row")
+    close(cache["pattern", 2][0, :, -n:, -n:], alone["pattern", 2][0], "padded row's pattern")
+    targets = torch.tensor([5, 9])  # one token per row, at each row's last position
+    attrs = cache.logit_attrs(cache.decompose_resid(pos_slice=-1), targets, pos_slice=-1)
+    want = logits[:, -1].gather(-1, targets[:, None])[:, 0]
+    close(attrs.sum(0) + cache.logit_bias(targets), want, "per-row attributions")
+
+
+def test_hooks_block_applies_to_every_forward_and_generation():
+    model, tok = tiny_model("llama_gqa"), tiny_tokenizer()
+    a = oculi.attach(model, tok)
+    ids = torch.tensor([tok(PROMPT)["input_ids"]])
+    head, d = 1, a.d_head
+
+    def zero_head(z, hook):
+        z[:, :, head] = 0.0
+
+    def hand(_m, args):
+        x = args[0].clone()
+        x[..., head * d : (head + 1) * d] = 0.0
+        return (x,)
+
+    handle = model.model.layers[2].self_attn.o_proj.register_forward_pre_hook(hand)
+    try:
+        with torch.no_grad():
+            want_logits = model(ids).logits
+            want_ids = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    finally:
+        handle.remove()
+    with a.hooks(fwd_hooks=[("blocks.2.attn.hook_z", zero_head)]):
+        close(a(ids), want_logits, "adapter(tokens) inside hooks()")
+        _, cache = a.run_with_cache(ids, names_filter="blocks.2.attn.hook_z")
+        assert not cache["z", 2][:, :, head].any()  # the cache records the hooked model
+        text = a.generate(PROMPT, max_new_tokens=4)
+    assert text == tok.decode(want_ids[0, ids.shape[1] :], skip_special_tokens=True)
+    with torch.no_grad():
+        close(a(ids), model(ids).logits, "after the block")

@@ -301,6 +301,13 @@ class Adapter:
 
         return run_with_hooks(self, input, fwd_hooks, bwd_hooks, **kwargs)
 
+    def hooks(self, fwd_hooks: Any = (), bwd_hooks: Any = (), **kwargs: Any) -> Any:
+        """``with adapter.hooks(fwd_hooks=[(name, fn)]):`` every forward inside runs them
+        (generation included); see :func:`oculi.tl.run.hooks`."""
+        from oculi.tl.run import hooks
+
+        return hooks(self, fwd_hooks, bwd_hooks, **kwargs)
+
     def __call__(self, input: Any, return_type: Any = "logits", **kwargs: Any) -> Any:
         """``model(tokens)`` as in TransformerLens: logits ``[batch, pos, d_vocab]``."""
         return self.run_with_hooks(input, return_type=return_type, **kwargs)

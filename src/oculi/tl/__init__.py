@@ -16,7 +16,7 @@ not (a norm after attention: Gemma 2/3, OLMo 2).
 
 from oculi.tl.cache import ActivationCache, apply_slice
 from oculi.tl.names import HookSpec, get_act_name, hook_names
-from oculi.tl.run import HookPoint, run_with_cache, run_with_hooks
+from oculi.tl.run import HookPoint, hooks, run_with_cache, run_with_hooks
 from oculi.tl.tokens import TLConfig, to_str_tokens, to_string, to_tokens
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "apply_slice",
     "get_act_name",
     "hook_names",
+    "hooks",
     "run_with_cache",
     "run_with_hooks",
     "to_str_tokens",

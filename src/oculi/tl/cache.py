@@ -86,8 +86,8 @@ class ActivationCache(FrozenReadout):
             return key if key in self.cache_dict else get_act_name(key)
         if isinstance(key, tuple) and 1 <= len(key) <= 3 and isinstance(key[0], str):
             name, layer = key[0], key[1] if len(key) > 1 else None
-            if isinstance(layer, int) and layer < 0:
-                layer += self.model.n_layers
+            if layer is not None:
+                layer = self.model.resolve_layer(layer)  # negatives count from the end
             return get_act_name(name, layer, key[2] if len(key) > 2 else None)
         raise TypeError(
             f"cache keys are hook names ('blocks.3.attn.hook_pattern') or (name, layer[, "

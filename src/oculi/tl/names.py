@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from oculi.capture.sites import parse_name
-from oculi.errors import UnknownSiteError, did_you_mean
+from oculi.errors import LayerIndexError, UnknownSiteError, did_you_mean
 
 if TYPE_CHECKING:
     from oculi.models.adapter import Adapter
@@ -174,7 +174,12 @@ def hook_names(adapter: Adapter) -> list[str]:
 
 
 def resolve(adapter: Adapter, name: str, specs: dict[str, HookSpec] | None = None) -> HookSpec:
-    """The spec of one TL hook name; an unknown name raises with the closest valid ones."""
+    """The spec of one TL hook name.
+
+    Raises:
+        UnknownSiteError: (a ``KeyError``) an unknown name, with the closest valid ones.
+        LayerIndexError: (an ``IndexError``) ``blocks.<layer>.`` past the model's layers.
+    """
     specs = specs if specs is not None else hook_specs(adapter)
     if not isinstance(name, str):
         raise TypeError(f"a hook name is a string like 'blocks.0.hook_resid_pre', got {name!r}")
@@ -183,9 +188,10 @@ def resolve(adapter: Adapter, name: str, specs: dict[str, HookSpec] | None = Non
         return spec
     match = _BLOCK_PATTERN.match(name)
     if match is not None and not 0 <= int(match.group(1)) < adapter.n_layers:
-        raise UnknownSiteError(
-            f"unknown hook {name!r}: block {match.group(1)} out of range, the model has "
-            f"{adapter.n_layers} blocks (0..{adapter.n_layers - 1})"
+        n = adapter.n_layers
+        raise LayerIndexError(
+            f"hook {name!r}: layer {match.group(1)} out of range for a model with {n} layers "
+            f"(0..{n - 1})"
         )
     if match is not None:
         hooks = [n.split(".", 2)[2] for n in specs if n.startswith(f"blocks.{match.group(1)}.")]

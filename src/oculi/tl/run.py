@@ -28,8 +28,8 @@ batch dimension, as TransformerLens's do: logits ``[batch, pos, d_vocab]``.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -176,6 +176,30 @@ def _add_read(adapter, hooks: HookSet, taps, spec: HookSpec, store: dict) -> Non
         hooks.forward(_module(adapter, spec), lambda _m, _a, out: keep(first_tensor(out)))
 
 
+@contextmanager
+def installed(
+    adapter: Adapter, writes: Sequence[tuple[HookSpec, HookFn, HookPoint]]
+) -> Iterator[None]:
+    """Hook functions ``writes`` applied to every forward of the model inside the block."""
+    for spec, _fn, _point in writes:
+        if spec.readonly:
+            raise ValueError(spec.readonly)
+    site_writes = [w for w in writes if w[0].source == "site"]
+    context: Any = nullcontext()
+    if site_writes:
+        context = InterventionContext(adapter, [_SiteHooks(list(site_writes))])
+    with context, HookSet() as hooks:
+        taps: dict[int, LayerTaps] = {}
+        for spec, fn, point in writes:
+            if spec.source != "site":
+                _add_write(adapter, hooks, taps, spec, fn, point)
+        if taps:
+            hooks.enter(
+                attention_bridge(adapter.attention_configs, adapter.attention_layer_ids, taps)
+            )
+        yield
+
+
 def forward(
     adapter: Adapter,
     batch: Batch,
@@ -187,9 +211,6 @@ def forward(
     Returns the final normalised residual ``[B, T, d]`` and ``{name: activation}`` in
     TransformerLens layout, in ``reads`` order.
     """
-    for spec, _fn, _point in writes:
-        if spec.readonly:
-            raise ValueError(spec.readonly)
     requests: dict[str, set[int]] = {}
     for spec in reads:
         if spec.source == "site":
@@ -197,16 +218,10 @@ def forward(
             requests.setdefault(spec.kind, set()).add(spec.layer)
     stored: dict[str, torch.Tensor] = {}
     outputs: list[Any] = []
-    site_writes = [w for w in writes if w[0].source == "site"]
-    context: Any = nullcontext()
-    if site_writes:
-        context = InterventionContext(adapter, [_SiteHooks(list(site_writes))])
-    # the set closes the bridge with its hooks (no unprotected ExitStack between them)
-    with context, torch.no_grad(), HookSet() as hooks:
+    # the reads are registered after the writes, so they see what the writes did; each set
+    # closes its bridge with its hooks (no unprotected ExitStack between them)
+    with installed(adapter, writes), torch.no_grad(), HookSet() as hooks:
         taps: dict[int, LayerTaps] = {}
-        for spec, fn, point in writes:  # before the reads, so the reads see the writes
-            if spec.source != "site":
-                _add_write(adapter, hooks, taps, spec, fn, point)
         for spec in reads:
             if spec.source != "site":
                 _add_read(adapter, hooks, taps, spec, stored)
@@ -383,3 +398,25 @@ def run_with_cache(
     if remove_batch_dim:
         cache.remove_batch_dim()
     return _outputs(adapter, hidden, batch, return_type), cache
+
+
+@contextmanager
+def hooks(
+    adapter: Adapter,
+    fwd_hooks: Iterable[Any] = (),
+    bwd_hooks: Iterable[Any] = (),
+    reset_hooks_end: bool = True,
+    clear_contexts: bool = False,
+) -> Iterator[Adapter]:
+    """TransformerLens's ``with model.hooks(fwd_hooks=[(name, fn)]):`` block.
+
+    Every forward of the model inside the block runs the hook functions: ``adapter(tokens)``,
+    ``run_with_cache`` (which then records their effect), oculi's captures and patching, and
+    ``adapter.generate`` (with a KV cache each step's forward sees only its new positions, as
+    in TransformerLens). The hooks are removed when the block ends, also on an exception.
+    """
+    del reset_hooks_end, clear_contexts
+    if list(bwd_hooks):
+        raise InputError("bwd_hooks are not supported: oculi runs hooks without gradients")
+    with installed(adapter, _expand(adapter, fwd_hooks)):
+        yield adapter
