@@ -5,9 +5,11 @@ The proof is the way the problem was found: ``sys.settrace`` counts the line eve
 tracing, steered generation), then the run is repeated once per event with SIGINT raised at
 that event, exactly as a Ctrl-C arriving there would be (``signal.raise_signal`` from the
 trace function: the handler in place at that moment decides, and by default it raises
-``KeyboardInterrupt`` on that line). Every line event inside oculi's modules is interrupted
-once, so every line of every enter and exit; long runs add a seeded sample of events inside
-torch and transformers (random moments of the forward). After each interrupted run:
+``KeyboardInterrupt`` on that line). Interrupted are: the first time each line runs inside
+oculi's enter/exit functions (those that hold interrupts) and in the modules that open and
+close contexts, so every line of every enter and exit; plus seeded samples of the other oculi
+events and of events inside torch and transformers (random moments of the forward). After
+each interrupted run:
 
 - ``KeyboardInterrupt`` came out of the run (an interrupt is held while oculi installs or
   restores something, never lost);
@@ -20,9 +22,11 @@ torch and transformers (random moments of the forward). After each interrupted r
 
 Afterwards a fresh capture gives the numbers it gave before any interrupt.
 
-Exceptions raised by oculi's own steps (a ``NoEffectWarning`` under ``-W error``, a hook whose
-removal fails, a config refusing its value back) are tested directly, and N contexts,
-captures and sweeps leave every registry oculi appends to at its size before (item 5).
+Exceptions at the wrong moment are tested too: every hook registration and attention switch
+of a run fails once in turn (the enter undoes itself), a ``NoEffectWarning`` under
+``-W error`` on entering, in a forward and on leaving, removal steps that fail (the others
+still run) and configs refusing the switch or their value back. Finally, N contexts, captures
+and sweeps leave every table oculi appends to at its size before (issue 16, item 5).
 """
 
 from __future__ import annotations
@@ -283,6 +287,82 @@ def test_interrupted_patching_sweep_and_causal_tracing(base: Baseline, what: str
                 adapter, clean, "the eiffel tower", "paris", corrupt=corrupt, progress=False
             ),
         )
+
+
+# -- a step of an enter that fails ---------------------------------------------------------
+# The torch and transformers functions oculi's enters call to change the model.
+INSTALL_STEPS = frozenset(
+    {"register_forward_hook", "register_forward_pre_hook", "_attn_implementation", "register"}
+)
+
+
+class StepFailure:
+    """Makes the ``at``-th call of an install step (counted over the run) raise, as if torch
+    or transformers refused it; without ``at``, counts those calls."""
+
+    def __init__(self, at: int | None = None) -> None:
+        self.at = at
+        self.count = 0
+
+    def __call__(self, frame: Any, event: str, _arg: Any) -> Any:
+        if event != "call" or frame.f_code.co_name not in INSTALL_STEPS:
+            return None
+        if frame.f_code.co_filename.startswith(OCULI_DIR) or not interrupts._held_at(frame):
+            return None  # only steps oculi's lifecycle code takes
+        if _closing(frame):
+            return None  # a step of an exit that fails stays undone (tested above), the rest run
+        self.count += 1
+        if self.count - 1 == self.at:
+            sys.settrace(None)
+            raise RuntimeError(f"install step {frame.f_code.co_name} failed")
+        return None
+
+    def run(self, fn: Callable[[], Any]) -> None:
+        previous = sys.gettrace()
+        sys.settrace(self)
+        try:
+            fn()
+        finally:
+            sys.settrace(previous)
+
+
+def _closing(frame: Any) -> bool:
+    while frame is not None:
+        if frame.f_code.co_name in {"remove", "__exit__", "_close", "_release", "closed"}:
+            return True
+        frame = frame.f_back
+    return False
+
+
+@pytest.mark.parametrize(
+    "name", ["capture", "spectra", "ablation", "mean_ablation", "patch", "steering", "sweep"]
+)
+def test_every_failing_install_step_leaves_the_model_unchanged(base: Baseline, name: str):
+    """Each hook registration and attention switch of a run fails once in turn (a
+    ``RuntimeError`` raised as the step is called): the enter undoes what it did."""
+    adapter = base.adapter
+    if name == "capture":
+        run: Callable[[], Any] = lambda: adapter.capture_full(base.ids)  # noqa: E731
+    elif name == "sweep":
+        run = lambda: patching.activation_patching(  # noqa: E731
+            adapter,
+            PROMPT,
+            "the big tree is in the city of",
+            site="z",
+            metric=patching.probability("paris"),
+            layers=[1],
+            progress=False,
+        )
+    else:
+        run = _in_context(base, interventions(adapter)[name])
+    run()
+    counting = StepFailure()
+    counting.run(run)
+    assert counting.count >= 3, "the run registers hooks and switches the implementation"
+    for at in range(counting.count):
+        with pytest.raises(RuntimeError, match="install step .* failed"):
+            StepFailure(at).run(run)
+        base.check(f"install step {at} failing")
 
 
 # -- a Ctrl-C goes to the handler that was there -------------------------------------------

@@ -35,7 +35,7 @@ SIGINT, so other threads need none of this. An interrupt that arrives before ``o
 installed the handler arrives at once, before anything was installed; one on the very last
 line of an enter, after its delivery point, stays held until the next one (the next oculi hook
 that runs in a forward, the next registration, or the exit): it is never lost and never lands
-between two steps. ``tests/test_interrupts.py`` raises SIGINT at every line oculi runs.
+between two steps. ``tests/test_interrupts.py`` raises SIGINT at every line of enter/exit code.
 """
 
 from __future__ import annotations
