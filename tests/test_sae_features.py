@@ -155,3 +155,29 @@ def test_atp_gradient_matches_finite_differences(adapter):
         assert fd == pytest.approx(float(fa.gradient[i]), rel=2e-2, abs=1e-4)
     with pytest.raises(ValueError, match="by must be 'atp' or 'dla'"):
         fa.top(3, by="grad")
+
+
+def test_cli_features_page(store, adapter, tmp_path):
+    from click.testing import CliRunner
+
+    from oculi.cli import cli
+
+    folder = tmp_path / "tiny"
+    adapter.model.save_pretrained(folder)
+    adapter.tokenizer.save_pretrained(folder)
+    sae = random_sae(adapter.d_model)
+    sae.save(tmp_path / "s.safetensors")
+    out = tmp_path / "p.html"
+    args = ["sae", "features", str(tmp_path / "s.safetensors"), "--store", str(store.path),
+            "-o", str(out), "-m", str(folder), "--latents", "1,2"]  # fmt: skip
+    done = CliRunner().invoke(cli, args)
+    assert done.exit_code == 0, done.output
+    feats = top_activations(store, sae)
+    alive = int((feats.counts > 0).sum())
+    assert (
+        done.output.strip()
+        == f"wrote {out}: {alive:,} of 48 latents fired on {store.n_rows:,} tokens"
+    )
+    assert 'id="latent-1"' in out.read_text() and 'id="latent-3"' not in out.read_text()
+    bad = CliRunner().invoke(cli, [*args[:-1], "1,99"])
+    assert bad.exit_code == 2 and "latent 99 out of range for d_sae=48 (0..47)" in bad.output

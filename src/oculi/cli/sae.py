@@ -11,14 +11,16 @@ from oculi.cli._options import emit_json, json_option, model_options
 
 @click.group()
 def sae() -> None:
-    """Sparse autoencoders: train on a harvest store, evaluate them spliced into the model.
+    """Sparse autoencoders: train on a harvest store, evaluate them spliced, explain latents.
 
-    `evaluate` loads the model with --model, --device and --dtype (default: Gemma 3 270M).
+    `evaluate` and `features` load the model with --model, --device and --dtype (default:
+    Gemma 3 270M).
 
     \b
     Example:
       oculi sae train --store acts --site resid_post --layer 6 --d-sae 4096 --k 32 --out sae6
       oculi sae evaluate sae6/sae.safetensors --prompts held_out.jsonl
+      oculi sae features sae6/sae.safetensors --store acts -o features.html
     """
 
 
@@ -115,3 +117,59 @@ def evaluate_command(
         emit_json(asdict(result))
         return
     click.echo(result.table())
+
+
+@sae.command("features")
+@click.argument("path")
+@click.option("--store", required=True, metavar="DIR", help="A harvest store holding its site.")
+@click.option("--out", "-o", required=True, metavar="FILE", help="The .html page to write.")
+@click.option("--latents", default=None, help="Comma-separated latents (default: 24 that fire).")
+@click.option("--k", type=int, default=16, show_default=True, help="Top examples per latent.")
+@click.option("--contexts", type=int, default=8, show_default=True, help="Examples shown.")
+@model_options
+@json_option
+def features_command(
+    path: str, store: str, out: str, latents: str | None, k: int, contexts: int, as_json: bool,
+    **model_opts: Any,
+) -> None:  # fmt: skip
+    """Write an offline page explaining latents of the SAE at PATH over a harvest store.
+
+    One pass over the store finds every latent's top-activating tokens, density and histogram;
+    the page shows them with the tokens each latent's decoder direction promotes and
+    suppresses.
+
+    \b
+    Example:
+      oculi sae features sae6/sae.safetensors --store acts -o features.html --latents 3,12,40
+    """
+    from oculi.cli._options import load_adapter
+    from oculi.harvest.store import open_harvest
+    from oculi.sae import load_sae, top_activations
+    from oculi.visualize.features import write_feature_page
+
+    chosen = None
+    if latents:
+        try:
+            chosen = [int(x) for x in latents.split(",")]
+        except ValueError:
+            raise click.BadParameter(
+                f"{latents!r}: give latent indices like '3,12,40'", param_hint="--latents"
+            ) from None
+    adapter = load_adapter(**model_opts)
+    model = load_sae(path, device=adapter.device)
+    for i in chosen or []:
+        if not 0 <= i < model.d_sae:
+            raise click.BadParameter(
+                f"latent {i} out of range for d_sae={model.d_sae} (0..{model.d_sae - 1})",
+                param_hint="--latents",
+            )
+    feats = top_activations(open_harvest(store), model, k=k)
+    written = write_feature_page(feats, adapter, out, chosen, n_contexts=contexts)
+    alive = int((feats.counts > 0).sum())
+    if as_json:
+        emit_json({"path": str(written), "tokens": feats.n_tokens, "latents_alive": alive,
+                   "d_sae": model.d_sae})  # fmt: skip
+        return
+    click.echo(
+        f"wrote {written}: {alive:,} of {model.d_sae:,} latents fired on {feats.n_tokens:,} tokens"
+    )
