@@ -31,6 +31,12 @@ committed (killed in between) is simply redone; a committed unit whose shard fil
 wrong size (truncated) is found on resume by a ``stat`` and redone; ``verify=True`` (or
 ``store.verify()``) re-reads and compares checksums. See :mod:`oculi.harvest.writer`.
 
+**Safety.** The store's marker (:mod:`oculi.harvest.folder`) makes it provably oculi's: only
+such a folder is ever replaced, and only the files oculi writes in it. One harvest at a time
+holds the store's lock (:mod:`oculi.harvest.lock`). ``open_harvest`` serves a store only after
+checking it against its records (:mod:`oculi.harvest.integrity`); the unit log survives torn
+writes (:mod:`oculi.harvest.unitlog`).
+
 **Executors.** :class:`LocalExecutor` runs units in this process, writing on a second thread
 while the next unit computes. :class:`RayExecutor` (``pip install 'oculi[scale]'``) hands
 units to Ray Data ``map_batches`` over a pool of actors, each loading the model once and
