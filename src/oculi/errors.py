@@ -63,6 +63,13 @@ class StorageRangeWarning(UserWarning):
     """Captured values exceed the range of the storage dtype (stored as inf)."""
 
 
+class NonFiniteWarning(UserWarning):
+    """The model itself produced NaN or inf (broken weights, an overflow in its dtype): a
+    capture recorded non-finite values, or the logit lens found non-finite logits. The message
+    names the first layer and site in forward order. Make it an error with
+    ``warnings.simplefilter("error", NonFiniteWarning)``."""
+
+
 def did_you_mean(name: str, valid: Iterable[str], n: int = 3, *, prefix: str = "") -> str:
     """``"; did you mean 'x'?"`` for the closest valid names, or ``""`` if none is close.
 

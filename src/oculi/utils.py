@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import platform
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -83,3 +85,17 @@ def get_device_info(device: str | torch.device | None = None) -> dict[str, Any]:
     else:
         info["cpu_threads"] = torch.get_num_threads()
     return info
+
+
+_PACKAGE = str(Path(__file__).resolve().parent)
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` for ``warnings.warn`` called from the caller of this function that
+    points at the first frame outside the oculi package (the user's line), whatever the
+    path through oculi's own functions was."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame = frame.f_back
+        level += 1
+    return level

@@ -11,7 +11,7 @@ of the FLOPs) and stops after the last layer anything was asked of.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, cast
 
 import torch
@@ -22,7 +22,8 @@ from oculi.capture.hooks import HookSet, StopForward, forward_ended
 from oculi.capture.inputs import Batch
 from oculi.capture.places import ModelParts, add_reader, locate
 from oculi.capture.sites import SITE_KINDS
-from oculi.errors import StorageRangeWarning
+from oculi.errors import NonFiniteWarning, StorageRangeWarning
+from oculi.utils import caller_stacklevel
 
 # Recorded for capture structures but not sites of their own: the MLP module's output, which
 # differs from ``mlp_out`` (what joins the residual) where an output norm follows the MLP; and
@@ -64,6 +65,7 @@ class Recorder:
         self._stream: Any = None
         self._pending: list[tuple[Any, int, torch.Tensor]] = []  # (event, bytes, snapshot)
         self._peaks: list[tuple[str, int, torch.Tensor]] = []  # narrowing stores, checked once
+        self._sums: list[tuple[str, int, torch.Tensor]] = []  # every store, in forward order
 
     def store(self, kind: str, layer: int, tensor: torch.Tensor) -> None:
         buf = self.buffers.get(kind)
@@ -85,6 +87,7 @@ class Recorder:
             dst.copy_(tensor.detach())
         if buf.dtype in NARROW and torch.finfo(tensor.dtype).max > torch.finfo(buf.dtype).max:
             self._peaks.append((kind, layer, finite_peak(tensor.detach())))
+        self._sums.append((kind, layer, finite_probe(tensor.detach())))
 
     def _stream_copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         device = src.device
@@ -109,14 +112,15 @@ class Recorder:
             self._stream.synchronize()
         self._pending.clear()
 
-    def check_range(self) -> None:
-        """Warn (once per capture) where fp16/bf16 storage turned values into inf.
+    def check_range(self) -> set[tuple[str, int]]:
+        """Warn (once per capture) where fp16/bf16 storage turned values into inf; returns
+        those ``(kind, layer)``.
 
         One reduction per stored tensor during the forward, one host sync here.
         """
         peaks, self._peaks = self._peaks, []
         if not peaks:
-            return
+            return set()
         values = torch.stack([p.to(peaks[0][2].device, torch.float32) for *_, p in peaks])
         over: dict[tuple[str, torch.dtype], list[tuple[int, float]]] = {}
         for (kind, layer, _), peak in zip(peaks, values.tolist()):
@@ -136,9 +140,59 @@ class Recorder:
                 StorageRangeWarning,
                 stacklevel=4,
             )
+        return {(kind, layer) for (kind, _), hits in over.items() for layer, _ in hits}
+
+    def check_finite(self, ranged: Collection[tuple[str, int]] = ()) -> None:
+        """Warn (``NonFiniteWarning``, once per capture) where the model produced NaN or inf,
+        naming the first layer and site in forward order.
+
+        One sum per stored tensor during the forward (:func:`finite_probe`), one host sync
+        here; a sum that is not finite is confirmed on the stored copy, so only a true NaN or
+        inf warns. ``ranged``: ``(kind, layer)`` whose narrow storage already overflowed to
+        inf (:meth:`check_range` warned); there only NaN counts.
+        """
+        sums, self._sums = self._sums, []
+        if not sums:
+            return
+        flags = torch.stack([s.to(sums[0][2].device, torch.float32) for *_, s in sums])
+        suspect = (~torch.isfinite(flags)).nonzero()[:, 0].tolist()
+        bad: list[tuple[str, int]] = []
+        for i in suspect:
+            kind, layer, _ = sums[i]
+            stored = self.buffers[kind][:, self.slots[kind][layer]]
+            hit = torch.isnan(stored) if (kind, layer) in ranged else ~torch.isfinite(stored)
+            if bool(hit.any()) and (kind, layer) not in bad:
+                bad.append((kind, layer))
+        if not bad:
+            return
+        kind, layer = bad[0]
+        where: dict[str, list[int]] = {}
+        for k, lay in bad:
+            where.setdefault(k, []).append(lay)
+        listed = "; ".join(f"{k!r} at layers {layers}" for k, layers in where.items())
+        note = " (the MLP module's output)" if kind == "mlp_result" else ""
+        warnings.warn(
+            f"the model produced NaN or inf: first at layer {layer}, site {kind!r}{note} (in "
+            f"{listed}). Everything computed from these values (patterns, lens predictions, "
+            "attributions) is meaningless; check the weights for NaN/inf "
+            "(torch.isfinite(p).all() for each parameter) or run in float32",
+            NonFiniteWarning,
+            stacklevel=caller_stacklevel(),
+        )
 
 
 NARROW = (torch.float16, torch.bfloat16)
+
+
+def finite_probe(x: torch.Tensor) -> torch.Tensor:
+    """A 0-dim tensor that is finite when ``x`` is (no host sync).
+
+    The sum of ``x`` (float32 at least, so a half-precision sum does not overflow): NaN or inf
+    anywhere makes it non-finite, and a sum several times cheaper than ``isfinite().all()``
+    on CPUs. A finite ``x`` whose float32 sum overflows is rare and is ruled out by the exact
+    check :meth:`Recorder.check_finite` runs on the stored copy.
+    """
+    return x.sum(dtype=torch.float32) if x.dtype in NARROW else x.sum()
 
 
 def finite_peak(x: torch.Tensor) -> torch.Tensor:
@@ -243,7 +297,9 @@ def record(
                 on_output(out)
         except StopForward:
             forward_ended()  # the open interventions' overflow checks
-    rec.check_range()
+    ranged = rec.check_range()
+    rec.wait()  # the stored copies are read to confirm a non-finite sum
+    rec.check_finite(ranged)
     return _finish(adapter, rec, requests)
 
 

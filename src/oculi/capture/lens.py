@@ -18,6 +18,7 @@ a loaded capture keeps its top-k and can compute the rest after :meth:`attach_un
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -26,7 +27,8 @@ import torch
 
 from oculi.capture.structures import LayerIndexed, Storable
 from oculi.capture.unembed import project_logits
-from oculi.errors import InputError
+from oculi.errors import InputError, NonFiniteWarning
+from oculi.utils import caller_stacklevel
 
 _CHUNK_BYTES = 64 * 2**20
 # exp() of float32 values below about -87 gives subnormals, which run an order of magnitude
@@ -121,6 +123,10 @@ def _sum_exp_(logits: torch.Tensor, shift: torch.Tensor, floor: bool = True) -> 
 class LogitCapture(LayerIndexed, Storable):
     """Lazy layer-wise logits.
 
+    Rows whose logits hold NaN or inf (a broken model) warn ``NonFiniteWarning`` naming the
+    first layer and position when the top-k is computed; the capture that recorded them has
+    already warned where the non-finite values first appeared.
+
     Attributes:
         layers: model layers held, in order.
         normalized: the final-normed residual after each layer, ``[L, T, d]`` (``[B, L, T, d]``
@@ -205,12 +211,44 @@ class LogitCapture(LayerIndexed, Storable):
                     idx.append(i)
                     lse.append(z)
             values, indices, logz = torch.cat(vals), torch.cat(idx), torch.cat(lse)
+            self._check_finite(logz.reshape(self.normalized.shape[:-1]))
             self._topk = (
                 self._unflat(values),
                 self._unflat(indices),
                 self._unflat(logz[:, None])[..., 0],
             )
         return self._topk
+
+    def _check_finite(
+        self,
+        row_values: torch.Tensor,
+        layers: Sequence[int] | None = None,
+        positions: Sequence[int] | None = None,
+    ) -> None:
+        """Warn (``NonFiniteWarning``) when some lens logits are NaN or inf.
+
+        ``row_values`` holds one number per ``(layer, position)`` row that is non-finite exactly
+        when one of the row's logits is: the logsumexp (which covers the whole vocabulary) or
+        a sum over the row, shaped ``[L, T]`` or ``[B, L, T]`` (``layers``, ``positions``: the
+        model layers and positions those are; default all held). An ``[L·T]`` check, nothing
+        next to the matmul; without it a NaN row's top-1 reads as a confident prediction.
+        """
+        bad = ~torch.isfinite(row_values)
+        if not bool(bad.any()):
+            return
+        layers = list(self.layers) if layers is None else list(layers)
+        grid = bad.reshape(-1, len(layers), bad.shape[-1]).any(dim=0)  # [L, T]
+        first = int(grid.any(dim=1).nonzero()[0, 0])
+        pos = int(grid[first].nonzero()[0, 0])
+        pos = positions[pos] if positions is not None else pos
+        warnings.warn(
+            f"the logit lens found NaN or inf logits in {int(bad.sum())} of {bad.numel()} "
+            f"rows, first after layer {layers[first]} at position {pos}: their top-k, "
+            "probabilities and ranks are meaningless (check the model's weights and "
+            "activations for NaN/inf)",
+            NonFiniteWarning,
+            stacklevel=caller_stacklevel(),
+        )
 
     def _topk_whole(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top-k and logsumexp of ``h [N, d]``'s logits against the whole vocabulary at once:
@@ -371,4 +409,14 @@ class LogitCapture(LayerIndexed, Storable):
         step = self._rows(flat)
         with torch.no_grad():
             parts = [self._project(flat[s : s + step]) for s in range(0, flat.shape[0], step)]
-        return torch.cat(parts).reshape(*h.shape[:-1], -1)
+        out = torch.cat(parts).reshape(*h.shape[:-1], -1)
+        n_pos = self.normalized.shape[-2]
+        cols = list(range(n_pos))[positions] if isinstance(positions, slice) else positions
+        if cols is not None:
+            cols = [int(c) % n_pos for c in cols]
+        rows = out.sum(-1)  # non-finite exactly when a logit of the row is (or on overflow)
+        if layer is not None:  # one layer: [T'] or [B, T'] -> a layer axis of one
+            rows = rows.unsqueeze(-2)
+        held = None if layer is None else [self.layers[self.layer_index(layer)]]
+        self._check_finite(rows, held, cols)
+        return out

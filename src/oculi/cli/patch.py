@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import click
@@ -131,7 +132,8 @@ def _int_list(text: str | None, what: str) -> list[int] | None:
     type=click.FloatRange(min=0, min_open=True),
     default=3.0,
     show_default=True,
-    help="Noise scale, in embedding standard deviations.",
+    callback=lambda _ctx, _param, value: _finite(value),
+    help="Noise scale, in embedding standard deviations (finite, > 0).",
 )
 @click.option("--seed", default=0, show_default=True, help="Seed of the noise.")
 @model_options
@@ -187,3 +189,9 @@ def trace(
         return
     click.echo(f"p({target!r}): clean {res.clean_prob:.4f}, corrupted {res.corrupt_prob:.4f}")
     click.echo(res.table())
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise click.BadParameter(f"must be a finite number > 0, got {value}")
+    return value

@@ -20,6 +20,7 @@ ROME's window of 10 layers centred on the layer).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from itertools import groupby
 from typing import TYPE_CHECKING, Any, Literal
@@ -185,6 +186,7 @@ def causal_tracing(
     """
     if kind not in _SITE:
         raise InputError(f"kind must be 'resid', 'mlp' or 'attn', got {kind!r}")
+    _check_noise(noise, adapter.dtype)
     fused = choose_strategy(strategy, adapter.device) == "fused"
     clean = single_prompt(adapter, prompt, "prompt")
     metric = probability(target).bind(adapter)
@@ -215,6 +217,22 @@ def causal_tracing(
     return TracingResult(
         grids.sum(0) / len(runs), clean_prob, corrupt_prob, kind, trace.window, tokens, positions
     )
+
+
+def _check_noise(noise: float, dtype: torch.dtype) -> None:
+    """A finite scale > 0 that the model's dtype can hold (NaN or inf noise would corrupt the
+    run into NaN logits, read as a probability of 0 and a "strong" restoration effect)."""
+    top = torch.finfo(dtype).max if dtype.is_floating_point else float("inf")
+    if (
+        isinstance(noise, bool)
+        or not isinstance(noise, (int, float))
+        or not math.isfinite(noise)
+        or not 0 < noise < top
+    ):
+        raise InputError(
+            f"noise must be a finite number > 0 (in embedding standard deviations; 3 as in "
+            f"ROME), got {noise!r}"
+        )
 
 
 def _corrupted_runs(

@@ -34,7 +34,7 @@ class CausalTracingConfig(ExperimentConfig):
     kind: Literal["resid", "mlp", "attn"] = "resid"
     window: int | None = Field(default=None, ge=1)
     corrupt: str | None = None
-    noise: float = Field(default=3.0, gt=0)
+    noise: float = Field(default=3.0, gt=0, allow_inf_nan=False)
     samples: int = Field(default=10, ge=1)
 
 
