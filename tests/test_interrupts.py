@@ -67,7 +67,7 @@ NOP = dis.opmap["NOP"]
 # lines that a run executes is interrupted at least once.
 LIFECYCLE = frozenset(
     {"hooks.py", "bridge.py", "interrupts.py", "engine.py", "context.py", "resume.py"}
-    | {"writers.py", "path.py", "attribution.py", "run.py"}
+    | {"writers.py", "path.py", "attribution.py", "run.py"}  # run.py: intervention/, tl/
 )
 PROMPT = "the eiffel tower is in the city of"
 
@@ -135,6 +135,16 @@ class Baseline:
         assert torch.equal(again.logits.normalized, self.capture.logits.normalized)
 
 
+def traced(trace: Callable[..., Any], fn: Callable[[], Any]) -> None:
+    """Run ``fn()`` with ``trace`` as the ``sys.settrace`` function; restore the previous."""
+    previous = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        fn()
+    finally:
+        sys.settrace(previous)
+
+
 class Tracer:
     """Counts the line events of a run, in oculi's modules (``own``) and elsewhere
     (``foreign``, traced only when asked: tracing every torch line is slow); with ``at``,
@@ -169,12 +179,7 @@ class Tracer:
         return self
 
     def run(self, fn: Callable[[], Any]) -> None:
-        previous = sys.gettrace()
-        sys.settrace(self)
-        try:
-            fn()
-        finally:
-            sys.settrace(previous)
+        traced(self, fn)
 
 
 def choose(where: list[tuple[str, int, bool]], seed: int) -> list[int]:
@@ -268,6 +273,28 @@ def test_interrupted_captures_and_generation_inside_contexts(base: Baseline, bod
     interrupt_everywhere(base, run)
 
 
+def test_interrupted_transformerlens_hooks_block(base: Baseline):
+    """``adapter.hooks(fwd_hooks=...)`` (oculi.tl) with a module hook, a bridge tap and a site
+    write, around a forward."""
+    adapter, ids = base.adapter, base.ids
+
+    def scale(x: torch.Tensor, hook: Any) -> torch.Tensor:
+        return x * 0.5
+
+    fwd = [
+        ("blocks.1.hook_resid_pre", scale),
+        ("blocks.1.attn.hook_z", scale),
+        ("blocks.2.hook_mlp_out", scale),
+    ]
+
+    def run() -> torch.Tensor:
+        with adapter.hooks(fwd_hooks=fwd):
+            return adapter.forward(ids)
+
+    assert not torch.allclose(run(), base.plain_forward()[0])  # the hooks do change it
+    interrupt_everywhere(base, run)
+
+
 @pytest.mark.parametrize("what", ["sweep", "tracing"])
 def test_interrupted_patching_sweep_and_causal_tracing(base: Baseline, what: str):
     adapter = base.adapter
@@ -318,12 +345,7 @@ class StepFailure:
         return None
 
     def run(self, fn: Callable[[], Any]) -> None:
-        previous = sys.gettrace()
-        sys.settrace(self)
-        try:
-            fn()
-        finally:
-            sys.settrace(previous)
+        traced(self, fn)
 
 
 def _closing(frame: Any) -> bool:
