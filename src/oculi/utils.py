@@ -15,6 +15,7 @@ from __future__ import annotations
 import platform
 import sys
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -94,7 +95,8 @@ def caller_stacklevel() -> int:
     """The ``stacklevel`` for ``warnings.warn`` called from the caller of this function that
     points at the first frame outside the oculi package (the user's line), whatever the
     path through oculi's own functions was."""
-    level, frame = 1, sys._getframe(1)
+    level = 1
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
         frame = frame.f_back
         level += 1
