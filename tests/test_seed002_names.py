@@ -10,6 +10,7 @@ of the same patch.
 from __future__ import annotations
 
 import importlib
+import os
 import re
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from oculi.intervention.module_paths import module_sites, site_of_module
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = ROOT / "docs" / "seed002_names.md"
-SEED = Path("/work/shared/seeds/002_251355f554932d97.txt")
+SEED = Path(os.environ.get("OCULI_SEEDS", "/work/shared/seeds")) / "002_251355f554932d97.txt"
 
 
 # -- the table -----------------------------------------------------------------------------
@@ -65,6 +66,7 @@ def test_every_oculi_call_in_the_table_exists():
         assert callable(obj) or isinstance(obj, property), call
 
 
+@pytest.mark.skipif(not SEED.is_file(), reason=f"seed 002 is not at {SEED} (set OCULI_SEEDS)")
 def test_the_table_names_every_class_function_and_method_seed_002_names():
     """Every class the seed's code calls, every function its text lists or imports, and every
     method its code calls on its objects (``analyzer.generate(``, ``lens.plot_convergence(``)."""
