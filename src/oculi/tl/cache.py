@@ -289,8 +289,8 @@ class ActivationCache(FrozenReadout):
         if parts:
             stack = torch.cat(parts)
         else:
-            shape = apply_slice(self[("resid_pre", 0)], pos_slice, -2).shape
-            stack = torch.zeros(0, *shape, dtype=self[("resid_pre", 0)].dtype)
+            like = apply_slice(self[("resid_pre", 0)], pos_slice, -2)
+            stack = like.new_zeros((0, *like.shape))
         if incl_remainder:
             total = apply_slice(
                 self[("resid_pre", layer)]
