@@ -3,8 +3,8 @@
 References are never oculi: Hugging Face's own ``output_hidden_states``/``output_attentions``
 and logits, plain ``register_forward_hook`` hooks written out here, hand computations from the
 module weights (``test_parity``'s per-family helpers), and identities (components add up to
-the residual, attributions to the logit). TransformerLens itself is compared on GPT-2 where it
-is installed (the ``compare`` extra).
+the residual, attributions to the logit). Where TransformerLens is installed (the ``compare``
+extra), oculi's numbers are compared with its own on GPT-2 and on a grouped-query rotary Llama.
 """
 
 from __future__ import annotations
@@ -529,40 +529,46 @@ def test_tokens_the_transformer_lens_way():
 
 
 # -- TransformerLens itself (the `compare` extra) --------------------------------------------
-def _tl_gpt2(model, fold_ln: bool):
+def _tl_twin(family: str, model, fold_ln: bool):
+    """A TransformerLens model with ``model``'s weights, built offline from its config."""
     tl = pytest.importorskip("transformer_lens")
-    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+    from transformer_lens.pretrained import weight_conversions as conv
 
     c = model.config
-    cfg = tl.HookedTransformerConfig(
-        n_layers=c.n_layer,
-        d_model=c.n_embd,
-        n_ctx=c.n_positions,
-        d_head=c.n_embd // c.n_head,
-        n_heads=c.n_head,
-        d_mlp=c.n_inner,
-        d_vocab=c.vocab_size,
-        act_fn=c.activation_function,
-        normalization_type="LN",
-        positional_embedding_type="standard",
-        eps=c.layer_norm_epsilon,
-        default_prepend_bos=False,
-    )
+    if family == "gpt2":
+        cfg = tl.HookedTransformerConfig(
+            n_layers=c.n_layer, d_model=c.n_embd, n_ctx=c.n_positions,
+            d_head=c.n_embd // c.n_head, n_heads=c.n_head, d_mlp=c.n_inner,
+            d_vocab=c.vocab_size, act_fn=c.activation_function, normalization_type="LN",
+            positional_embedding_type="standard", eps=c.layer_norm_epsilon,
+            default_prepend_bos=False,
+        )  # fmt: skip
+        state = conv.convert_gpt2_weights(model, cfg)
+    else:  # llama_gqa
+        d_head = c.hidden_size // c.num_attention_heads
+        cfg = tl.HookedTransformerConfig(
+            n_layers=c.num_hidden_layers, d_model=c.hidden_size, n_ctx=64, d_head=d_head,
+            n_heads=c.num_attention_heads, n_key_value_heads=c.num_key_value_heads,
+            d_mlp=c.intermediate_size, d_vocab=c.vocab_size, act_fn="silu",
+            normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=d_head,
+            rotary_base=c.rope_parameters["rope_theta"], gated_mlp=True, final_rms=True,
+            eps=c.rms_norm_eps, default_prepend_bos=False, rotary_adjacent_pairs=False,
+        )  # fmt: skip
+        state = conv.convert_llama_weights(model, cfg)
     ht = tl.HookedTransformer(cfg)
     ht.load_and_process_state_dict(
-        convert_gpt2_weights(model, cfg),
-        fold_ln=fold_ln,
-        center_writing_weights=False,
-        center_unembed=False,
+        state, fold_ln=fold_ln, center_writing_weights=False, center_unembed=False,
         fold_value_biases=False,
-    )
+    )  # fmt: skip
     ht.set_use_attn_result(True)
     return ht.eval()
 
 
-def test_numbers_equal_transformer_lens_on_gpt2():
-    model = tiny_model("gpt2")
-    ht = _tl_gpt2(model, fold_ln=False)
+@pytest.mark.parametrize("family", ["gpt2", "llama_gqa"])
+def test_numbers_equal_transformer_lens(family):
+    """GPT-2 (LayerNorm, learned positions) and Llama with GQA (RMSNorm, rotary)."""
+    model = tiny_model(family)
+    ht = _tl_twin(family, model, fold_ln=False)
     a = oculi.attach(model)
     ids = prompt_ids()[None]
     with torch.no_grad():
@@ -581,7 +587,7 @@ def test_numbers_equal_transformer_lens_on_gpt2():
     close(cache.accumulated_resid(apply_ln=True), tl_cache.accumulated_resid(apply_ln=True), "lens")
     close(cache.stack_head_results(), tl_cache.stack_head_results(), "heads")
     # TransformerLens's attributions assume fold_ln: compare with a folded twin
-    folded = _tl_gpt2(model, fold_ln=True)
+    folded = _tl_twin(family, model, fold_ln=True)
     with torch.no_grad():
         _, fold_cache = folded.run_with_cache(ids)
     resid = cache.decompose_resid(pos_slice=-1)
