@@ -45,6 +45,7 @@ def recovered(atoms, sae) -> float:
     "kind, options",
     [
         ("topk", dict(k=3)),
+        ("batchtopk", dict(k=3)),  # inference uses the learned threshold, not the batch
         ("jumprelu", dict(l0_coefficient=0.02)),
     ],
 )

@@ -155,14 +155,15 @@ def top_activations(
     for lo in range(start, stop, batch_rows):
         hi = min(lo + batch_rows, stop)
         a = sae.encode(torch.from_numpy(np.asarray(array[lo:hi])))  # [n, d_sae]
-        counts += (a > 0).sum(0)
         nz = a.nonzero()
+        counts += torch.bincount(nz[:, 1], minlength=d)
         vals = a[nz[:, 0], nz[:, 1]].double()
         b = (torch.bucketize(vals, edges) - 1).clamp(0, len(edges) - 2)
         hist.index_add_(0, nz[:, 1] * (len(edges) - 1) + b, torch.ones_like(b))
-        best = a.topk(min(k, hi - lo), dim=0)  # this batch's top, then merged with the run's
-        top = torch.cat([values, best.values]).topk(k, dim=0)
-        rows_new = lo + best.indices
+        # this batch's top (latents as rows: a contiguous top-k), then merged with the run's
+        best = a.T.contiguous().topk(min(k, hi - lo), dim=1)
+        top = torch.cat([values, best.values.T]).topk(k, dim=0)
+        rows_new = lo + best.indices.T
         from_run = top.indices < k
         where = torch.where(
             from_run,

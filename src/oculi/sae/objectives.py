@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from oculi.sae.model import SAE
@@ -95,34 +96,38 @@ class Objective:
     def step(self, sae: SAE, x: Tensor, y: Tensor, dead: Tensor | None) -> StepOutput:
         pre = sae.pre_acts(x)
         kind = self.kind
+        a: Tensor | None = None  # dense activations (TopK keeps only its k per row)
         if kind == "relu":
             a = torch.relu(pre)
         elif kind == "topk":
             assert self.k is not None
-            top = torch.relu(pre).topk(self.k, dim=-1)
-            a = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+            top = top_kept = torch.relu(pre).topk(self.k, dim=-1, sorted=False)
+            # decode from the k kept latents only (an embedding bag), as sparse TopK trainers do
+            y_hat = F.embedding_bag(top.indices, sae.W_dec, per_sample_weights=top.values,
+                                    mode="sum") + sae.b_dec  # fmt: skip
         elif kind == "batchtopk":
             assert self.k is not None
             flat = torch.relu(pre).flatten()
             top = flat.topk(min(self.k * pre.shape[0], flat.numel()))
             a = torch.zeros_like(flat).scatter(-1, top.indices, top.values).view_as(pre)
-            kept = top.values[top.values > 0]
-            if kept.numel():
+            chosen = top.values[top.values > 0]
+            if chosen.numel():
                 with torch.no_grad():
-                    low = kept.min().to(sae.threshold.dtype)
+                    low = chosen.min().to(sae.threshold.dtype)
                     sae.threshold.mul_(1 - self.threshold_rate).add_(self.threshold_rate * low)
         else:
             assert self.log_threshold is not None
             theta = self.log_threshold.exp()
             a = _JumpReLU.apply(pre, theta, self.bandwidth)
-        y_hat = a @ sae.W_dec + sae.b_dec
+        if a is not None:
+            y_hat = a @ sae.W_dec + sae.b_dec
         if sae.W_skip is not None:
             y_hat = y_hat + x @ sae.W_skip
         total = (y - y.mean(0)).square().sum().clamp_min(1e-12)
         err = y - y_hat
         fvu = err.square().sum() / total
         loss = fvu
-        if kind == "relu" and self.l1_coefficient:
+        if kind == "relu" and self.l1_coefficient and a is not None:
             norms = sae.W_dec.norm(dim=-1)
             loss = loss + self.l1_coefficient * (a * norms).sum(-1).mean()
         if kind == "jumprelu" and self.l0_coefficient:
@@ -133,14 +138,17 @@ class Objective:
             n_dead = int(dead.sum())
             if n_dead:
                 k_aux = min(self.k_aux, n_dead)
-                masked = torch.where(dead, pre, torch.full_like(pre, -torch.inf))
-                top = masked.topk(k_aux, dim=-1)
+                masked = pre.masked_fill(~dead, -torch.inf)
+                top = masked.topk(k_aux, dim=-1, sorted=False)
                 acts = torch.relu(top.values)
-                e_hat = torch.zeros_like(pre).scatter(-1, top.indices, acts) @ sae.W_dec
+                e_hat = F.embedding_bag(top.indices, sae.W_dec, per_sample_weights=acts, mode="sum")
                 e = err.detach()
                 aux = (e_hat - e).square().sum() / (e - e.mean(0)).square().sum().clamp_min(1e-12)
                 loss = loss + self.aux_coefficient * min(1.0, n_dead / k_aux) * aux
+        if a is None:  # TopK: the kept latents say which fired
+            kept = top_kept.values.detach() > 0
+            fired = torch.bincount(top_kept.indices[kept], minlength=pre.shape[-1]) > 0
+            return StepOutput(loss, float(fvu.detach()), float(kept.sum(-1).double().mean()), fired)
         active = a.detach() > 0
-        return StepOutput(
-            loss, float(fvu.detach()), float(active.sum(-1).double().mean()), active.any(0)
-        )
+        l0 = float(active.sum(-1).double().mean())
+        return StepOutput(loss, float(fvu.detach()), l0, active.any(0))
