@@ -55,6 +55,11 @@ class MissingExtraError(OculiError, ImportError):
     """An optional dependency is not installed."""
 
 
+class WeightReadError(OculiError, NotImplementedError):
+    """A layer's weights that cannot be read as floats: on the ``meta`` device with no offload
+    hook holding them, or quantized in a layout oculi does not unpack (named in the message)."""
+
+
 class NonFiniteError(OculiError, FloatingPointError):
     """An intervention wrote inf or NaN into the model's activations (an overflow)."""
 

@@ -35,6 +35,7 @@ from oculi.analysis.result import AttributionResult
 from oculi.capture.engine import rms_gain
 from oculi.capture.structures import FullCapture
 from oculi.errors import InputError, LayerIndexError
+from oculi.models.weights import read_bias, read_weight
 
 
 def mlp_config(adapter: Any) -> Any:
@@ -134,10 +135,10 @@ def _output_projection(adapter: Any, layer: int) -> tuple[Tensor, Tensor | None]
     at least: half-precision weights are widened)."""
     anatomy = adapter.anatomy
     module = adapter.part(layer, f"{anatomy.mlp}.{anatomy.down_proj}")
-    weight = module.weight.detach()
+    weight = read_weight(module)  # offloaded or quantized weights read as floats
     if anatomy.conv1d:  # GPT-2's Conv1D stores [in, out]
         weight = weight.T
     if weight.dtype in (torch.float16, torch.bfloat16):
         weight = weight.float()
-    bias = getattr(module, "bias", None)
-    return weight, (bias.detach().double() if isinstance(bias, Tensor) else None)
+    bias = read_bias(module)
+    return weight, (bias.double() if bias is not None else None)

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from oculi.analysis._common import as_positions, real_positions
 from oculi.capture.structures import FullCapture, ResidualCapture
 from oculi.errors import InputError
+from oculi.models.weights import execution_device, read_bias
 
 # families whose final norm is a LayerNorm with a bias (the rest use RMSNorm)
 _LAYERNORM_FAMILIES = frozenset({"gpt2", "gpt_neox"})
@@ -179,13 +180,13 @@ def _unembedding(
         model_w, model_bias, model_cap = adapter.unembedding()
     if unembed is not None:
         module = isinstance(unembed, nn.Module)
-        weight = getattr(unembed, "weight", None) if module else unembed
+        weight = read_bias(unembed, "weight") if module else unembed
         if not isinstance(weight, Tensor) or weight.dim() != 2:
             raise InputError(
                 "unembed must be the unembedding matrix W_U [V, d_model] (model.lm_head.weight) "
                 f"or the module holding it, got {type(unembed).__name__}"
             )
-        bias = getattr(unembed, "bias", None) if module else None
+        bias = read_bias(unembed) if module else None
         if bias is None and residual.metadata.get("unembed_bias"):
             raise InputError(
                 "this model's unembedding adds a bias, which a bare W_U does not carry: pass "
@@ -234,10 +235,10 @@ def _model_norm(
     if module is None:
         raise InputError(UNKNOWN_NORM)
     param = next(module.parameters(), None)
-    dtype, device = (x.dtype, x.device) if param is None else (param.dtype, param.device)
-    with torch.no_grad():
-        normed = module(x.to(device, dtype))
-    bias = getattr(module, "bias", None)
+    dtype = x.dtype if param is None else param.dtype
+    with torch.no_grad():  # where the norm runs (its offloaded weights are loaded there)
+        normed = module(x.to(execution_device(module), dtype))
+    bias = read_bias(module)
     if family is None:
         center = isinstance(module, nn.LayerNorm) or bias is not None
     return normed.double().to(x.device), bias, center

@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
+
+from oculi.models.weights import read_bias, read_weight
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ def weights_of(source: Any, adapter: Any = None, *, call: str = "") -> HeadWeigh
 
 
 def _w(module: nn.Module) -> Tensor:
-    return cast(Tensor, module.weight).detach()
+    return read_weight(module)  # offloaded or quantized weights read as floats
 
 
 def _in_out(module: nn.Module, conv1d: bool) -> Tensor:
@@ -144,11 +146,10 @@ def _qkv(adapter: Any, layer: int) -> tuple[Tensor, Tensor, Tensor]:
 def _gain(adapter: Any, layer: int, path: str | None) -> Tensor | None:
     if path is None:
         return None
-    norm = adapter.part(layer, path)
-    weight = getattr(norm, "weight", None)
+    weight = read_bias(adapter.part(layer, path), "weight")  # None: a norm without a gain
     if weight is None:
         return None
-    return adapter.anatomy.norm_offset + weight.detach().float()
+    return adapter.anatomy.norm_offset + weight.float()
 
 
 def _layer(adapter: Any, layer: int, dtype: torch.dtype) -> tuple[Tensor, ...]:

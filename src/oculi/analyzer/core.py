@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 
@@ -36,6 +36,7 @@ from oculi.analyzer.records import ActivationRecord, load_records, save_records
 from oculi.capture.hooks import HookSet, first_tensor
 from oculi.errors import InputError
 from oculi.models.anatomy import get_path
+from oculi.models.weights import read_weight
 
 
 def model_info(adapter: Any) -> dict[str, Any]:
@@ -337,8 +338,8 @@ class ModelAnalyzer(LensPlots, CausalAnalyses):
             return rec.layer_activations[name].float().numpy(), rec.tokens
         if isinstance(items, (list, tuple)) and items and all(isinstance(w, str) for w in items):
             ids = [self.adapter.to_single_token(w) for w in items]
-            emb = cast(torch.Tensor, get_path(self.model, self.adapter.anatomy.embed).weight)
-            return emb[ids].detach().float().cpu().numpy(), list(items)
+            emb = read_weight(get_path(self.model, self.adapter.anatomy.embed))
+            return emb[ids].float().cpu().numpy(), list(items)
         array = torch.as_tensor(items).float()
         if array.dim() != 2:
             raise InputError(f"vectors must be [N, d], got shape {list(array.shape)}")

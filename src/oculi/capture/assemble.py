@@ -193,9 +193,11 @@ def _metadata(adapter: ModelParts, batch: Batch) -> dict[str, Any]:
 
 def _normalize_final(adapter: ModelParts, recorded: Recorded) -> torch.Tensor:
     """The final norm's output ``[B, T, d]`` after the last layer, from its full-precision input."""
+    from oculi.models.weights import execution_device  # oculi.models imports this module
+
     norm = adapter.module(adapter.anatomy.final_norm)
-    with torch.no_grad():
-        return norm(recorded["resid_final"][1][:, 0].to(adapter.device, adapter.dtype))
+    with torch.no_grad():  # on the device the norm runs on (a device_map may put it anywhere)
+        return norm(recorded["resid_final"][1][:, 0].to(execution_device(norm), adapter.dtype))
 
 
 def _final_norm(adapter, batch, recorded, cfg: ResidualConfig) -> dict[str, torch.Tensor | None]:
@@ -203,9 +205,11 @@ def _final_norm(adapter, batch, recorded, cfg: ResidualConfig) -> dict[str, torc
     direct logit attribution can freeze that norm from the capture alone."""
     if "resid_final" not in recorded:
         return {}
+    from oculi.models.weights import read_bias  # oculi.models imports this module
+
     final = _normalize_final(adapter, recorded)
-    bias = getattr(adapter.module(adapter.anatomy.final_norm), "bias", None)
-    bias = bias.detach().clone() if isinstance(bias, torch.Tensor) else None
+    bias = read_bias(adapter.module(adapter.anatomy.final_norm))
+    bias = bias.clone() if bias is not None else None
     store: Any = dict(device=cfg.storage_device, dtype=cfg.storage_dtype)
     if cfg.storage_dtype is not None or cfg.storage_device is not None:
         final = final.to(**store)
@@ -214,10 +218,12 @@ def _final_norm(adapter, batch, recorded, cfg: ResidualConfig) -> dict[str, torc
 
 
 def _logit_capture(adapter, batch, recorded, layers, cfg: LogitConfig, meta) -> LogitCapture:
+    from oculi.models.weights import execution_device  # oculi.models imports this module
+
     norm = adapter.module(adapter.anatomy.final_norm)
     have, resid = recorded["resid_post"]
     with torch.no_grad():
-        normed = norm(resid.to(adapter.device, adapter.dtype))
+        normed = norm(resid.to(execution_device(norm), adapter.dtype))
     final = _normalize_final(adapter, recorded)
     normed = normed[:, [have.index(layer) for layer in layers]]
     if cfg.storage_dtype is not None or cfg.storage_device is not None:

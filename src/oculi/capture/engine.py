@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -355,7 +355,7 @@ def head_contributions(
     outs = []
     for i, layer in enumerate(layers):
         o_proj = adapter.part(layer, f"{anat.attn}.{anat.o_proj}")
-        w = cast(torch.Tensor, o_proj.weight)  # nn.Module.__getattr__ is typed Tensor | Module
+        w = _read_weight(o_proj)  # offloaded or quantized weights read as floats
         w_o = w.T if anat.conv1d else w  # [d_model, H*D]
         w_o = w_o.to(z.device, z.dtype).view(w_o.shape[0], h, d)
         zi = z[:, i].reshape(b, t, h, d)
@@ -374,5 +374,13 @@ def rms_gain(norm: nn.Module, x: torch.Tensor, offset: float) -> torch.Tensor:
         eps = getattr(norm, "variance_epsilon", 1e-6)
     xf = x.float()
     inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    weight = cast(torch.Tensor, norm.weight)  # nn.Module.__getattr__ is typed Tensor | Module
+    weight = _read_weight(norm).to(x.device)
     return (inv * (offset + weight.float())).to(x.dtype)
+
+
+def _read_weight(module: nn.Module) -> torch.Tensor:
+    """:func:`oculi.models.weights.read_weight` (imported here: ``oculi.models`` imports the
+    capture core, so the capture core reaches it lazily)."""
+    from oculi.models.weights import read_weight
+
+    return read_weight(module)

@@ -31,6 +31,7 @@ from oculi.capture.structures import AttentionCapture, FullCapture, MLPCapture, 
 from oculi.errors import InputError, LayerIndexError, UnsupportedArchitectureError
 from oculi.models.anatomy import Anatomy, anatomy_for, get_path
 from oculi.models.generation import generate_ids
+from oculi.models.weights import execution_device, read_bias, read_weight, weight_shape
 
 Storage = tuple[torch.dtype | None, "str | torch.device | None"]
 
@@ -100,11 +101,10 @@ class Adapter:
         self.n_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
         self.d_model = int(cfg.hidden_size)
         self.d_head = int(getattr(cfg, "head_dim", None) or self.d_model // self.n_heads)
-        # nn.Module.__getattr__ is typed Tensor | Module; a projection's weight is a tensor
-        down = cast(torch.Tensor, self.part(0, f"{anat.mlp}.{anat.down_proj}").weight)
-        self.d_mlp = int(down.shape[0] if anat.conv1d else down.shape[1])
-        w_u = cast(torch.Tensor, get_path(self.model, anat.unembed).weight)
-        self.d_vocab = int(w_u.shape[0])
+        # shapes only: an offloaded weight is a meta placeholder, a 4-bit one is packed
+        down = weight_shape(self.part(0, f"{anat.mlp}.{anat.down_proj}"))
+        self.d_mlp = int(down[0] if anat.conv1d else down[1])
+        self.d_vocab = int(weight_shape(get_path(self.model, anat.unembed))[0])
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
 
     def _check_tokenizer(self) -> None:
@@ -124,26 +124,33 @@ class Adapter:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where the model takes its inputs: the embedding's execution device (with a
+        ``device_map``, layers may run elsewhere; offloaded ones on their hook's device)."""
+        return execution_device(get_path(self.model, self.anatomy.embed))
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        """The model's compute dtype: its first floating-point parameter's (a quantized
+        model's integer storage is not it)."""
+        for p in self.model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return cast(torch.dtype, getattr(self.model, "dtype", torch.float32))
 
     def unembedding(self) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
-        """``(W_U [V, d], bias or None, final soft-cap or None)``, shared with the model."""
+        """``(W_U [V, d], bias or None, final soft-cap or None)``: shared with the model where
+        it is a plain parameter, read from the offload storage or dequantized otherwise
+        (:func:`oculi.models.weights.read_weight`)."""
         head = get_path(self.model, self.anatomy.unembed)
         attr = self.anatomy.final_softcap_attr
         cap = getattr(self.model.config, attr, None) if attr else None
-        # nn.Module.__getattr__ is typed Tensor | Module; these are the head's parameters
-        weight, bias = cast(torch.Tensor, head.weight), cast("torch.Tensor | None", head.bias)
-        return weight.detach(), (bias.detach() if bias is not None else None), cap
+        return read_weight(head), read_bias(head), cap
 
     def final_norm_bias(self) -> torch.Tensor:
         """The final norm's additive bias ``[d]`` (a LayerNorm's), zeros when it has none."""
-        bias = getattr(self.module(self.anatomy.final_norm), "bias", None)
-        if isinstance(bias, torch.Tensor):
-            return bias.detach()
+        bias = read_bias(self.module(self.anatomy.final_norm))
+        if bias is not None:
+            return bias
         return torch.zeros(self.d_model, device=self.device, dtype=self.dtype)
 
     # -- validation ----------------------------------------------------------------------

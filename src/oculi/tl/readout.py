@@ -16,13 +16,14 @@ See :mod:`oculi.tl.cache` for how this compares with TransformerLens's ``fold_ln
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from oculi.analysis.readout import _frozen_map
 from oculi.errors import InputError
+from oculi.models.weights import read_bias
 
 if TYPE_CHECKING:
     from oculi.models.adapter import Adapter
@@ -95,7 +96,7 @@ class FrozenReadout:
                 "them to run_with_cache's names_filter (the default caches them)"
             )
         center = isinstance(norm, nn.LayerNorm)
-        bias = cast("Tensor | None", norm.bias) if center else None
+        bias = read_bias(norm) if center else None  # offloaded or quantized: read as floats
         bias = bias.detach() if bias is not None else None
         x, y = self.cache_dict[x_name].double(), self.cache_dict[y_name].double()
         a, _ = _frozen_map(x, y, bias, center)

@@ -1,0 +1,208 @@
+"""Reading a module's weights wherever they live: on a device, offloaded, or quantized.
+
+::
+
+    from oculi.models.weights import read_weight, read_bias
+    w = read_weight(adapter.part(3, "self_attn.o_proj"))   # [d_model, H*D], a float tensor
+    b = read_bias(adapter.module("model.norm"))            # None: an RMSNorm has no bias
+
+Every analysis that reads weights (direct logit attribution, the lens, composition, neurons,
+the per-head attention outputs) goes through these two functions, so each works on a model
+loaded the ways big models are loaded:
+
+* **on one or several devices** (``device_map={"model.layers.0": "cuda:0", ...}``): the
+  tensor is returned where it lives; callers move what they read to where they compute.
+* **offloaded by accelerate** (``device_map`` entries ``"cpu"`` on a GPU machine, ``"disk"``
+  with ``offload_folder=``, or ``accelerate.cpu_offload``): the parameter is a ``meta``
+  placeholder and the module's ``AlignDevicesHook`` holds the real tensor in its
+  ``weights_map`` (a dict in memory, or memory-mapped files on disk). The tensor is read from
+  there, on the CPU, without touching the hook.
+* **quantized** by a transformers quantizer that runs on the CPU: torchao (int8 weight-only
+  and its other tensor subclasses), optimum-quanto (``QLinear``, int8/int4/int2) and
+  bitsandbytes (``Linear4bit`` nf4/fp4, ``Linear8bitLt``). The weight is **dequantized** into
+  the float the quantized layer multiplies by: the quantized model's *effective* weights, so
+  attributions of the quantized model add up to the quantized model's own logits (and differ
+  from the float model's by the quantization error). bitsandbytes' ``Linear8bitLt`` also
+  rounds its *inputs* to int8 in its forward (LLM.int8), which no weight matrix expresses:
+  its dequantized weight is the closest linear map, not an exact one.
+
+Anything else is refused with :class:`~oculi.errors.WeightReadError` naming the scheme:
+packed integer layouts (GPTQ, AWQ, HQQ, EETQ, ... ``QuantLinear`` modules with ``qweight``
+and ``scales``) are GPU kernels' formats that oculi does not unpack.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from oculi.errors import WeightReadError
+
+__all__ = ["execution_device", "read_bias", "read_weight", "weight_shape"]
+
+
+def read_weight(module: nn.Module, name: str = "weight") -> Tensor:
+    """The effective float weight of ``module``, detached, wherever it lives.
+
+    Args:
+        module: a layer (``nn.Linear``, a norm, an embedding, a ``Conv1D``, a quantized
+            linear) of a Hugging Face model.
+        name: the parameter to read (``"weight"``; ``"bias"`` through :func:`read_bias`).
+
+    Returns:
+        The tensor in the layer's shape (``[out, in]`` for a linear), a floating dtype: the
+        parameter itself where it is a plain tensor on a device (shared, not copied), the
+        offloaded copy (on the CPU) where accelerate keeps it, or its dequantization.
+
+    Raises:
+        WeightReadError: the module has no such parameter, its weights are on the ``meta``
+            device with no offload hook holding them, or they are quantized in a form oculi
+            cannot read (named in the message).
+    """
+    value = _read(module, name)
+    if value is None:
+        raise WeightReadError(
+            f"{_describe(module)} has no {name!r}; {_packed_hint(module)}"
+            if _looks_packed(module)
+            else f"{_describe(module)} has no parameter {name!r}"
+        )
+    return value
+
+
+def read_bias(module: nn.Module, name: str = "bias") -> Tensor | None:
+    """The module's bias (or another optional parameter) as :func:`read_weight` reads it, or
+    ``None`` where it has none (``nn.Linear(bias=False)``, an RMSNorm)."""
+    return _read(module, name)
+
+
+def weight_shape(module: nn.Module, name: str = "weight") -> torch.Size:
+    """The logical shape of a weight without reading it (a meta placeholder has the shape;
+    a bitsandbytes 4-bit weight is packed, its ``quant_state`` keeps the shape)."""
+    value = getattr(module, name, None)
+    if not isinstance(value, Tensor):
+        raise WeightReadError(f"{_describe(module)} has no tensor {name!r}")
+    state = getattr(value, "quant_state", None)
+    if state is not None and getattr(state, "shape", None) is not None:
+        return torch.Size(state.shape)
+    return value.shape
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """The device ``module`` computes on: its accelerate hook's ``execution_device`` where it
+    has one (offloaded layers run there), else the device of its first parameter or buffer
+    that is not a ``meta`` placeholder, else the CPU."""
+    for hook in _hooks(module):
+        dev = getattr(hook, "execution_device", None)
+        if dev is not None:
+            return dev if isinstance(dev, torch.device) else torch.device(dev)
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.device.type != "meta":
+            return tensor.device
+    return torch.device("cpu")
+
+
+# -- how each form is read ------------------------------------------------------------------
+def _read(module: nn.Module, name: str) -> Tensor | None:
+    value = getattr(module, name, None)
+    if value is None:
+        return None
+    if not isinstance(value, Tensor):
+        raise WeightReadError(
+            f"{_describe(module)}.{name} is a {type(value).__name__}, not a tensor"
+        )
+    if value.device.type == "meta":
+        value = _offloaded(module, name)
+    value = _dequantized(module, name, value)
+    if not value.is_floating_point():
+        raise WeightReadError(
+            f"{_describe(module)}.{name} is stored as {value.dtype} ({type(value).__name__}) in "
+            f"a form oculi cannot read; {_packed_hint(module)}"
+        )
+    return value.detach()
+
+
+def _hooks(module: nn.Module) -> list[Any]:
+    """accelerate's hooks on ``module`` (a ``SequentialHook`` holds several)."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return []
+    return list(getattr(hook, "hooks", None) or [hook])
+
+
+def _offloaded(module: nn.Module, name: str) -> Tensor:
+    """The real tensor behind a ``meta`` placeholder, from the offload hook's ``weights_map``."""
+    for hook in _hooks(module):
+        weights = getattr(hook, "weights_map", None)
+        if weights is None or not getattr(hook, "offload", False):
+            continue
+        try:
+            value = weights[name]
+        except KeyError:
+            continue
+        if isinstance(value, Tensor) and value.device.type != "meta":
+            return value
+    raise WeightReadError(
+        f"{_describe(module)}.{name} is on the meta device (not loaded) and no accelerate "
+        "offload hook holds its values; load the model with from_pretrained(..., device_map=, "
+        "offload_folder=) or accelerate's dispatch_model/cpu_offload, which keep them"
+    )
+
+
+def _dequantized(module: nn.Module, name: str, value: Tensor) -> Tensor:
+    """``value`` as the float its layer multiplies by (itself when it is a plain tensor)."""
+    if name == "weight" and _is_quanto(module):
+        # quanto's QLinear multiplies by ``qweight`` (the frozen weight, or quantized on the fly)
+        value = module.qweight  # type: ignore[assignment]
+    kind = type(value).__name__
+    if type(value) in (Tensor, nn.Parameter):
+        return value
+    if kind == "Params4bit":
+        import bitsandbytes.functional as bnb
+
+        state = value.quant_state  # type: ignore[attr-defined]
+        return bnb.dequantize_4bit(value.data, state).to(state.dtype)
+    if kind == "Int8Params":
+        scale = getattr(value, "SCB", None)
+        if scale is None:
+            scale = getattr(getattr(module, "state", None), "SCB", None)
+        if scale is None:
+            raise WeightReadError(
+                f"{_describe(module)}.{name} is a bitsandbytes int8 weight without its scales "
+                "(SCB): it was not quantized yet (move the model to its device first)"
+            )
+        return value.data.float() * (scale.float()[:, None] / 127.0)
+    dequantize = getattr(value, "dequantize", None)
+    if callable(dequantize):
+        out = dequantize()
+        if isinstance(out, Tensor) and out.is_floating_point():
+            return out
+    if value.is_floating_point() and isinstance(value, nn.Parameter):
+        return value.data
+    raise WeightReadError(
+        f"{_describe(module)}.{name} is a {type(value).__module__}.{kind} oculi cannot "
+        f"dequantize; {_packed_hint(module)}"
+    )
+
+
+def _is_quanto(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("optimum.quanto") and hasattr(module, "qweight")
+
+
+def _looks_packed(module: nn.Module) -> bool:
+    return any(hasattr(module, a) for a in ("qweight", "qzeros", "scales", "W_q"))
+
+
+def _packed_hint(module: nn.Module) -> str:
+    where = type(module).__module__.split(".")[0]
+    return (
+        f"its layer is a {type(module).__name__} from {where!r}, a packed quantized layout "
+        "(GPTQ/AWQ/HQQ-style kernels) whose weights oculi does not unpack. Weight-based "
+        "analyses read torchao, optimum-quanto and bitsandbytes weights; load the model "
+        "with one of those (or unquantized) for them"
+    )
+
+
+def _describe(module: nn.Module) -> str:
+    return f"{type(module).__name__}"
