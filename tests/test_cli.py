@@ -6,6 +6,7 @@ References are the Hugging Face model's own outputs, loaded independently from t
 
 from __future__ import annotations
 
+import html
 import json
 import subprocess
 import sys
@@ -288,7 +289,7 @@ def test_report_writes_an_offline_page_naming_the_prediction(tiny_dir, hf, tmp_p
     page = out.read_text()
     with torch.no_grad():
         top = tiny_tokenizer().decode([int(hf(ids(PROMPT)).logits[0, -1].argmax())])
-    assert page.startswith("<!DOCTYPE html>") and top in page
+    assert page.startswith("<!DOCTYPE html>") and html.escape(top) in page  # as HTML text
     assert "http://" not in page and "https://" not in page  # nothing fetched from a network
     bad = CliRunner().invoke(cli, ["report", PROMPT, "-m", str(tiny_dir), "-s", "tower",
                                    "-o", str(tmp_path / "x.html")])  # fmt: skip

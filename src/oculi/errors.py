@@ -40,7 +40,10 @@ class CaptureFileError(OculiError, ValueError):
 
 class FileWriteError(OculiError, OSError):
     """A file that cannot be written where asked: a missing or read-only folder, a folder in
-    the way, or a refused write. The message names the path as the user gave it."""
+    the way, or a refused write. The message names the path as the user gave it; ``reason``
+    is the cause alone ("File too large"), for a caller that names another path."""
+
+    reason: str | None = None
 
 
 class OutputExistsError(FileWriteError, FileExistsError):
@@ -108,3 +111,17 @@ def require_extra(module: str, extra: str):
 
 class MemoryPlanError(OculiError, MemoryError):
     """A capture or sweep whose estimated peak memory exceeds what the device has free."""
+
+
+def brief(value: object, limit: int = 80) -> str:
+    """``repr(value)``, cut to about ``limit`` characters: user input in an error message is
+    shown this way, so a huge (or self-referencing, or alias-expanded) value cannot make the
+    message huge. Containers are cut by :mod:`reprlib` before their repr is built."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = r.maxlong = limit
+    r.maxlist = r.maxtuple = r.maxdict = r.maxset = 6
+    r.maxlevel = 3
+    text = r.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

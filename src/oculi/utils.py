@@ -6,8 +6,11 @@
 
     device = get_default_device()    # cuda, else mps, else cpu
     print(get_device_info())         # {'device': 'cpu', 'name': ..., 'torch_version': ...}
+    resolve_device("cuda:1")         # torch.device, or InputError naming the usable devices
 
-``oculi.load(device=None)`` uses :func:`get_default_device`.
+``oculi.load(device=None)`` uses :func:`get_default_device`; every device a user names
+(``oculi.load(device=)``, ``--device``, a config's ``device:``, a capture's
+``storage_device``) goes through :func:`resolve_device` before anything is loaded or moved.
 """
 
 from __future__ import annotations
@@ -39,6 +42,68 @@ def get_default_device() -> torch.device:
     if is_mps_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def available_devices() -> list[str]:
+    """The devices this torch can use here: ``cpu``, each ``cuda:i``, ``mps``.
+
+    Example::
+
+        >>> available_devices()                               # doctest: +SKIP
+        ['cpu', 'cuda', 'cuda:0']
+    """
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    if is_mps_available():
+        out.append("mps")
+    return out
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a ``torch.device`` once it is known to be usable here (``None``: the
+    default of :func:`get_default_device`).
+
+    Raises:
+        InputError: a device string torch does not understand, or a device this torch cannot
+            use (``cuda`` on a CPU-only build or without a GPU, ``cuda:3`` with one GPU, ``mps``
+            off Apple silicon); the message names the devices it can use.
+    """
+    from oculi.errors import InputError, brief
+
+    if device is None:
+        return get_default_device()
+    usable = ", ".join(available_devices())
+    if not isinstance(device, (str, torch.device)):
+        raise InputError(f"device must be a string such as 'cpu' or 'cuda:0', got {brief(device)}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InputError(
+            f"device {brief(device, 40)} is not a device name; this torch can use: {usable}"
+        ) from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        built = torch.version.cuda is not None or torch.version.hip is not None
+        if not torch.cuda.is_available():
+            why = "sees no GPU" if built else f"is built without CUDA ({torch.__version__})"
+            raise InputError(f"device {str(dev)!r} is not available: this torch {why}; it can "
+                             f"use: {usable}")  # fmt: skip
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(
+                f"device {str(dev)!r} is not available: {torch.cuda.device_count()} GPU(s) "
+                f"visible; this torch can use: {usable}"
+            )
+        return dev
+    if dev.type == "mps":
+        if not is_mps_available():
+            raise InputError(
+                f"device 'mps' is not available (Apple silicon's Metal backend); this torch "
+                f"can use: {usable}"
+            )
+        return dev
+    raise InputError(f"device {str(dev)!r} is not one oculi runs on; this torch can use: {usable}")
 
 
 def get_device_info(device: str | torch.device | None = None) -> dict[str, Any]:

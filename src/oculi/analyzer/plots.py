@@ -19,11 +19,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from oculi.analyzer.lens import LensAnalyses
+from oculi.visualize._common import save_figure
 
 
 def _finish(fig: Any, save_path: str | os.PathLike | None) -> Any:
     if save_path is not None:
-        fig.savefig(save_path, dpi=150, bbox_inches="tight")
+        save_figure(fig, save_path, dpi=150, bbox_inches="tight")
     return fig
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from oculi.capture.io.files import write_atomically
 from oculi.errors import CaptureFileError, InputError
 
 FORMAT = "oculi-activations"
@@ -109,38 +110,64 @@ def save_records(
     path: str | os.PathLike,
     format: str | None = None,
 ) -> Path:
-    """Write one record or a list to ``path`` (see the module docstring); returns the path."""
+    """Write one record or a list to ``path`` (see the module docstring); returns the path.
+
+    The file is written whole or not at all (:func:`oculi.capture.io.files.write_atomically`):
+    a full disk leaves an existing file as it was.
+
+    Raises:
+        InputError: no records, or an unknown ``format``.
+        FileWriteError: a missing or read-only folder, or a failed write; names ``path``.
+    """
     single = isinstance(records, ActivationRecord)
     items: list[Any] = [records] if isinstance(records, ActivationRecord) else list(records)
     if not items or not all(isinstance(r, ActivationRecord) for r in items):
         raise InputError("save_activations takes an ActivationRecord or a non-empty list of them")
     file = Path(path).expanduser()
-    if not file.parent.is_dir():
-        raise FileNotFoundError(f"cannot save to {str(path)!r}: folder {file.parent} is missing")
     fmt = _format(file, format)
     meta = {"format": FORMAT, "version": VERSION, "single": single,
             "records": [r.header() for r in items]}  # fmt: skip
     tensors = {k: v.detach().cpu().contiguous() for i, r in enumerate(items)
                for k, v in r.tensors(f"{i}/").items()}  # fmt: skip
-    if fmt == "json":
-        file.write_text(json.dumps(meta, indent=2, ensure_ascii=False))
-    elif fmt == "safetensors":
-        from safetensors.torch import save_file
-
-        save_file(tensors, str(file), metadata={"oculi": json.dumps(meta)})
-    elif fmt == "npz":
-        import numpy as np
-
-        arrays: dict[str, Any] = {k: v.numpy() for k, v in tensors.items()}
-        np.savez_compressed(file, __meta__=np.array(json.dumps(meta)), **arrays)
-    elif fmt == "pt":
-        torch.save({"meta": json.dumps(meta), "tensors": tensors}, file)
-    else:
-        import pickle
-
-        with open(file, "wb") as f:
-            pickle.dump(records, f)
+    write_atomically(
+        path, lambda tmp: _WRITERS[fmt](tmp, meta, tensors, records), overwrite=True,
+        what="activation records",
+    )  # fmt: skip
     return file
+
+
+def _write_json(tmp: Path, meta: dict, tensors: dict, records: Any) -> None:
+    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def _write_safetensors(tmp: Path, meta: dict, tensors: dict, records: Any) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(tmp), metadata={"oculi": json.dumps(meta)})
+
+
+def _write_npz(tmp: Path, meta: dict, tensors: dict, records: Any) -> None:
+    import numpy as np
+
+    arrays: dict[str, Any] = {k: v.numpy() for k, v in tensors.items()}
+    with open(tmp, "wb") as fh:  # a file object: np.savez would append ".npz" to a name
+        np.savez_compressed(fh, __meta__=np.array(json.dumps(meta)), **arrays)
+
+
+def _write_pt(tmp: Path, meta: dict, tensors: dict, records: Any) -> None:
+    torch.save({"meta": json.dumps(meta), "tensors": tensors}, tmp)
+
+
+def _write_pickle(tmp: Path, meta: dict, tensors: dict, records: Any) -> None:
+    import pickle
+
+    with open(tmp, "wb") as fh:
+        pickle.dump(records, fh)
+
+
+# each writes the whole file to the temporary path write_atomically hands it
+_WRITERS = {"json": _write_json, "safetensors": _write_safetensors, "npz": _write_npz,
+            "pt": _write_pt, "pickle": _write_pickle}  # fmt: skip
 
 
 def _bad(file: Path, what: str) -> CaptureFileError:

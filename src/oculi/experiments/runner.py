@@ -47,33 +47,61 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# a tag is one folder name; the file system allows 255 bytes, and the temporary folder a run
+# is written to adds its own suffix
+MAX_TAG_BYTES = 200
+
+
 def run_folder(out_dir: str | os.PathLike, experiment: str, tag: str) -> Path:
-    """``out_dir/experiment/tag``, with ``~`` expanded; the tag must be a plain name."""
+    """``out_dir/experiment/tag``, with ``~`` expanded; the tag must be a plain name of at
+    most :data:`MAX_TAG_BYTES` bytes (UTF-8)."""
+    from oculi.errors import brief
     from oculi.experiments.config import ConfigError
 
     if not tag or tag in (".", "..") or any(c in tag for c in "/\\\0"):
-        raise ConfigError(f"tag {tag!r} must be a plain folder name (no slashes)")
+        raise ConfigError(f"tag {brief(tag, 60)} must be a plain folder name (no slashes)")
+    size = len(tag.encode("utf-8", "surrogatepass"))
+    if size > MAX_TAG_BYTES:
+        raise ConfigError(
+            f"tag {brief(tag, 60)} is {size} bytes long; a tag is a folder name of 1 to "
+            f"{MAX_TAG_BYTES} bytes"
+        )
     return Path(out_dir).expanduser() / experiment / tag
 
 
 def _check_free(folder: Path, overwrite: bool) -> None:
+    """Refuse, before any computation, a run folder that cannot be (re)placed."""
+    if folder.is_symlink():
+        raise FileExistsError(
+            f"{folder} is a symbolic link; oculi writes a run only into a folder of its own "
+            "(remove the link or choose another --tag)"
+        )
     if folder.exists() and not overwrite:
         raise FileExistsError(
             f"{folder} already holds a run; choose another --tag, or pass --overwrite "
             "(overwrite=True) to replace it"
         )
+    if folder.exists() and not (folder.is_dir() and (folder / "result.json").is_file()):
+        raise FileExistsError(
+            f"{folder} is not an oculi run folder (no result.json); oculi replaces only its "
+            "own runs, never another folder or file: choose another --tag or --out"
+        )
     parent = folder.parent
-    while not parent.exists():
+    while not parent.exists() and not parent.is_symlink():
         parent = parent.parent
+    if not parent.is_dir():
+        raise FileExistsError(f"cannot write a run under {parent}: it is a file, not a folder")
     if not os.access(parent, os.W_OK):
         raise PermissionError(f"cannot write a run under {parent} (the folder is read-only)")
 
 
 def _save_figures(figures: Mapping[str, Any], folder: Path) -> list[str]:
+    from oculi.visualize._common import save_figure
+
     names = []
     for name, fig in figures.items():
-        fig.savefig(folder / f"{name}.png", dpi=120, bbox_inches="tight")
-        fig.savefig(folder / f"{name}.svg", bbox_inches="tight", metadata={"Date": None})
+        save_figure(fig, folder / f"{name}.png", dpi=120, bbox_inches="tight")
+        save_figure(fig, folder / f"{name}.svg", bbox_inches="tight", metadata={"Date": None})
         names += [f"{name}.png", f"{name}.svg"]
     return names
 
@@ -138,18 +166,25 @@ def run_experiment(
 
 
 def _write(folder: Path, cfg: Any, outcome: Any, prov: dict[str, Any], overwrite: bool) -> Run:
+    """Write the run into a temporary folder beside ``folder`` (each file whole and flushed),
+    then rename it into place; an old run being replaced is moved aside first and removed only
+    once the new one is in place, so a failure at any point leaves the old run or the new one."""
     import yaml
 
+    from oculi.capture.io.files import fsync_folder, write_text
+    from oculi.errors import FileWriteError
     from oculi.experiments.serialize import to_jsonable
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+    for stale in (tmp, old):  # left by a crashed run of this very process id
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale)
     tmp.mkdir()
     try:
         resolved = cfg.model_dump(mode="json")
-        (tmp / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        write_text(tmp / "config.yaml", yaml.safe_dump(resolved, sort_keys=False), what="config")
         files = _save_figures(outcome.figures, tmp)
         result = {
             "experiment": cfg.experiment,
@@ -159,12 +194,26 @@ def _write(folder: Path, cfg: Any, outcome: Any, prov: dict[str, Any], overwrite
             "provenance": to_jsonable(prov),
             "files": ["result.json", "config.yaml", *files],
         }
-        (tmp / "result.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
-        if folder.exists():
+        text = json.dumps(result, indent=2, ensure_ascii=False)
+        write_text(tmp / "result.json", text, what="the run's result")
+        fsync_folder(tmp)
+        if folder.exists() or folder.is_symlink():
             _check_free(folder, overwrite)
-            shutil.rmtree(folder)
-        tmp.rename(folder)
+            os.rename(folder, old)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if old.exists() and not folder.exists():
+                os.rename(old, folder)  # the old run back in place
+            raise
+        fsync_folder(folder.parent)
+    except OSError as exc:
+        why = getattr(exc, "reason", None) or exc.strerror or str(exc)
+        kept = "the previous run is kept" if folder.is_dir() else "nothing was written"
+        raise FileWriteError(f"cannot write the run folder {folder}: {why} ({kept})") from exc
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and folder.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
     return Run(folder, result)

@@ -34,9 +34,10 @@ from typing import Any
 
 import torch
 
+from oculi.capture.io.files import fsync_folder, fsync_tree, write_text
 from oculi.errors import ModelLoadError
 from oculi.models.adapter import Adapter
-from oculi.utils import get_default_device
+from oculi.utils import resolve_device
 
 try:  # stdlib on POSIX; elsewhere the cache still renames atomically but does not lock
     import fcntl
@@ -176,14 +177,24 @@ def _build_atomically(target: Path, build: Callable[[Path], Any], expect: dict) 
         if not files:
             raise RuntimeError(f"building the cache {target} wrote no files")
         marker = {**meta, **expect, "format": _CACHE_FORMAT, "files": files}
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+        text = json.dumps(marker, indent=2, sort_keys=True) + "\n"
+        write_text(tmp / MARKER, text, what="the model cache's marker")
         # mkdtemp (and safetensors) make things private; the cache is an ordinary folder
         for path in tmp.rglob("*"):
             path.chmod(0o755 if path.is_dir() else 0o644)
         tmp.chmod(0o755)
+        fsync_tree(tmp)  # every file on disk before the folder is renamed into place
         os.rename(tmp, target)
-    except BaseException:
+        fsync_folder(target.parent)
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and not isinstance(exc, ModelLoadError):
+            # a full disk, a file-size limit: name the cache, not the temporary folder
+            why = getattr(exc, "reason", None) or exc.strerror or str(exc)
+            raise ModelLoadError(
+                f"cannot build the model cache at {target}: {why}; free space there or set "
+                "OCULI_CACHE to another folder"
+            ) from exc
         raise
 
 
@@ -290,11 +301,14 @@ def load(
         ModelLoadError: no such folder or file, a folder without ``config.json`` or tokenizer,
             or a hub id that could not be fetched (offline, unreachable, not found).
         ValueError: a dtype that is not understood.
+        InputError: (a ``ValueError``) a device this torch cannot use; names the usable ones.
         UnsupportedArchitectureError: an architecture oculi has no anatomy for.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = resolve_dtype(dtype)
+    if "device_map" not in hf_kwargs:
+        device = resolve_device(device)  # before anything is loaded
     name = os.fspath(name_or_path)
     extra: dict[str, Any] = {}
     if name.lower() in _DEFAULT_ALIASES:
@@ -318,7 +332,7 @@ def load(
     if "gguf_file" in kwargs:
         forget_gguf_quantization(model)
     if "device_map" not in kwargs:
-        model.to(torch.device(device) if device is not None else get_default_device())
+        model.to(device)
     return Adapter(model.eval(), tokenizer)
 
 

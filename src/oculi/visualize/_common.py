@@ -1,13 +1,17 @@
-"""Helpers shared by the figure modules: lazy matplotlib, tensors to arrays, token labels."""
+"""Helpers shared by the figure modules: lazy matplotlib, tensors to arrays, token labels,
+and saving a figure whole or not at all."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from oculi.capture.io.files import write_atomically
 from oculi.errors import require_extra
 
 
@@ -42,3 +46,17 @@ def token_labels(tokens: Sequence[str] | None, n: int) -> list[str]:
     if not tokens:
         return [str(i) for i in range(n)]
     return [f"{i} {t!r}" for i, t in enumerate(tokens)]
+
+
+def save_figure(fig: Any, path: str | os.PathLike, **kwargs: Any) -> Path:
+    """``fig.savefig(path, **kwargs)`` written whole or not at all (a full disk leaves an
+    existing file as it was); the format comes from ``path``'s suffix (``.png``, ``.svg``,
+    ``.pdf``...), PNG without one. Returns ``path`` with ``~`` expanded.
+
+    Raises:
+        FileWriteError: a missing or read-only folder, or a failed write; names ``path``.
+    """
+    fmt = Path(os.fspath(path)).suffix.lower().lstrip(".") or "png"
+    return write_atomically(
+        path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs), overwrite=True, what="figure"
+    )

@@ -32,7 +32,8 @@ import torch
 from oculi.analysis.attribution import AttributionMethods
 from oculi.analysis.logit_lens import LogitLensResult
 from oculi.capture.configs import CaptureConfig, LogitConfig, ResidualConfig
-from oculi.errors import InputError
+from oculi.capture.io.files import write_text
+from oculi.errors import FileWriteError, InputError
 from oculi.patching.tracing import TracingResult, causal_tracing
 from oculi.visualize import views
 from oculi.visualize.html import esc, script, style
@@ -304,11 +305,16 @@ def write_report(
 
     Raises:
         InputError: an empty prompt, a target of several tokens, a subject not in the prompt.
+        FileWriteError: ``path`` is a folder or cannot be written (full disk...); an existing
+            page is then left as it was (the page is written whole or not at all).
     """
+    if Path(path).expanduser().is_dir():
+        raise FileWriteError(
+            f"cannot save the report to '{path}': it is a folder; give a file name"
+        )
     data = build_report(
         adapter, prompt, target=target, subject=subject, samples=samples, corrupt=corrupt
     )
-    out = Path(path)
+    out = Path(path).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(data), encoding="utf-8")
-    return out
+    return write_text(out, render(data), what="the report")
