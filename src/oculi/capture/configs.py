@@ -36,7 +36,9 @@ def _check_storage(dtype: torch.dtype | None, device: str | torch.device | None)
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise ValueError(f"storage_dtype must be a torch.dtype, got {dtype!r}")
     if device is not None:
-        torch.device(device)  # raises on a malformed device string
+        from oculi.utils import resolve_device
+
+        resolve_device(device)  # a malformed device, or one this torch cannot use
 
 
 @dataclass(frozen=True)

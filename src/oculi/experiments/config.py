@@ -10,6 +10,11 @@ and tag every run has) and adds its own keys. Unknown keys are refused, and a wr
 value is reported with its key path and what is allowed::
 
     ConfigError: configs/x.yaml: kind: must be one of 'resid', 'mlp', 'attn' (got 'mpl')
+
+The YAML is read with :class:`ConfigLoader`: plain YAML without anchors or aliases (``&a``,
+``*a``: a 558-byte "billion laughs" file of nested aliases would otherwise stand for gigabytes),
+and a key written twice is an error naming the key and its lines, not "the last one wins".
+Integers must fit in 64 bits; values quoted back in messages are cut short (:func:`brief`).
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from oculi.errors import InputError
+from oculi.errors import InputError, brief
+
+INT64 = (-(2**63), 2**63 - 1)
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16", "float64"]
 
@@ -39,7 +46,7 @@ class ExperimentConfig(BaseModel):
             Hugging Face Hub id.
         device: ``cpu``, ``cuda``, ``mps`` (default: the best available).
         dtype: the weights' dtype (default: the checkpoint's own).
-        seed: seeds torch, numpy and random before the run (noise, sampling).
+        seed: seeds torch, numpy and random before the run (noise, sampling); ``0 .. 2**64 - 1``.
         tag: the run folder's name under ``outputs/<experiment>/`` (default ``"default"``).
     """
 
@@ -49,8 +56,18 @@ class ExperimentConfig(BaseModel):
     model: str = "gemma-3-270m"
     device: str | None = None
     dtype: Dtype | None = None
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**64 - 1)
     tag: str | None = None
+
+    @field_validator("device")
+    @classmethod
+    def _usable_device(cls, value: str | None) -> str | None:
+        """A device this torch can use, checked before the model loads."""
+        if value is not None:
+            from oculi.utils import resolve_device
+
+            resolve_device(value)
+        return value
 
 
 C = TypeVar("C", bound=ExperimentConfig)
@@ -63,9 +80,26 @@ def _path(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
+def _int_range(schema: type[BaseModel], loc: tuple[Any, ...]) -> tuple[int, int]:
+    """The integers a top-level key accepts: its ``ge``/``le`` bounds within 64 bits."""
+    lo, hi = INT64
+    field = schema.model_fields.get(str(loc[0])) if loc else None
+    for m in field.metadata if field is not None else ():
+        bound = {k: getattr(m, k, None) for k in ("ge", "gt", "le", "lt")}
+        if isinstance(bound["ge"], int):
+            lo = bound["ge"]
+        if isinstance(bound["gt"], int):
+            lo = bound["gt"] + 1
+        if isinstance(bound["le"], int):
+            hi = bound["le"]
+        if isinstance(bound["lt"], int):
+            hi = bound["lt"] - 1
+    return lo, hi
+
+
 def _message(err: Mapping[str, Any], schema: type[BaseModel]) -> str:
     kind, loc = err["type"], err["loc"]
-    got = err.get("input")
+    got = brief(err.get("input"))
     if kind == "extra_forbidden":
         valid = sorted(schema.model_fields) if len(loc) == 1 else None
         hint = f"; valid keys: {', '.join(valid)}" if valid else ""
@@ -74,9 +108,26 @@ def _message(err: Mapping[str, Any], schema: type[BaseModel]) -> str:
         return f"{_path(loc)}: required key is missing"
     if kind in ("literal_error", "enum"):
         allowed = err.get("ctx", {}).get("expected", "")
-        return f"{_path(loc)}: must be one of {allowed} (got {got!r})"
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"{_path(loc)}: {msg[0].lower() + msg[1:]} (got {got!r})"
+        return f"{_path(loc)}: must be one of {str(allowed)[:200]} (got {got})"
+    if kind.startswith("int_"):
+        lo, hi = _int_range(schema, loc)
+        return f"{_path(loc)}: must be an integer from {lo} to {hi} (got {got})"
+    msg = err["msg"].removeprefix("Value error, ")[:300]
+    return f"{_path(loc)}: {msg[0].lower() + msg[1:]} (got {got})"
+
+
+def _beyond_int64(data: Mapping[str, Any]) -> str | None:
+    """The first integer (at the top level or in a list) outside 64 bits, as a message."""
+    for key, value in data.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for i, v in enumerate(values):
+            if isinstance(v, int) and not isinstance(v, bool) and not INT64[0] <= v <= INT64[1]:
+                where = f"{key}[{i}]" if isinstance(value, (list, tuple)) else str(key)
+                return (
+                    f"{where}: must be an integer from {INT64[0]} to {INT64[1]} "
+                    f"(got {brief(v, 40)})"
+                )
+    return None
 
 
 def validate_config(data: Any, schema: type[C], *, source: str = "config") -> C:
@@ -87,26 +138,48 @@ def validate_config(data: Any, schema: type[C], *, source: str = "config") -> C:
             f"got {type(data).__name__}"
         )
     try:
-        return schema.model_validate(dict(data))
+        cfg = schema.model_validate(dict(data))
     except ValidationError as exc:
-        problems = "; ".join(_message(e, schema) for e in exc.errors())
+        problems = "; ".join(_message(e, schema) for e in exc.errors()[:10])
         raise ConfigError(f"{source}: {problems}") from None
+    huge = _beyond_int64(cfg.model_dump())
+    if huge is not None:
+        raise ConfigError(f"{source}: {huge}")
+    return cfg
 
 
 def read_yaml(path: str | os.PathLike) -> Any:
-    """The YAML document at ``path``; :class:`ConfigError` for a missing file or bad YAML."""
+    """The YAML document at ``path``, read with :class:`ConfigLoader`.
+
+    Raises:
+        ConfigError: a missing file, a file that is not UTF-8 text, invalid YAML, an anchor or
+            alias, a duplicate key; the message names the file (and the line).
+    """
     import yaml
+
+    from oculi.experiments.yaml_loader import ConfigLoader, DuplicateKeyError
 
     file = Path(path).expanduser()
     if not file.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        raise ConfigError(f"config file {brief(str(path), 200)} does not exist")
+    raw = file.read_bytes()
     try:
-        return yaml.safe_load(file.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exc.start} on line {line} is "
+            f"0x{raw[exc.start]:02x}); save the config as UTF-8"
+        ) from None
+    try:
+        return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem[:300]}") from None
 
 
 def load_config(
