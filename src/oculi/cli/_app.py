@@ -5,8 +5,10 @@ imports torch at module level, so ``oculi --help`` answers in a fraction of a se
 
 Errors: a bad input (a usage error, any of oculi's errors, ``ValueError``, ``KeyError``,
 ``IndexError``, a missing or existing file) prints ``oculi: error: <one line>`` on stderr and
-exits with status 2; anything else prints one line and exits with 1. ``--debug`` (anywhere on
-the command line) or ``OCULI_DEBUG=1`` lets the exception and its traceback through instead.
+exits with status 2; anything else prints one line and exits with 1. With ``--json`` the
+command also prints one JSON object on stdout, ``{"error": ..., "type": ..., "exit_code": ...}``,
+so a script reading stdout always gets JSON. ``--debug`` (anywhere on the command line) or
+``OCULI_DEBUG=1`` lets the exception and its traceback through instead.
 """
 
 from __future__ import annotations
@@ -96,8 +98,14 @@ class OculiGroup(click.Group):
                 raise
             bad = _bad_input(exc)
             hint = "" if bad else f" ({type(exc).__name__}; rerun with --debug for the traceback)"
-            click.echo(f"oculi: error: {_one_line(exc)}{hint}", err=True)
-            sys.exit(2 if bad else 1)
+            line, code = _one_line(exc), 2 if bad else 1
+            click.echo(f"oculi: error: {line}{hint}", err=True)
+            if "--json" in argv:  # the caller parses stdout: one JSON object, also on failure
+                import json
+
+                error = {"error": line, "type": type(exc).__name__, "exit_code": code}
+                click.echo(json.dumps(error, ensure_ascii=False))
+            sys.exit(code)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 

@@ -12,13 +12,85 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
 
 DEFAULT_MODEL = "gemma-3-270m"
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+#: seeds: what torch.manual_seed accepts, so a huge seed is refused before the model loads
+SEED = click.IntRange(0, 2**64 - 1)
+#: positions: 64-bit integers here, then checked against the prompt by :func:`check_position`
+POSITION = click.IntRange(-(2**63), 2**63 - 1)
+
+
+class FiniteFloat(click.ParamType):
+    """A float that is neither ``nan`` nor ``inf`` (click's ``float`` accepts both), within
+    optional bounds: ``FiniteFloat(min=0, min_open=True)`` for a tolerance."""
+
+    name = "number"
+
+    def __init__(self, min: float | None = None, min_open: bool = False) -> None:
+        self.min, self.min_open = min, min_open
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+        import math
+
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.min is not None and (number < self.min or (self.min_open and number == self.min)):
+            sign = ">" if self.min_open else ">="
+            self.fail(f"{value!r} is out of range: it must be {sign} {self.min:g}", param, ctx)
+        return number
+
+
+def check_position(position: int, n_tokens: int, option: str = "--position") -> int:
+    """``position`` if it indexes a prompt of ``n_tokens`` tokens, else ``click.BadParameter``
+    naming the valid range ``-n_tokens .. n_tokens - 1``."""
+    if not -n_tokens <= position < n_tokens:
+        raise click.BadParameter(
+            f"{option} {position} is outside the prompt's {n_tokens} tokens: use "
+            f"{-n_tokens} .. {n_tokens - 1} (-1 is the last token)"
+        )
+    return position
+
+
+def check_output_file(path: str, option: str = "--output") -> None:
+    """Refuse, before any computation, an output path that is a folder or whose folder is a
+    file or read-only (the write itself is atomic; this only saves a wasted run)."""
+    import os
+    from pathlib import Path
+
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise click.BadParameter(f"{option} {path!r} is a folder; give a file name inside it")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise click.BadParameter(f"{option} {path!r}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise click.BadParameter(f"{option} {path!r}: the folder {parent} is not writable")
+
+
+def check_device_option(ctx: Any, param: Any, value: str | None) -> str | None:
+    """``--device``, checked before the model loads: a device this torch cannot use is one
+    line naming the ones it can (exit 2)."""
+    if value is None:
+        return None
+    from oculi.utils import resolve_device
+
+    try:
+        resolve_device(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+    return value
 
 
 def model_options(fn: Callable) -> Callable:
@@ -36,6 +108,7 @@ def model_options(fn: Callable) -> Callable:
         "--device",
         default=None,
         metavar="DEVICE",
+        callback=check_device_option,
         help="cpu, cuda, cuda:1, mps (default: cuda, then mps, then cpu).",
     )(fn)
     return click.option(
@@ -59,15 +132,22 @@ def load_adapter(
     model: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None, **_: Any
 ) -> Any:
     """``oculi.load(model, device=, dtype=)`` (the options of :func:`model_options`; others
-    such as ``debug`` are ignored) without transformers' per-tensor progress bar (it is quick, and stderr
-    stays for the one-line error a bad input gets)."""
-    from transformers.utils import logging as hf_logging
-
+    such as ``debug`` are ignored), quietly (see :func:`quiet_loading`)."""
     import oculi
+
+    with quiet_loading():
+        return oculi.load(model, device=device, dtype=dtype)
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Without transformers' per-tensor progress bar (it is quick, and stderr stays for the
+    one-line error a bad input gets)."""
+    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     try:
-        return oculi.load(model, device=device, dtype=dtype)
+        yield
     finally:
         hf_logging.enable_progress_bar()
 

@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from oculi.cli._options import (
+    FiniteFloat,
     emit_json,
     json_option,
     load_adapter,
@@ -43,6 +44,7 @@ from oculi.cli._options import (
 @click.option(
     "--coefficient",
     default=0.25,
+    type=FiniteFloat(),
     show_default=True,
     help="Steering strength: the added vector's length as a multiple of the residual's "
     "typical norm at --layer (0.25: a quarter of it).",

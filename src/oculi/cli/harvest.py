@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from oculi.cli._options import emit_json, json_option, model_options
+from oculi.cli._options import SEED, emit_json, json_option, model_options
 
 
 def parse_layers(spec: str) -> list[int] | None:
@@ -74,7 +74,9 @@ def parse_layers(spec: str) -> list[int] | None:
     show_default=True,
     help="Fraction of prompts held out as 'test' in the index.",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the held-out choice.")
+@click.option(
+    "--seed", type=SEED, default=0, show_default=True, help="Seed of the held-out choice."
+)
 @click.option(
     "--no-resume",
     is_flag=True,

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from oculi.cli._options import emit_json, json_option, load_adapter, model_options, table
+from oculi.cli._options import SEED, emit_json, json_option, load_adapter, model_options, table
 
 
 @click.command()
@@ -26,7 +26,9 @@ from oculi.cli._options import emit_json, json_option, load_adapter, model_optio
     type=click.IntRange(min=0),
     help="Random tokens repeated once for the induction score (0: skip).",
 )
-@click.option("--seed", default=0, show_default=True, help="Seed of the random sequence.")
+@click.option(
+    "--seed", default=0, show_default=True, type=SEED, help="Seed of the random sequence."
+)
 @model_options
 @json_option
 def heads(

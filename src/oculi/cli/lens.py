@@ -6,7 +6,15 @@ from typing import Any
 
 import click
 
-from oculi.cli._options import emit_json, json_option, load_adapter, model_options, table
+from oculi.cli._options import (
+    POSITION,
+    check_position,
+    emit_json,
+    json_option,
+    load_adapter,
+    model_options,
+    table,
+)
 
 
 @click.command()
@@ -18,7 +26,13 @@ from oculi.cli._options import emit_json, json_option, load_adapter, model_optio
     help="The answer token to follow (mind the leading space: ' Paris'). "
     "Default: the model's own top prediction.",
 )
-@click.option("--position", default=-1, show_default=True, help="Position read (-1: the last).")
+@click.option(
+    "--position",
+    default=-1,
+    show_default=True,
+    type=POSITION,
+    help="Position read (-1: the last).",
+)
 @model_options
 @json_option
 def lens(
@@ -37,6 +51,7 @@ def lens(
     import oculi
 
     adapter = load_adapter(**model_opts)
+    check_position(position, len(adapter.to_str_tokens(prompt)))
     if target is None:
         target_id = int(adapter.forward(prompt)[position].argmax())
     else:

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from oculi.cli._options import emit_json, json_option, load_adapter, model_options
+from oculi.cli._options import SEED, emit_json, json_option, load_adapter, model_options
 
 SITES = (
     "resid_pre", "attn_in", "q", "k", "v", "pattern", "z", "attn_out", "resid_mid", "mlp_in",
@@ -135,7 +135,7 @@ def _int_list(text: str | None, what: str) -> list[int] | None:
     callback=lambda _ctx, _param, value: _finite(value),
     help="Noise scale, in embedding standard deviations (finite, > 0).",
 )
-@click.option("--seed", default=0, show_default=True, help="Seed of the noise.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the noise.")
 @model_options
 @json_option
 def trace(

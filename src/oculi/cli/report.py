@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from oculi.cli._options import load_adapter, model_options
+from oculi.cli._options import check_output_file, load_adapter, model_options
 
 
 @click.command()
@@ -64,6 +64,7 @@ def report(
     """
     from oculi.visualize.report import write_report
 
+    check_output_file(output)
     adapter = load_adapter(**model_opts)
     path = write_report(
         adapter, prompt, output, target=target, subject=subject, samples=samples, corrupt=corrupt

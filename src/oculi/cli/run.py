@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import click
 
-from oculi.cli._options import DTYPES, emit_json, json_option
+from oculi.cli._options import (
+    DTYPES,
+    check_device_option,
+    emit_json,
+    json_option,
+    quiet_loading,
+)
 
 # shown in --help without importing the experiments (kept equal to the registry by a test)
 EXPERIMENT_NAMES = (
@@ -51,7 +57,13 @@ EXPERIMENT_NAMES = (
     metavar="NAME_OR_PATH",
     help="Override the config's model (default: the config's, else gemma-3-270m).",
 )
-@click.option("--device", default=None, metavar="DEVICE", help="Override the config's device.")
+@click.option(
+    "--device",
+    default=None,
+    metavar="DEVICE",
+    callback=check_device_option,
+    help="Override the config's device.",
+)
 @click.option(
     "--dtype", type=click.Choice(DTYPES), default=None, help="Override the config's dtype."
 )
@@ -72,17 +84,18 @@ def run(
 ) -> None:
     from oculi.experiments import run_experiment
 
-    done = run_experiment(
-        experiment,
-        config,
-        model=model,
-        device=device,
-        dtype=dtype,
-        tag=tag,
-        out_dir=out_dir,
-        overwrite=overwrite,
-        parity=not no_parity,
-    )
+    with quiet_loading():
+        done = run_experiment(
+            experiment,
+            config,
+            model=model,
+            device=device,
+            dtype=dtype,
+            tag=tag,
+            out_dir=out_dir,
+            overwrite=overwrite,
+            parity=not no_parity,
+        )
     if as_json:
         emit_json({"folder": str(done.folder), **done.result})
         return

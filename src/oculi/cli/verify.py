@@ -6,7 +6,13 @@ from typing import Any
 
 import click
 
-from oculi.cli._options import emit_json, json_option, load_adapter, model_options
+from oculi.cli._options import (
+    FiniteFloat,
+    emit_json,
+    json_option,
+    load_adapter,
+    model_options,
+)
 
 
 @click.command()
@@ -20,7 +26,7 @@ from oculi.cli._options import emit_json, json_option, load_adapter, model_optio
 )
 @click.option(
     "--tolerance",
-    type=float,
+    type=FiniteFloat(min=0, min_open=True),
     default=None,
     help="Largest relative difference accepted (default 1e-5 fp32, 2e-2 half).",
 )
