@@ -10,6 +10,7 @@ prints one JSON error object on stdout.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,8 +37,24 @@ ARGS = {
     "report": [PROMPT],
     "verify": [],
     "harvest": ["--prompts", "p.jsonl", "--sites", "resid_post", "--layers", "0", "--out", "s"],
+    "discover": ["--clean", PROMPT, "--corrupt", PROMPT, "--answer", "mat", "--wrong", "hat"],
+    "sae evaluate": ["x.safetensors", "--prompts", "p.jsonl"],
 }
-JSON_COMMANDS = [c for c in COMMANDS if c not in ("report",)]
+# commands without --model: their own arguments, and a failing input
+OWN = {
+    "sae train": ["--store", "no-store", "--site", "resid_post", "--layer", "0", "--out", ".",
+                  "--d-sae", "8"],
+}  # fmt: skip
+JSON_COMMANDS = [c for c in [*ARGS, *OWN, "run"] if c != "report"]
+
+
+def argv(command: str, config: Path) -> list[str]:
+    """The command's words, its required arguments and, where it has one, the missing model."""
+    if command == "run":
+        return ["run", "logit_lens", "-c", str(config), "-m", NOWHERE]
+    if command in OWN:
+        return [*command.split(), *OWN[command]]
+    return [*command.split(), *ARGS[command], "-m", NOWHERE]
 
 
 def run(*args: str):
@@ -52,11 +69,15 @@ def one_error_line(result) -> str:
 
 
 def test_every_command_is_covered():
-    assert set(ARGS) | {"run"} == set(COMMANDS)
+    groups = {c.split()[0] for c in [*ARGS, *OWN]}
+    assert groups | {"run"} == set(COMMANDS)
+    from oculi.cli.sae import sae
+
+    assert {f"sae {c}" for c in sae.commands} == {c for c in [*ARGS, *OWN] if c.startswith("sae")}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this torch has CUDA")
-@pytest.mark.parametrize("command", list(ARGS) + ["run"])
+@pytest.mark.parametrize("command", [*ARGS, *OWN, "run"])
 @pytest.mark.parametrize("device", ["cuda", "cuda:1", "mps", "tpu"])
 def test_a_device_this_torch_cannot_use_is_one_line_naming_the_usable_ones(
     command, device, tmp_path
@@ -65,10 +86,7 @@ def test_a_device_this_torch_cannot_use_is_one_line_naming_the_usable_ones(
         pytest.skip("this machine has MPS")
     config = tmp_path / "c.yaml"
     config.write_text("prompt: the cat\n")
-    args = (
-        ["run", "logit_lens", "-c", str(config)] if command == "run" else [command, *ARGS[command]]
-    )
-    line = one_error_line(run(*args, "-m", NOWHERE, "--device", device))
+    line = one_error_line(run(*argv(command, config), "--device", device))
     assert f"'{device}'" in line and "can use: cpu" in line, line
     assert NOWHERE not in line  # refused before the model is looked for
 
@@ -87,10 +105,7 @@ def test_python_load_refuses_the_device_before_loading():
 def test_json_commands_print_one_json_error_object(command, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("prompt: the cat\n")
-    args = (
-        ["run", "logit_lens", "-c", str(config)] if command == "run" else [command, *ARGS[command]]
-    )
-    result = run(*args, "-m", NOWHERE, "--json")
+    result = run(*argv(command, config), "--json")
     assert result.exit_code == 2, result.output
     error = json.loads(result.stdout)  # the whole of stdout is one JSON object
     assert set(error) == {"error", "type", "exit_code"} and error["exit_code"] == 2

@@ -167,8 +167,10 @@ def test_run_folder_problems_are_refused_before_the_model_loads(tmp_path):
 
 
 def test_the_configs_shipped_still_load():
+    import yaml
+
     for path in sorted(Path(__file__).parents[1].glob("configs/*.yaml")):
-        name = path.stem.removesuffix("_factual").removesuffix("_induction")
+        name = yaml.safe_load(path.read_text()).get("experiment") or path.stem
         load_config(path, get_experiment(name).Config)
 
 

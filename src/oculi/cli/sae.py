@@ -6,7 +6,13 @@ from typing import Any
 
 import click
 
-from oculi.cli._options import emit_json, json_option, model_options
+from oculi.cli._options import (
+    SEED,
+    check_device_option,
+    emit_json,
+    json_option,
+    model_options,
+)
 
 
 @click.group()
@@ -42,8 +48,9 @@ def sae() -> None:
 @click.option("--l0-coefficient", type=float, default=None, help="JumpReLU's L0 penalty.")
 @click.option("--checkpoint-every", type=int, default=None, help="Tokens between checkpoints.")
 @click.option("--split", default=None, help="Train on this split of the store (e.g. train).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default=None, help="cpu or cuda (default: cuda when present).")
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--device", default=None, callback=check_device_option,
+              help="cpu or cuda (default: cuda when present).")  # fmt: skip
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @json_option
 def train_command(
