@@ -39,6 +39,7 @@ ARGS = {
     "harvest": ["--prompts", "p.jsonl", "--sites", "resid_post", "--layers", "0", "--out", "s"],
     "discover": ["--clean", PROMPT, "--corrupt", PROMPT, "--answer", "mat", "--wrong", "hat"],
     "sae evaluate": ["x.safetensors", "--prompts", "p.jsonl"],
+    "sae features": ["x.safetensors", "--store", "no-store", "-o", "features.html"],
 }
 # commands without --model: their own arguments, and a failing input
 OWN = {
@@ -149,9 +150,13 @@ def test_numbers_out_of_range_are_refused_before_loading(args, named):
     assert NOWHERE not in line
 
 
-def test_report_output_that_is_a_folder_is_refused_before_loading(tmp_path):
+def test_an_output_that_is_a_folder_is_refused_before_loading(tmp_path):
     line = one_error_line(run("report", PROMPT, "-m", NOWHERE, "-o", str(tmp_path)))
-    assert f"'{tmp_path}' is a folder" in line
+    assert f"--output '{tmp_path}' is a folder" in line
+    line = one_error_line(
+        run("sae", "features", "x.safetensors", "--store", "s", "-o", str(tmp_path), "-m", NOWHERE)
+    )
+    assert f"--out '{tmp_path}' is a folder" in line
 
 
 def test_run_folder_problems_are_refused_before_loading(tmp_path):

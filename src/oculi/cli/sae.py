@@ -149,11 +149,12 @@ def features_command(
     Example:
       oculi sae features sae6/sae.safetensors --store acts -o features.html --latents 3,12,40
     """
-    from oculi.cli._options import load_adapter
+    from oculi.cli._options import check_output_file, load_adapter
     from oculi.harvest.store import open_harvest
     from oculi.sae import load_sae, top_activations
     from oculi.visualize.features import write_feature_page
 
+    check_output_file(out, "--out")  # a folder or an unwritable place: refused before the pass
     chosen = None
     if latents:
         try:
