@@ -181,3 +181,42 @@ def test_cli_features_page(store, adapter, tmp_path):
     assert 'id="latent-1"' in out.read_text() and 'id="latent-3"' not in out.read_text()
     bad = CliRunner().invoke(cli, [*args[:-1], "1,99"])
     assert bad.exit_code == 2 and "latent 99 out of range for d_sae=48 (0..47)" in bad.output
+
+
+def test_latent_patching_equals_hand_patches(adapter):
+    from oculi.sae import latent_patching
+
+    sae = random_sae(adapter.d_model)
+    clean, corrupt = "the cat sat on the mat", "the dog sat on the rug"
+    target = (17, 30)
+    res = latent_patching(adapter, sae, clean, corrupt, target, n_exact=4)
+    a_clean = capture_latents_at(adapter, sae, clean)
+    a_corrupt = capture_latents_at(adapter, sae, corrupt)
+    for i, value in res.exact.items():
+        delta = (a_clean[i] - a_corrupt[i]) * sae.W_dec[i]
+
+        def hook(_m, _a, out, delta=delta):
+            x = (out[0] if isinstance(out, tuple) else out).clone()
+            x[:, -1] += delta
+            return (x, *out[1:]) if isinstance(out, tuple) else x
+
+        handle = adapter.layer_modules[LAYER].register_forward_hook(hook)
+        try:
+            logits = adapter.forward(corrupt)[-1]
+        finally:
+            handle.remove()
+        assert value == pytest.approx(float(logits[17] - logits[30]), abs=1e-5)
+    base = adapter.forward(corrupt)[-1]
+    assert res.corrupt_metric == pytest.approx(float(base[17] - base[30]), abs=1e-5)
+    assert len(res.exact) == 4 and len(res.top(2)) == 2
+    same = latent_patching(adapter, sae, corrupt, corrupt, target, n_exact=2)
+    assert (same.estimate == 0).all()
+    assert all(v == pytest.approx(same.corrupt_metric, abs=1e-6) for v in same.exact.values())
+    with pytest.raises(ValueError, match="same number of tokens"):
+        latent_patching(adapter, sae, clean, "a dog", target)
+
+
+def capture_latents_at(adapter, sae, prompt):
+    from oculi.sae import capture_latents
+
+    return capture_latents(adapter, prompt, sae)[0][0, -1]

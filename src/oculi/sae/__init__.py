@@ -19,10 +19,15 @@ Gemma Scope, sparsify), ``load`` (recognising a layout by its files), ``splice``
 (:class:`SAEPatch`, an intervention), ``latents`` (latents as a capture site), ``train``
 (with ``data``, ``objectives``, ``checkpoint``), ``evaluate``, ``features`` (top
 activations, contexts, logit effects; the page is :mod:`oculi.visualize.features`),
-``attribution`` (DLA and AtP per latent).
+``attribution`` (DLA and AtP per latent, patching latents from a clean run).
 """
 
-from oculi.sae.attribution import FeatureAttribution, feature_attribution
+from oculi.sae.attribution import (
+    FeatureAttribution,
+    LatentPatching,
+    feature_attribution,
+    latent_patching,
+)
 from oculi.sae.config import TrainConfig
 from oculi.sae.evaluate import SAEEvaluation, evaluate
 from oculi.sae.features import Context, TopActivations, logit_effects, top_activations
@@ -39,6 +44,7 @@ __all__ = [
     "FeatureAttribution",
     "KINDS",
     "SAE",
+    "LatentPatching",
     "LatentStats",
     "SAEEvaluation",
     "SAEFormatError",
@@ -49,6 +55,7 @@ __all__ = [
     "evaluate",
     "feature_attribution",
     "fvu",
+    "latent_patching",
     "latent_stats",
     "load_sae",
     "load_saes",
