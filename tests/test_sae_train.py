@@ -211,3 +211,22 @@ def test_cli_train_then_evaluate(store_path, tmp_path):
     assert sae.metadata["training"]["tokens"] == store.n_rows // 128 * 128
     bad = CliRunner().invoke(cli, [*args[:6], "--layer", "7", *args[8:]])
     assert bad.exit_code == 2 and "not in this store" in bad.output
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_transcoder_training_folds_both_scales(skip):
+    """A transcoder reads x and predicts y (here both made from the same sparse codes, at
+    different scales and offsets): the saved one maps raw x to raw y as well as in training."""
+    g = torch.Generator().manual_seed(0)
+    n, atoms = 32768, 48
+    d_in, d_out = torch.randn(atoms, 24, generator=g), 5 * torch.randn(atoms, 16, generator=g)
+    idx = torch.stack([torch.randperm(atoms, generator=g)[:3] for _ in range(n)])
+    codes = torch.zeros(n, atoms).scatter_(1, idx, torch.rand(n, 3, generator=g) + 0.5)
+    x, y = codes @ d_in + 1.0, codes @ d_out - 2.0
+    tc = train(x, "mlp_in", 1, d_sae=96, kind="topk", k=3, targets=y, target_site="mlp_out",
+               skip=skip, batch_rows=512, n_tokens=4 * n, lr=5e-3, progress=False)  # fmt: skip
+    assert (tc.site, tc.write_site, tc.layer, tc.is_transcoder) == ("mlp_in", "mlp_out", 1, True)
+    assert (tc.W_skip is not None) == skip and not tc.center_input
+    raw = tc.fvu(x[:8192], y[:8192])
+    assert raw < 0.5
+    assert raw == pytest.approx(tc.metadata["training"]["final"]["fvu"], abs=0.06)
