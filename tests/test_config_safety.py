@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+import oculi
 from oculi.errors import brief
 from oculi.experiments import ConfigError, get_experiment, load_config, run_experiment
 
@@ -185,3 +186,18 @@ def test_error_messages_stay_on_one_line_for_multiline_yaml_errors(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(path, LENS)
     assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_a_position_beyond_the_prompt_names_the_key_and_range(tmp_path):
+    from models import tiny_model, tiny_tokenizer
+
+    tiny = oculi.attach(tiny_model("gemma3"), tiny_tokenizer())
+    for position in (99, 10**18, -5):
+        with pytest.raises(
+            ConfigError, match=r"position: .* outside the prompt's 4 tokens; use -4 .. 3"
+        ):
+            run_experiment(
+                "logit_lens", {"prompt": "the cat sat", "position": position}, adapter=tiny,
+                out_dir=tmp_path, parity=False,
+            )  # fmt: skip
+    assert not (tmp_path / "logit_lens").exists()

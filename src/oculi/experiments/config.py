@@ -148,6 +148,17 @@ def validate_config(data: Any, schema: type[C], *, source: str = "config") -> C:
     return cfg
 
 
+def check_position(key: str, position: int, n_tokens: int) -> int:
+    """``position`` if it indexes a prompt of ``n_tokens`` tokens, else :class:`ConfigError`
+    naming the key and the range (an experiment calls this once the prompt is tokenized)."""
+    if not -n_tokens <= position < n_tokens:
+        raise ConfigError(
+            f"{key}: {brief(position, 40)} is outside the prompt's {n_tokens} tokens; use "
+            f"{-n_tokens} .. {n_tokens - 1} (-1: the last)"
+        )
+    return position
+
+
 def read_yaml(path: str | os.PathLike) -> Any:
     """The YAML document at ``path``, read with :class:`ConfigLoader`.
 

@@ -33,7 +33,9 @@ class LogitLens(Experiment):
 
     def run(self, adapter: Any, cfg: LogitLensConfig) -> Outcome:
         import oculi
+        from oculi.experiments.config import check_position
 
+        check_position("position", cfg.position, len(adapter.to_str_tokens(cfg.prompt)))
         if cfg.target is None:
             target: str | int = int(adapter.forward(cfg.prompt)[cfg.position].argmax())
         else:
