@@ -250,13 +250,21 @@ def test_head_results_add_up_to_attn_out_and_match_the_weights(ref: Ref):
         bias = o_proj_bias(fam, attn)
         total = result.sum(2) + (bias if bias is not None and fam not in SANDWICH else 0)
         close(total, cache["attn_out", layer], f"sum of heads {layer}")
-        if fam not in SANDWICH:  # a head's write is z_h W_O,h by hand
-            w = o_proj(fam, attn).weight
-            w_o = w if fam == "gpt2" else w.T  # [H*D, d]
-            d = a.d_head
-            for h in range(a.n_heads):
-                z_h = cache["z", layer][:, :, h]
-                close(result[:, :, h], z_h @ w_o[h * d : (h + 1) * d], f"head {layer}.{h}")
+        # a head's write is z_h W_O,h by hand; behind a post-attention RMSNorm, times the
+        # norm's gain (offset + w) / rms(o) for the whole output o = z W_O
+        w = o_proj(fam, attn).weight
+        w_o = w if fam == "gpt2" else w.T  # [H*D, d]
+        gain = 1.0
+        if fam in SANDWICH:
+            norm = block.post_attention_layernorm
+            o = cache["z", layer].flatten(-2) @ w_o
+            offset = 0.0 if fam == "olmo2" else 1.0
+            eps = ref.model.config.rms_norm_eps
+            gain = (offset + norm.weight) / (o.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+        d = a.d_head
+        for h in range(a.n_heads):
+            z_h = cache["z", layer][:, :, h]
+            close(result[:, :, h], (z_h @ w_o[h * d : (h + 1) * d]) * gain, f"head {layer}.{h}")
     fresh = ActivationCache({k: v for k, v in cache.items() if "result" not in k}, a)
     fresh.compute_head_results()  # the same numbers from hook_z alone
     for layer in range(a.n_layers):
