@@ -3,8 +3,10 @@
 The seed documents (``$OCULI_SEEDS``, default ``/work/shared/seeds``; the tests skip where they
 are absent, as oculi does not ship them) are read at test time and their Python blocks are
 executed in document order in one namespace, as a reader would run them in a notebook. Only
-the model name changes (plus the few import lines the seed's own packaging names, and the seed
-bugs listed in ``FIXES``, each with its reason):
+the model name changes (plus the few import lines the seed's own packaging names, the seed
+bugs listed in ``FIXES``, each with its reason, and the statements in ``REFUSED`` that no
+model can answer as written: oculi's error naming the call to make is asserted, then that
+call runs in their place):
 
 - seeds 000 and 001 load ``meta-llama/Meta-Llama-3-8B`` / ``Llama-3.2-3B-Instruct`` with
   ``AutoModelForCausalLM.from_pretrained`` and wrap them in ``LlamaAttentionAdapter``: the name
@@ -29,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+import oculi.errors
 
 SEEDS = Path(os.environ.get("OCULI_SEEDS", "/work/shared/seeds"))
 DOCS = {
@@ -73,6 +77,10 @@ SEED_000 = [
     ("logit lens", "from oculi import LogitConfig", "Circuit Detection"),
     ("circuits", "from oculi.analysis import CircuitDetection", "Unified Full Capture"),
     ("full capture", "from oculi import FullCapture", "Phase 2 Features (v0.5.0-dev)"),
+    ("attribution", "from oculi.analysis import AttributionMethods, AttributionResult",
+     "Head Composition Analysis"),
+    ("composition", "from oculi.analysis import CompositionAnalysis, CompositionResult",
+     "Analysis Examples"),
     ("entropy", "from oculi.analysis import EntropyAnalysis", "Norm Analysis"),
     ("norms", "from oculi.analysis import NormAnalysis", "Correlation Analysis"),
     ("correlation", "from oculi.analysis import CorrelationAnalysis", "Intervention Examples"),
@@ -84,14 +92,6 @@ SEED_000 = [
      "Supported Models"),
 ]  # fmt: skip
 EXCLUDED_000 = {
-    # the seed's DLA call forms (direct_logit_attribution(residual, unembed, target),
-    # component_attribution, head_attribution(output_weights=)): engineer `dla` is making
-    # them exact or refused (issue 17, item 1); not landed when this list was written
-    "attribution": "from oculi.analysis import AttributionMethods, AttributionResult",
-    # qk_composition(capture, ...), composition_matrix(capture, "qk"),
-    # detect_induction_circuit(capture, threshold) on a capture alone: engineer `dla`
-    # (issue 17, item 7), not landed
-    "composition": "from oculi.analysis import CompositionAnalysis, CompositionResult",
     # the seed's own test mock (tests.mocks.MockLlamaAdapter): oculi's tiny models live in
     # tests/models.py and are not a public API
     "testing without GPU": "# Use mock model for CPU testing",
@@ -112,19 +112,16 @@ SUPPORTED_001 = {
     10: "from oculi.analysis import CircuitDetection",  # ch. 6
     11: "prev_token = CircuitDetection.detect_previous_token_heads(capture, threshold=0.5)",
     12: "for layer in [0, 10, 20]:",
+    13: "from oculi.analysis import AttributionMethods",  # ch. 7, exact since the final norm
+    14: "comp = AttributionMethods.component_attribution(",  # is recorded in captures
+    15: "from oculi.analysis import CompositionAnalysis",  # ch. 8
+    16: "circuits = CompositionAnalysis.detect_induction_circuit(capture, threshold=0.3)",
     17: "from oculi.intervention import SpectraScaler, InterventionContext",  # ch. 9
     18: "from oculi.intervention import HeadAblation",
     19: "# Capture fewer layers",  # appendix B
     20: "from oculi.utils import is_mps_available, get_default_device",
 }
-EXCLUDED_001 = {
-    # ch. 7, the seed's DLA forms: engineer `dla` (issue 17, item 1), not landed
-    13: "from oculi.analysis import AttributionMethods",
-    14: "comp = AttributionMethods.component_attribution(",
-    # ch. 8, composition on a capture alone: engineer `dla` (issue 17, item 7), not landed
-    15: "from oculi.analysis import CompositionAnalysis",
-    16: "circuits = CompositionAnalysis.detect_induction_circuit(capture, threshold=0.3)",
-}
+EXCLUDED_001: dict[int, str] = {}
 
 # seed 002 (ModelAnalyzer, GPT-2): the ModelAnalyzer blocks; its legacy modules are mapped to
 # oculi calls in docs/seed002_names.md (tested there), not importable under the seed's names
@@ -202,6 +199,31 @@ FIXES = {
 }
 
 
+# Statements a seed gets wrong for any model, which oculi refuses with an error naming the
+# call to make: (doc, block) -> [(first line of the statement, lines it spans with what
+# depends on it, error, message, what runs instead: the call the error names, or nothing)]
+REFUSED = {
+    ("000", "attribution"): [(
+        "head_attr = AttributionMethods.head_attribution(", 6, "InputError",
+        r"head_attribution takes \(full, target\), not output_weights=",
+        "from oculi import CaptureConfig\n"
+        "full_heads = adapter.capture_full(input_ids, "
+        "attention=CaptureConfig(capture_head_contributions=True))\n"
+        "head_attr = AttributionMethods.head_attribution(full_heads, target_token_id)\n",
+    )],
+    ("000", "composition"): [
+        ("path_score = CompositionAnalysis.path_patching_score(", 4, "InputError",
+         r"path_patching_score estimates path patching from a clean and a corrupt capture", ""),
+        # the sentence repeats no token: the error offers repeated_random_tokens
+        ("circuits = CompositionAnalysis.detect_induction_circuit(capture, threshold=0.3)", 1,
+         "InputError", r"no token repeats .*repeated_random_tokens\(adapter, n=50\)",
+         "import oculi.analysis\n"
+         "circuits = CompositionAnalysis.detect_induction_circuit(\n"
+         "    adapter.capture(oculi.analysis.repeated_random_tokens(adapter, n=50)), threshold=0.3)\n"),
+    ],
+}  # fmt: skip
+
+
 def test_the_lists_cover_every_fenced_block():
     for doc, supported, excluded in [
         ("001", SUPPORTED_001, {i: first for i, first in EXCLUDED_001.items()}),
@@ -238,11 +260,34 @@ class Walker:
             assert old in code, (self.doc, name)
             code = code.replace(old, new)
         self.capsys.readouterr()
-        exec(compile(code, f"<seed {self.doc}: {name}>", "exec"), self.ns)  # noqa: S102
+        for first, n_lines, error, message, instead in REFUSED.get((self.doc, name), []):
+            lines = code.splitlines(keepends=True)
+            at = [i for i, line in enumerate(lines) if line.rstrip("\n") == first]
+            assert len(at) == 1, (self.doc, name, first)
+            before, refused = "".join(lines[: at[0]]), lines[at[0] : at[0] + n_lines]
+            self._exec(before, name)
+            with pytest.raises(getattr(oculi.errors, error), match=message):
+                self._exec(_statement(refused), f"{name}, refused")
+            code = instead + "".join(lines[at[0] + n_lines :])
+        self._exec(code, name)
         return self.capsys.readouterr().out
+
+    def _exec(self, code: str, name: str) -> None:
+        exec(compile(code, f"<seed {self.doc}: {name}>", "exec"), self.ns)  # noqa: S102
 
     def all_substitutions_used(self) -> None:
         assert self.used == set(self.substitutions), set(self.substitutions) - self.used
+
+
+def _statement(lines: list[str]) -> str:
+    """The first statement of ``lines``: up to where its brackets close."""
+    depth, out = 0, []
+    for line in lines:
+        out.append(line)
+        depth += sum(line.count(c) for c in "([{") - sum(line.count(c) for c in ")]}")
+        if depth == 0:
+            break
+    return "".join(out)
 
 
 @pytest.fixture(autouse=True)
@@ -345,6 +390,31 @@ def test_seed_000_examples(llama_8b_shape, capsys):
     assert out.count(": True") == 4  # attention, residual, MLP, logits all captured
     assert ns["entropy"].shape == (32, 32, 10)
 
+    out = walker.run("attribution", blocks["attribution"])
+    logit = float(hf["logits"][-1, ns["target_token_id"]])  # the model's own logit
+    dla = ns["dla"]
+    # the seed's comment says [L, H, T, T]; oculi's flow is the exact max flow from each
+    # token to the last position, [T] (README, Attribution)
+    assert "Attention flow: torch.Size([10])" in out
+    assert "Value-weighted patterns: torch.Size([32, 32, 10, 10])" in out  # [L, H, T, T]
+    assert "Layer contributions: torch.Size([32])" in out  # [L]
+    assert float(dla.total) == pytest.approx(logit, rel=1e-4, abs=1e-6)
+    comp = ns["component_attr"].values
+    assert "Component attribution: torch.Size([32, 2])" in out  # [L, 2]
+    torch.testing.assert_close(comp.sum(-1), dla.values, atol=1e-6, rtol=1e-5)
+    heads = ns["head_attr"].values
+    assert heads.shape == (32, 32)  # [L, H]
+    torch.testing.assert_close(heads.sum(-1), comp[:, 0], atol=1e-6, rtol=1e-5)
+    assert len(ns["top_heads"]) == 10
+
+    out = walker.run("composition", blocks["composition"])
+    assert "OV composition: torch.Size([10])" in out  # [T]
+    assert "Virtual attention: torch.Size([10, 10])" in out  # [T, T]
+    assert "Composition matrix: torch.Size([1024, 1024])" in out  # [L*H, L*H]
+    assert "Path: L5H2" in out and out.count("Circuit: L") == min(
+        5, len(ns["circuits"].metadata["circuits"])
+    )
+
     # the seed compares "two conditions" it never defines: a baseline and a sharpened head
     from oculi.intervention import InterventionContext, SpectraScaler
 
@@ -446,6 +516,18 @@ def test_seed_001_examples(llama_3b_shape, capsys):
     out = walker.run("ch6 previous token", blocks[11])
     assert out.startswith("Previous token heads: ")
     walker.run("ch6 classify", blocks[12])
+
+    out = walker.run("ch7 dla", blocks[13])  # exact: the shares add up to the model's logit
+    assert float(ns["dla"].total) == pytest.approx(float(hf["logits"][-1, ns["target_id"]]),
+                                                   rel=1e-4, abs=1e-6)  # fmt: skip
+    assert len(re.findall(r"^L ?\d+: ", out, re.M)) == 28  # one row per layer
+    out = walker.run("ch7 components", blocks[14])
+    torch.testing.assert_close(ns["comp"].values.sum(-1), ns["dla"].values, atol=1e-6, rtol=1e-5)
+    assert len(re.findall(r"^L ?\d+: Attn=", out, re.M)) == 10
+    out = walker.run("ch8 qk composition", blocks[15])
+    assert out.startswith("QK composition: ")
+    out = walker.run("ch8 induction circuits", blocks[16])  # on the repeated prompt of ch. 6
+    assert out.startswith("Found ")
 
     for name, i in [("ch9 sharpen", 17), ("ch9 ablation", 18)]:
         out = walker.run(name, blocks[i])
