@@ -47,7 +47,15 @@ from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Any, TypeVar
 
+try:  # the C functions: signal.signal's enum conversions cost ~15 us per call
+    from _signal import getsignal as _getsignal
+    from _signal import signal as _setsignal
+except ImportError:  # pragma: no cover - not CPython
+    from signal import getsignal as _getsignal
+    from signal import signal as _setsignal
+
 F = TypeVar("F", bound=Callable[..., Any])
+_SIGINT = int(signal.SIGINT)
 
 # code object -> True (interrupts held inside it) or False (delivered at once inside it)
 _MARKS: dict[CodeType, bool] = {}
@@ -92,7 +100,7 @@ def _handle(signum: int, frame: FrameType | None) -> None:
 
 
 def _main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
+    return threading.get_ident() == threading.main_thread().ident
 
 
 @protected
@@ -102,10 +110,10 @@ def opened() -> bool:
     if not _main_thread():
         return False
     if _Handler.open == 0:
-        current = signal.getsignal(signal.SIGINT)
+        current = _getsignal(_SIGINT)
         if callable(current) and current is not _handle:  # SIG_DFL / SIG_IGN: nothing to hold
             _Handler.previous = current
-            signal.signal(signal.SIGINT, _handle)
+            _setsignal(_SIGINT, _handle)
     _Handler.open += 1
     return True
 
@@ -116,8 +124,8 @@ def closed(counted: bool) -> None:
     if not counted:
         return
     _Handler.open -= 1
-    if _Handler.open == 0 and signal.getsignal(signal.SIGINT) is _handle:
-        signal.signal(signal.SIGINT, _Handler.previous)
+    if _Handler.open == 0 and _getsignal(_SIGINT) is _handle:
+        _setsignal(_SIGINT, _Handler.previous)
 
 
 @protected
