@@ -118,7 +118,8 @@ def build(
     device: str | torch.device | None,
     where: str,
 ) -> SAE:
-    """An :class:`SAE` from constructor arguments and tensors named as oculi names them."""
+    """An :class:`SAE` from constructor arguments and tensors named as oculi names them, with
+    ``requires_grad`` off (a loaded SAE is for analysis)."""
     sae = SAE(**cfg, dtype=dtype, device=device)
     want = set(TENSORS) | ({"W_skip"} if sae.W_skip is not None else set())
     if "threshold" not in tensors:
@@ -139,4 +140,6 @@ def build(
                     f"d_out={sae.d_out}"
                 )
             param.copy_(value.to(param.dtype))
-    return sae
+    # a loaded SAE is for analysis: no autograd graph behind its latents unless asked
+    # (sae.requires_grad_(True) to fine-tune it)
+    return sae.requires_grad_(False)

@@ -118,6 +118,10 @@ def load_sae(
             release layout, a sparsify folder of another name) or to override them.
         device, dtype: of the parameters (default: the CPU and the stored dtype).
 
+    Returns:
+        The :class:`SAE`, its parameters with ``requires_grad`` off (``.requires_grad_()``
+        to fine-tune), ``metadata["source"]`` naming the layout it came from.
+
     Raises:
         SAEFormatError: no layout fits (the message lists the files found), a damaged file, or
             an option of another library that oculi does not model.
