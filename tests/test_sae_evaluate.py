@@ -70,3 +70,32 @@ def test_an_exact_sae_recovers_everything():
     got = evaluate(a, exact_sae(a.d_model), PROMPTS)
     assert got.fvu < 1e-10 and got.ce_recovered == pytest.approx(1.0, abs=1e-5)
     assert got.kl_spliced == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.gemma
+def test_gemma_evaluate_and_attribution(gemma):
+    prompts = ["The Eiffel Tower is located in the city of Paris.", "Water is made of hydrogen and"]
+    sae = exact_sae(gemma.d_model)
+    sae.layer = 6
+    got = evaluate(gemma, sae, prompts, batch_size=2)
+    ids = [gemma.prepare(p).input_ids for p in prompts]
+    with torch.no_grad():
+        losses = [(float(gemma.model(input_ids=i, labels=i).loss), i.shape[1] - 1) for i in ids]
+    clean = sum(v * n for v, n in losses) / sum(n for _, n in losses)
+    assert got.ce_clean == pytest.approx(clean, abs=1e-4)
+    assert got.ce_spliced == pytest.approx(clean, abs=1e-4) and got.fvu < 1e-10
+    assert got.ce_zero > clean + 1.0 and got.ce_recovered == pytest.approx(1.0, abs=1e-4)
+    # DLA of a last-layer SAE adds up to the logit (the exact SAE has no error term)
+    from oculi.sae import feature_attribution
+
+    last = exact_sae(gemma.d_model)
+    last.layer = gemma.n_layers - 1
+    paris = gemma.to_single_token(" Paris")
+    fa = feature_attribution(gemma, last, "The Eiffel Tower is located in the city of", paris)
+    logit = float(gemma.forward("The Eiffel Tower is located in the city of")[-1, paris])
+    assert fa.metric == pytest.approx(logit, abs=1e-3)
+    from oculi.analysis.readout import readout
+
+    r = readout(gemma.capture_residual("The Eiffel Tower is located in the city of"), paris, -1,
+                gemma)  # fmt: skip
+    assert float(fa.dla.sum() + r.bias.reshape(-1)[0]) == pytest.approx(logit, abs=1e-3)
