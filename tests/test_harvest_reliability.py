@@ -639,3 +639,15 @@ def test_cli_file_size_limit_is_one_line_naming_the_file(cli_setup, tmp_path, li
     (line,) = [x for x in run.stderr.splitlines() if x.startswith("oculi")]
     assert line.startswith("oculi: error: cannot ") and f"'{out / file}'" in line
     assert "File too large" in line
+
+
+def test_a_store_of_an_older_oculi_is_named_and_kept(adapter, reference, tmp_path):
+    out = tmp_path / "old"
+    shutil.copytree(reference[0], out)
+    (out / "oculi-harvest.json").unlink()  # format 1 had no marker, only zarr.json's attribute
+    (out / "oculi-harvest.lock").unlink()
+    before = listing(out)
+    for resume in (True, False):
+        with pytest.raises(HarvestStoreError, match=r"store of an older oculi \(format 1"):
+            oculi.harvest(adapter, word_prompts(50), out=out, resume=resume, **KW)
+    assert listing(out) == before

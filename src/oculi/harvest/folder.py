@@ -96,6 +96,12 @@ def check_ours(root: Path) -> None:
     if (root / MARKER).exists():
         return
     others = sorted(p.name for p in root.iterdir() if p.name != LOCK)
+    if others and _old_store(root):
+        raise HarvestStoreError(
+            f"'{root}' looks like a harvest store of an older oculi (format 1, no {MARKER}); "
+            "this oculi neither reads nor replaces it: move it away or delete it yourself, "
+            "or harvest into another folder"
+        )
     if others:
         shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
         raise HarvestStoreError(
@@ -103,6 +109,15 @@ def check_ours(root: Path) -> None:
             f"{shown}); oculi only writes into an empty or new folder, or into a store it "
             "created, and never deletes a folder it did not create; choose another folder"
         )
+
+
+def _old_store(root: Path) -> bool:
+    """A format-1 store: its root ``zarr.json`` has the ``oculi_harvest`` attribute."""
+    try:
+        meta = json.loads((root / ZARR_META).read_bytes())
+        return isinstance(meta, dict) and "oculi_harvest" in (meta.get("attributes") or {})
+    except (OSError, ValueError):
+        return False
 
 
 def foreign_entries(root: Path) -> list[Path]:
