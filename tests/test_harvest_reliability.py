@@ -25,8 +25,8 @@ from click.testing import CliRunner
 
 import oculi
 from models import tiny_model, tiny_tokenizer
-from oculi.harvest import HarvestStoreError, LocalExecutor
-from oculi.harvest.lock import HarvestLockedError, StoreLock
+from oculi.harvest import HarvestLockedError, HarvestStoreError, LocalExecutor
+from oculi.harvest.lock import StoreLock
 from test_harvest import SMALL, word_prompts
 
 pytest.importorskip("zarr")
@@ -133,7 +133,7 @@ from models import tiny_model, tiny_tokenizer
 import oculi
 from test_harvest import word_prompts
 ad = oculi.attach(tiny_model("gemma3"), tiny_tokenizer())
-ad.layer_modules[0].register_forward_pre_hook(lambda *a: time.sleep(0.15))
+ad.layer_modules[0].register_forward_pre_hook(lambda *a: time.sleep(0.5))
 s = oculi.harvest(ad, word_prompts(50), out={out!r}, sites=["resid_post"], layers=[0, 1],
                   chunk_rows=16, unit_rows=64, batch_tokens=64, progress=False)
 print(json.dumps([s.units_computed, s.units]))

@@ -46,12 +46,14 @@ writing its own shards; the driver commits results as they stream back (scaling 
 
 from oculi.harvest.distributed import RayExecutor
 from oculi.harvest.local import LocalExecutor
+from oculi.harvest.lock import HarvestLockedError
 from oculi.harvest.run import HarvestSummary, harvest
 from oculi.harvest.store import HarvestArray, HarvestStore, open_harvest
 from oculi.harvest.writer import HarvestStoreError
 
 __all__ = [
     "HarvestArray",
+    "HarvestLockedError",
     "HarvestStore",
     "HarvestStoreError",
     "HarvestSummary",
