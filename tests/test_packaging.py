@@ -20,8 +20,9 @@ def test_all_extra_is_the_union_of_the_runtime_extras():
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
         "optional-dependencies"
     ]
-    # a new runtime extra must be listed here (and so land in `all`); dev, compare and sae-compare stay out
-    assert set(extras) == {*RUNTIME_EXTRAS, "all", "dev", "compare", "sae-compare"}
+    # a new runtime extra must be listed here (and so land in `all`); dev and the test-only
+    # compare, sae-compare and quantized stay out
+    assert set(extras) == {*RUNTIME_EXTRAS, "all", "dev", "compare", "sae-compare", "quantized"}
     union = {req for name in RUNTIME_EXTRAS for req in extras[name]}
     assert len(extras["all"]) == len(set(extras["all"])), "a requirement listed twice"
     assert set(extras["all"]) == union

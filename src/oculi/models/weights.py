@@ -22,9 +22,10 @@ loaded the ways big models are loaded:
   bitsandbytes (``Linear4bit`` nf4/fp4, ``Linear8bitLt``). The weight is **dequantized** into
   the float the quantized layer multiplies by: the quantized model's *effective* weights, so
   attributions of the quantized model add up to the quantized model's own logits (and differ
-  from the float model's by the quantization error). bitsandbytes' ``Linear8bitLt`` also
-  rounds its *inputs* to int8 in its forward (LLM.int8), which no weight matrix expresses:
-  its dequantized weight is the closest linear map, not an exact one.
+  from the float model's by the quantization error). bitsandbytes' CPU kernels are not a
+  float matmul by a fixed matrix: ``Linear8bitLt`` also rounds its *inputs* to int8
+  (LLM.int8) and ``Linear4bit`` computes in bfloat16, so their dequantized weights are the
+  layer's map to that precision (0.4% of the output for nf4 on a tiny model), not exactly.
 
 Anything else is refused with :class:`~oculi.errors.WeightReadError` naming the scheme:
 packed integer layouts (GPTQ, AWQ, HQQ, EETQ, ... ``QuantLinear`` modules with ``qweight``
@@ -162,6 +163,9 @@ def _dequantized(module: nn.Module, name: str, value: Tensor) -> Tensor:
         import bitsandbytes.functional as bnb
 
         state = value.quant_state  # type: ignore[attr-defined]
+        if getattr(state, "packing_format_for_cpu", False):
+            original = getattr(state, "original_dtype", None) or state.dtype
+            return _probed(module, state.dtype).to(original)
         return bnb.dequantize_4bit(value.data, state).to(state.dtype)
     if kind == "Int8Params":
         scale = getattr(value, "SCB", None)
@@ -184,6 +188,22 @@ def _dequantized(module: nn.Module, name: str, value: Tensor) -> Tensor:
         f"{_describe(module)}.{name} is a {type(value).__module__}.{kind} oculi cannot "
         f"dequantize; {_packed_hint(module)}"
     )
+
+
+def _probed(module: nn.Module, dtype: torch.dtype) -> Tensor:
+    """``W [out, in]`` of a linear layer read off its own forward on the identity (the layer's
+    class forward: no hook fires). For bitsandbytes' 4-bit weights once repacked into its CPU
+    kernel's tiled layout (at the first CPU forward): the kernel dequantizes each weight to
+    ``dtype`` and multiplies it by 1, so this is exactly the matrix it applies (bitsandbytes'
+    own inverse of that layout is best-effort and wrong for some shapes)."""
+    n_in: int = getattr(module, "in_features")  # noqa: B009 - typed Tensor | Module otherwise
+    eye = torch.eye(n_in, dtype=dtype)
+    with torch.no_grad():
+        out = type(module).forward(module, eye)  # [in, out] = W^T + bias
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, Tensor):
+        out = out - bias.to(out.dtype)
+    return out.T.contiguous()
 
 
 def _is_quanto(module: nn.Module) -> bool:
