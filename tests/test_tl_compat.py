@@ -489,6 +489,10 @@ def test_bad_hooks_and_names_say_what_is_wrong():
         a.run_with_hooks(ids, fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, hook: x[..., 0])])
     with pytest.raises(TypeError, match=re.escape("fwd_hooks takes (name, function) pairs")):
         a.run_with_hooks(ids, fwd_hooks=["blocks.0.hook_resid_pre"])
+    with pytest.raises(InputError, match="incl_bwd=True is not supported"):
+        a.run_with_cache(ids, incl_bwd=True)
+    _, plain = a.run_with_cache(ids, "hook_embed", return_cache_object=False, device="cpu")
+    assert isinstance(plain, dict) and list(plain) == ["hook_embed"]
     with pytest.raises(InputError, match="bwd_hooks are not supported"):
         a.run_with_hooks(ids, bwd_hooks=[("blocks.0.hook_resid_pre", lambda x, hook: x)])
     _, cache = a.run_with_cache(ids, names_filter="blocks.0.hook_resid_pre")

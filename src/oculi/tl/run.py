@@ -363,7 +363,10 @@ def run_with_cache(
     prepend_bos: bool | None = None,
     attention_mask: Any = None,
     fwd_hooks: Iterable[Any] = (),
-) -> tuple[Any, ActivationCache]:
+    device: str | torch.device | None = None,
+    return_cache_object: bool = True,
+    incl_bwd: bool = False,
+) -> tuple[Any, Any]:
     """One forward returning ``(logits, cache)``, the cache keyed by TransformerLens names.
 
     Example::
@@ -383,11 +386,19 @@ def run_with_cache(
         remove_batch_dim: drop the batch dimension of a one-row cache (not of the logits).
         prepend_bos, attention_mask: as :func:`run_with_hooks`.
         fwd_hooks: hook functions applied in the same forward (the cache records their effect).
+        device: where to put the cached tensors (default: where they were computed).
+        return_cache_object: ``False`` returns the plain ``{name: tensor}`` dict instead.
+        incl_bwd: gradients are not cached (runs are without gradients); ``True`` raises.
 
     Returns:
         ``(output, cache)``: ``output`` as ``return_type`` says, ``cache`` an
         :class:`~oculi.tl.cache.ActivationCache`.
     """
+    if incl_bwd:
+        raise InputError(
+            "incl_bwd=True is not supported: oculi caches forward activations without "
+            "gradients; for gradient attributions use oculi.patching.attribution_patching"
+        )
     reads = select(adapter, names_filter)
     order = {n: i for i, n in enumerate(hook_specs(adapter))}
     reads = sorted(reads, key=lambda s: order[s.name])
@@ -395,9 +406,12 @@ def run_with_cache(
     batch = _batch(adapter, input, prepend_bos, attention_mask)
     hidden, acts = forward(adapter, batch, writes, reads)
     cache = ActivationCache(acts, adapter, attention_mask=batch.attention_mask)
+    if device is not None:
+        cache.to(device)
     if remove_batch_dim:
         cache.remove_batch_dim()
-    return _outputs(adapter, hidden, batch, return_type), cache
+    out = _outputs(adapter, hidden, batch, return_type)
+    return out, (cache if return_cache_object else cache.cache_dict)
 
 
 @contextmanager
