@@ -128,6 +128,32 @@ def test_position_beyond_the_prompt_names_the_range(tiny_dir):  # noqa: F811 - f
     assert run("lens", PROMPT, "-m", str(tiny_dir), "--position", "-6", "--json").exit_code == 0
 
 
+HARVEST = ["harvest", *ARGS["harvest"]]
+TRAIN = ["sae", "train", *OWN["sae train"]]
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        ([*HARVEST, "--batch-tokens", "0"], "0 is not in the range x>=1"),
+        ([*HARVEST, "--max-length", "-3"], "-3 is not in the range x>=1"),
+        ([*HARVEST, "--split", "1"], "'1' is out of range: it must be >= 0 and < 1"),
+        ([*HARVEST, "--split", "nan"], "'nan' is not a finite number"),
+        ([*HARVEST, "--concurrency", "0"], "0 is not in the range x>=1"),
+        ([*HARVEST, "--num-cpus", "0"], "must be > 0"),
+        ([*HARVEST, "--seed", str(2**64)], "0<=x<=18446744073709551615"),
+        ([*TRAIN, "--d-sae", "0"], "0 is not in the range x>=1"),
+        ([*TRAIN, "--lr", "-0.1"], "must be > 0"),
+        ([*TRAIN, "--l1-coefficient", "inf"], "'inf' is not a finite number"),
+        ([*TRAIN, "--seed", "-1"], "0<=x<=18446744073709551615"),
+        (["discover", *ARGS["discover"], "--threshold", "nan"], "'nan' is not a finite number"),
+    ],
+)
+def test_counts_and_rates_out_of_range_are_refused(args, named):
+    line = one_error_line(run(*args))
+    assert named in line, line
+
+
 @pytest.mark.parametrize(
     ("args", "named"),
     [

@@ -27,13 +27,21 @@ POSITION = click.IntRange(-(2**63), 2**63 - 1)
 
 
 class FiniteFloat(click.ParamType):
-    """A float that is neither ``nan`` nor ``inf`` (click's ``float`` accepts both), within
-    optional bounds: ``FiniteFloat(min=0, min_open=True)`` for a tolerance."""
+    """A float that is neither ``nan`` nor ``inf`` (click's ``float`` and ``FloatRange`` accept
+    both), within optional bounds: ``FiniteFloat(min=0, min_open=True)`` for a tolerance,
+    ``FiniteFloat(min=0, max=1, max_open=True)`` for a fraction."""
 
     name = "number"
 
-    def __init__(self, min: float | None = None, min_open: bool = False) -> None:
-        self.min, self.min_open = min, min_open
+    def __init__(
+        self,
+        min: float | None = None,
+        max: float | None = None,
+        *,
+        min_open: bool = False,
+        max_open: bool = False,
+    ) -> None:
+        self.min, self.max, self.min_open, self.max_open = min, max, min_open, max_open
 
     def convert(self, value: Any, param: Any, ctx: Any) -> float:
         import math
@@ -44,10 +52,21 @@ class FiniteFloat(click.ParamType):
             self.fail(f"{value!r} is not a number", param, ctx)
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number", param, ctx)
-        if self.min is not None and (number < self.min or (self.min_open and number == self.min)):
-            sign = ">" if self.min_open else ">="
-            self.fail(f"{value!r} is out of range: it must be {sign} {self.min:g}", param, ctx)
+        low = self.min is not None and (number < self.min or (self.min_open and number == self.min))
+        high = self.max is not None and (
+            number > self.max or (self.max_open and number == self.max)
+        )
+        if low or high:
+            self.fail(f"{value!r} is out of range: it must be {self._range()}", param, ctx)
         return number
+
+    def _range(self) -> str:
+        parts = []
+        if self.min is not None:
+            parts.append(f"{'>' if self.min_open else '>='} {self.min:g}")
+        if self.max is not None:
+            parts.append(f"{'<' if self.max_open else '<='} {self.max:g}")
+        return " and ".join(parts)
 
 
 def check_position(position: int, n_tokens: int, option: str = "--position") -> int:

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from oculi.cli._options import emit_json, json_option, load_adapter, model_options
+from oculi.cli._options import FiniteFloat, emit_json, json_option, load_adapter, model_options
 
 METHODS = ("eap", "eap-ig", "atp-star", "acdc")
 
@@ -30,7 +30,7 @@ METHODS = ("eap", "eap-ig", "atp-star", "acdc")
 )  # fmt: skip
 @click.option("--steps", type=click.IntRange(1, 1000), default=5, show_default=True,
               help="EAP-IG integration points.")  # fmt: skip
-@click.option("--threshold", type=click.FloatRange(min=0), default=0.05, show_default=True,
+@click.option("--threshold", type=FiniteFloat(min=0), default=0.05, show_default=True,
               help="ACDC's damage threshold, in logit-difference units.")  # fmt: skip
 @click.option("--top", type=click.IntRange(min=0), default=15, show_default=True,
               help="Edges (nodes) listed.")  # fmt: skip

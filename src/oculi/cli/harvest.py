@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from oculi.cli._options import SEED, emit_json, json_option, model_options
+from oculi.cli._options import SEED, FiniteFloat, emit_json, json_option, model_options
 
 
 def parse_layers(spec: str) -> list[int] | None:
@@ -55,10 +55,17 @@ def parse_layers(spec: str) -> list[int] | None:
     "--text-field", default="text", show_default=True, help="The text's key in JSONL objects."
 )
 @click.option(
-    "--batch-tokens", type=int, default=8192, show_default=True, help="Token budget per forward."
+    "--batch-tokens",
+    type=click.IntRange(min=1),
+    default=8192,
+    show_default=True,
+    help="Token budget per forward.",
 )
 @click.option(
-    "--max-length", type=int, default=None, help="Keep the first N tokens of each prompt."
+    "--max-length",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Keep the first N tokens of each prompt.",
 )
 @click.option(
     "--storage-dtype",
@@ -69,7 +76,7 @@ def parse_layers(spec: str) -> list[int] | None:
 @click.option("--compression", type=click.Choice(["zstd"]), default=None, help="Compress chunks.")
 @click.option(
     "--split",
-    type=float,
+    type=FiniteFloat(0, 1, max_open=True),
     default=0.0,
     show_default=True,
     help="Fraction of prompts held out as 'test' in the index.",
@@ -85,9 +92,19 @@ def parse_layers(spec: str) -> list[int] | None:
 @click.option("--verify", is_flag=True, help="On resume, re-read committed units and check them.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
 @click.option("--address", default=None, help="Ray cluster to join (e.g. auto).")
-@click.option("--concurrency", type=int, default=1, show_default=True, help="Ray actors.")
-@click.option("--num-gpus", type=float, default=0, show_default=True, help="GPUs per Ray actor.")
-@click.option("--num-cpus", type=float, default=1, show_default=True, help="CPUs per Ray actor.")
+@click.option(
+    "--concurrency", type=click.IntRange(min=1), default=1, show_default=True, help="Ray actors."
+)
+@click.option(
+    "--num-gpus", type=FiniteFloat(min=0), default=0, show_default=True, help="GPUs per Ray actor."
+)
+@click.option(
+    "--num-cpus",
+    type=FiniteFloat(min=0, min_open=True),
+    default=1,
+    show_default=True,
+    help="CPUs per Ray actor.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @model_options
 @json_option

@@ -8,6 +8,7 @@ import click
 
 from oculi.cli._options import (
     SEED,
+    FiniteFloat,
     check_device_option,
     emit_json,
     json_option,
@@ -36,17 +37,38 @@ def sae() -> None:
 @click.option("--layer", required=True, type=int, help="The layer it reads.")
 @click.option("--out", required=True, metavar="DIR", help="Checkpoints and sae.safetensors "
               "(an existing folder; re-running the same command resumes).")  # fmt: skip
-@click.option("--d-sae", required=True, type=int, help="Number of latents.")
+@click.option("--d-sae", required=True, type=click.IntRange(min=1), help="Number of latents.")
 @click.option("--kind", type=click.Choice(["topk", "batchtopk", "relu", "jumprelu"]),
               default="topk", show_default=True)  # fmt: skip
-@click.option("--k", type=int, default=None, help="Latents per token (topk, batchtopk).")
+@click.option(
+    "--k", type=click.IntRange(min=1), default=None, help="Latents per token (topk, batchtopk)."
+)
 @click.option("--target-site", default=None, help="A transcoder's written site (e.g. mlp_out).")
-@click.option("--n-tokens", type=int, default=None, help="Tokens to train on (default: one pass).")
-@click.option("--batch-rows", type=int, default=4096, show_default=True)
-@click.option("--lr", type=float, default=None, help="Adam learning rate (default by d_sae).")
-@click.option("--l1-coefficient", type=float, default=None, help="ReLU's sparsity penalty.")
-@click.option("--l0-coefficient", type=float, default=None, help="JumpReLU's L0 penalty.")
-@click.option("--checkpoint-every", type=int, default=None, help="Tokens between checkpoints.")
+@click.option(
+    "--n-tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Tokens to train on (default: one pass).",
+)
+@click.option("--batch-rows", type=click.IntRange(min=1), default=4096, show_default=True)
+@click.option(
+    "--lr",
+    type=FiniteFloat(min=0, min_open=True),
+    default=None,
+    help="Adam learning rate (default by d_sae).",
+)
+@click.option(
+    "--l1-coefficient", type=FiniteFloat(min=0), default=None, help="ReLU's sparsity penalty."
+)
+@click.option(
+    "--l0-coefficient", type=FiniteFloat(min=0), default=None, help="JumpReLU's L0 penalty."
+)
+@click.option(
+    "--checkpoint-every",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Tokens between checkpoints.",
+)
 @click.option("--split", default=None, help="Train on this split of the store (e.g. train).")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--device", default=None, callback=check_device_option,
@@ -96,8 +118,8 @@ def train_command(
 @click.argument("path")
 @click.option("--prompts", required=True, metavar="FILE", help="JSONL of held-out prompts.")
 @click.option("--text-field", default="text", show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--max-length", type=int, default=128, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--max-length", type=click.IntRange(min=1), default=128, show_default=True)
 @model_options
 @json_option
 def evaluate_command(
@@ -131,8 +153,16 @@ def evaluate_command(
 @click.option("--store", required=True, metavar="DIR", help="A harvest store holding its site.")
 @click.option("--out", "-o", required=True, metavar="FILE", help="The .html page to write.")
 @click.option("--latents", default=None, help="Comma-separated latents (default: 24 that fire).")
-@click.option("--k", type=int, default=16, show_default=True, help="Top examples per latent.")
-@click.option("--contexts", type=int, default=8, show_default=True, help="Examples shown.")
+@click.option(
+    "--k",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Top examples per latent.",
+)
+@click.option(
+    "--contexts", type=click.IntRange(min=1), default=8, show_default=True, help="Examples shown."
+)
 @model_options
 @json_option
 def features_command(
