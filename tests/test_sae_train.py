@@ -230,3 +230,22 @@ def test_transcoder_training_folds_both_scales(skip):
     raw = tc.fvu(x[:8192], y[:8192])
     assert raw < 0.5
     assert raw == pytest.approx(tc.metadata["training"]["final"]["fvu"], abs=0.06)
+
+
+def test_sparse_topk_encoder_gradients_equal_dense_autograd():
+    from oculi.sae.objectives import _SparseTopK
+
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (
+        torch.randn(*s, generator=g, requires_grad=True) for s in ((64, 16), (16, 40), (40,))
+    )
+    b.data -= 9.0  # some rows have fewer than k positive latents, so ReLU masks kept ones
+    weights = torch.randn(64, 5, generator=g)
+    values, idx, _ = _SparseTopK.apply(x, w, b, 5)
+    grads = torch.autograd.grad((values * weights).sum(), (x, w, b))
+    dense = torch.relu(x @ w + b).gather(-1, idx)  # the same entries through plain autograd
+    torch.testing.assert_close(values, dense, atol=1e-6, rtol=0)
+    want = torch.autograd.grad((dense * weights).sum(), (x, w, b))
+    for got, ref in zip(grads, want):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert (values == 0).any()  # the ReLU mask was exercised

@@ -69,6 +69,43 @@ class _Step(torch.autograd.Function):
         return torch.zeros_like(pre), g_theta.reshape(-1, theta.shape[-1]).sum(0), None
 
 
+class _SparseTopK(torch.autograd.Function):
+    """``relu(x @ W + b)``'s ``k`` largest per row, whose backward touches only those entries.
+
+    The gradient equals autograd's through the dense map (top-k scatters the incoming gradient
+    into the kept columns, ReLU masks the zeros) but costs ``B·k·d_in`` instead of
+    ``B·d_sae·d_in``: ``W[:, i]`` gets ``Σ_b g_bi x_b`` over the rows that kept latent ``i``.
+    ``pre`` is returned without a gradient (the AuxK term computes its own).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor, k: int):  # type: ignore[override]
+        pre = torch.addmm(b, x, w)
+        top = torch.relu(pre).topk(k, dim=-1, sorted=False)
+        ctx.save_for_backward(x, w, top.indices, top.values)
+        ctx.mark_non_differentiable(top.indices, pre)
+        return top.values, top.indices, pre
+
+    @staticmethod
+    def backward(ctx, g_values: Tensor, _g_indices: Tensor, _g_pre: Tensor):  # type: ignore[override]
+        x, w, idx, values = ctx.saved_tensors
+        g = g_values * (values > 0).to(g_values.dtype)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(idx, w.T.contiguous(), per_sample_weights=g, mode="sum")
+        if ctx.needs_input_grad[1]:
+            grad_wt = torch.zeros(w.shape[1], w.shape[0], dtype=w.dtype, device=w.device)
+            step = max(1, (1 << 22) // max(1, idx.shape[1] * x.shape[1]))  # ~16 MB at a time
+            for i in range(0, x.shape[0], step):
+                rows = (g[i : i + step, :, None] * x[i : i + step, None, :]).reshape(-1, x.shape[1])
+                grad_wt.index_add_(0, idx[i : i + step].reshape(-1), rows)
+            grad_w = grad_wt.T
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(w.shape[1], dtype=g.dtype, device=g.device)
+            grad_b.index_add_(0, idx.reshape(-1), g.reshape(-1))
+        return grad_x, grad_w, grad_b, None
+
+
 @dataclass
 class StepOutput:
     """One training forward: the loss and what the progress bar shows."""
@@ -94,17 +131,23 @@ class Objective:
     log_threshold: Tensor | None = None
 
     def step(self, sae: SAE, x: Tensor, y: Tensor, dead: Tensor | None) -> StepOutput:
-        pre = sae.pre_acts(x)
         kind = self.kind
         a: Tensor | None = None  # dense activations (TopK keeps only its k per row)
+        xc = sae._input(x)
+        if sae.center_input:
+            xc = xc - sae.b_dec
+        if kind == "topk":
+            assert self.k is not None
+            # encode and decode through the k kept latents only, as sparse TopK trainers do
+            values, indices, pre = _SparseTopK.apply(xc, sae.W_enc, sae.b_enc, self.k)
+            y_hat = F.embedding_bag(indices, sae.W_dec, per_sample_weights=values,
+                                    mode="sum") + sae.b_dec  # fmt: skip
+        else:
+            pre = xc @ sae.W_enc + sae.b_enc
         if kind == "relu":
             a = torch.relu(pre)
         elif kind == "topk":
-            assert self.k is not None
-            top = top_kept = torch.relu(pre).topk(self.k, dim=-1, sorted=False)
-            # decode from the k kept latents only (an embedding bag), as sparse TopK trainers do
-            y_hat = F.embedding_bag(top.indices, sae.W_dec, per_sample_weights=top.values,
-                                    mode="sum") + sae.b_dec  # fmt: skip
+            pass  # encoded and decoded above
         elif kind == "batchtopk":
             assert self.k is not None
             flat = torch.relu(pre).flatten()
@@ -138,16 +181,22 @@ class Objective:
             n_dead = int(dead.sum())
             if n_dead:
                 k_aux = min(self.k_aux, n_dead)
-                masked = pre.masked_fill(~dead, -torch.inf)
-                top = masked.topk(k_aux, dim=-1, sorted=False)
+                if kind == "topk":  # the dead latents' pre-activations, with their gradient
+                    cols = dead.nonzero().flatten()
+                    pre_dead = xc @ sae.W_enc[:, cols] + sae.b_enc[cols]
+                    top = pre_dead.topk(k_aux, dim=-1, sorted=False)
+                    which = cols[top.indices]
+                else:
+                    top = pre.masked_fill(~dead, -torch.inf).topk(k_aux, dim=-1, sorted=False)
+                    which = top.indices
                 acts = torch.relu(top.values)
-                e_hat = F.embedding_bag(top.indices, sae.W_dec, per_sample_weights=acts, mode="sum")
+                e_hat = F.embedding_bag(which, sae.W_dec, per_sample_weights=acts, mode="sum")
                 e = err.detach()
                 aux = (e_hat - e).square().sum() / (e - e.mean(0)).square().sum().clamp_min(1e-12)
                 loss = loss + self.aux_coefficient * min(1.0, n_dead / k_aux) * aux
         if a is None:  # TopK: the kept latents say which fired
-            kept = top_kept.values.detach() > 0
-            fired = torch.bincount(top_kept.indices[kept], minlength=pre.shape[-1]) > 0
+            kept = values.detach() > 0
+            fired = torch.bincount(indices[kept], minlength=sae.d_sae) > 0
             return StepOutput(loss, float(fvu.detach()), float(kept.sum(-1).double().mean()), fired)
         active = a.detach() > 0
         l0 = float(active.sum(-1).double().mean())
