@@ -91,8 +91,14 @@ def acdc(
                 values[edges] = 0.0
                 bar.update(len(edges))
                 continue
-            step = _speculate if speculate else _one_by_one
-            current = step(run, removed, values, edges, current, threshold, batch_size, bar)
+            if speculate:
+                # every edge removed so far enters this receiver or a later one: the layers
+                # before it run as in the clean run, so the forwards resume at its layer
+                current = _speculate(
+                    run, removed, values, edges, current, threshold, batch_size, bar, receiver.layer
+                )
+            else:
+                current = _one_by_one(run, removed, values, edges, current, threshold, bar)
     finally:
         bar.close()
     kept = (removed == 0).nonzero()[:, 0].tolist()
@@ -114,9 +120,9 @@ class _Damage:
     def __init__(self, patcher: EdgePatcher, kl: bool) -> None:
         self.patcher, self.kl, self.forwards = patcher, kl, 0
 
-    def __call__(self, weights: torch.Tensor) -> torch.Tensor:
+    def __call__(self, weights: torch.Tensor, start_layer: int = 0) -> torch.Tensor:
         self.forwards += -(-weights.shape[0] // self.patcher.batch_size)
-        values = self.patcher.run(weights)
+        values = self.patcher.run(weights, start_layer=start_layer)
         return values if self.kl else (values - self.patcher.clean_value).abs()
 
 
@@ -134,14 +140,18 @@ def _alive(graph: Graph, removed: torch.Tensor, node: str) -> bool:
     return any(removed[i] == 0 for i, edge in enumerate(graph.edges) if edge.sender.name in sources)
 
 
-def _speculate(run, removed, values, edges, current, threshold, batch_size, bar) -> float:
+def _speculate(run, removed, values, edges, current, threshold, batch_size, bar, layer) -> float:
+    """Decide ``edges`` in order with chains of copies; the chain length adapts: it doubles
+    after a chain of acceptances and shrinks to the last run of acceptances after a rejection,
+    so frequent rejections waste few copies."""
     pending = list(edges)
+    size = batch_size
     while pending:
-        chunk = pending[:batch_size]
+        chunk = pending[:size]
         rows = removed.repeat(len(chunk), 1)
         for j in range(len(chunk)):
             rows[j:, chunk[j]] = 1.0  # copy j: chunk[0..j] removed
-        damage = run(rows)
+        damage = run(rows, start_layer=layer)
         taken = len(chunk)
         for j, edge in enumerate(chunk):
             values[edge] = float(damage[j]) - current
@@ -151,12 +161,17 @@ def _speculate(run, removed, values, edges, current, threshold, batch_size, bar)
             else:  # kept: later copies assumed it removed, so rerun them
                 taken = j + 1
                 break
+        size = (
+            min(batch_size, 2 * size)
+            if taken == len(chunk) and values[chunk[-1]] < threshold
+            else max(1, taken)
+        )
         bar.update(taken)
         pending = pending[taken:]
     return current
 
 
-def _one_by_one(run, removed, values, edges, current, threshold, _batch_size, bar) -> float:
+def _one_by_one(run, removed, values, edges, current, threshold, bar) -> float:
     for edge in edges:
         trial = removed.clone()
         trial[edge] = 1.0

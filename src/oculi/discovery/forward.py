@@ -33,6 +33,7 @@ from oculi.capture.hooks import HookSet, first_tensor, hidden_arg, replace_first
 from oculi.capture.inputs import Batch
 from oculi.capture.places import fused_qkv_view, heads_view
 from oculi.discovery.graph import Graph, Receiver
+from oculi.patching.resume import ResumableRun
 
 if TYPE_CHECKING:
     from oculi.models.adapter import Adapter
@@ -78,8 +79,13 @@ class EdgeForward:
         *,
         read: int,
         grad_receivers: bool = False,
+        resume: tuple[ResumableRun, int, Outputs] | None = None,
     ) -> tuple[torch.Tensor, Outputs, dict[str, torch.Tensor]]:
         """Forward ``batch`` with ``weights [N, E]`` (``None``: no patch).
+
+        ``resume=(recorded clean run, layer, clean sender outputs)`` starts at ``layer`` from
+        the recorded clean residual: valid when no row patches an edge into a receiver before
+        ``layer`` (everything before it is then the clean run; the caller checks).
 
         Returns:
             ``(hidden [N, d]`` final-normed at position ``read``, the actual sender outputs,
@@ -88,11 +94,21 @@ class EdgeForward:
         """
         state = _State(self, weights, grad_receivers)
         m = self.adapter
+        start = resume[1] if resume is not None else 0
         with HookSet() as hooks:
             self._hook_senders(hooks, state)
             if weights is not None or grad_receivers:
                 self._hook_receivers(hooks, state)
-            hidden = m.decoder(**batch.model_kwargs(), use_cache=False).last_hidden_state
+            if resume is None or start == 0:
+                hidden = m.decoder(**batch.model_kwargs(), use_cache=False).last_hidden_state
+                return hidden[:, read], state.actual, state.extra
+            run, _, clean = resume
+            n = batch.input_ids.shape[0]
+            for key, value in clean.items():  # senders before `start` ran as in the clean run
+                if _layer_of(key) < start:
+                    state.actual[key] = value.expand(n, *value.shape[1:])
+            # every position: the logits receiver's change spans them all
+            hidden = run.run_from(start, run.resid[start : start + 1].expand(n, -1, -1))
         return hidden[:, read], state.actual, state.extra
 
     # -- hooks -----------------------------------------------------------------------------
@@ -204,6 +220,11 @@ class _State:
 
     def _like(self, r: Receiver) -> torch.Tensor:
         return self.actual["input"]
+
+
+def _layer_of(key: str) -> int:
+    """The layer of a sender key (``input``: -1; ``a3``, ``z3``, ``x3``, ``m3``: 3)."""
+    return -1 if key == "input" else int(key[1:])
 
 
 def head_deltas(adapter: Adapter, layer: int, dz: torch.Tensor) -> torch.Tensor:

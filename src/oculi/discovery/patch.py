@@ -121,13 +121,18 @@ class EdgePatcher:
             out[i, idx] = 1.0
         return out
 
-    def run(self, weights: torch.Tensor, *, progress: bool = False) -> torch.Tensor:
+    def run(
+        self, weights: torch.Tensor, *, progress: bool = False, start_layer: int = 0
+    ) -> torch.Tensor:
         """The metric (mean over prompts) for each row of ``weights [S, E]``, ``[S]``.
 
         ``weights[s, e]`` is 1 where edge ``e`` carries the source value, 0 where it stays
-        clean; values in between interpolate.
+        clean; values in between interpolate. ``start_layer``: no row patches an edge into a
+        receiver before this layer, so the forward resumes there from the recorded clean run
+        (one prompt; the same numbers, checked against the full forward in the tests).
         """
         weights = self._check(weights)
+        resume = self._resume(weights, start_layer)
         out = []
         bar = progress_bar(weights.shape[0], progress, "edge sets")
         try:
@@ -135,12 +140,29 @@ class EdgePatcher:
                 for start in range(0, weights.shape[0], self.batch_size):
                     chunk = weights[start : start + self.batch_size]
                     rows = self.rows(chunk)
-                    hidden, _, _ = self.forward.run(self.copies(len(chunk)), rows, read=self.read)
+                    hidden, _, _ = self.forward.run(
+                        self.copies(len(chunk)), rows, read=self.read, resume=resume
+                    )
                     out.append(self._metric(hidden).view(len(chunk), -1).mean(1).cpu())
                     bar.update(len(chunk))
         finally:
             bar.close()
         return torch.cat(out)
+
+    def _resume(self, weights: torch.Tensor, start: int) -> Any:
+        if start <= 0 or self.n_prompts != 1:
+            return None
+        early = [i for i, e in enumerate(self.graph.edges) if e.receiver.layer < start]
+        if early and bool(weights[:, early].any()):
+            raise InputError(
+                f"start_layer={start}, but some edge sets patch edges into receivers before "
+                "that layer"
+            )
+        if getattr(self, "_recorded", None) is None:
+            from oculi.patching.resume import ResumableRun
+
+            self._recorded = ResumableRun(self.adapter, self.clean)
+        return (self._recorded, start, self.clean_outputs)
 
     def gradients(
         self, weights: torch.Tensor | None
