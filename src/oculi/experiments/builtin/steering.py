@@ -79,13 +79,14 @@ class Steering(Experiment):
             "layer": cfg.layer,
             "site": cfg.site,
             "vector_norm": float(vec.vector.float().norm()),
+            "scale": vec.scale,  # the residual's typical norm: coefficients are multiples of it
             "runs": rows,
         }
         fig = line(
             cfg.coefficients,
             {"KL": [r["kl_from_unsteered"] for r in rows]},
             title=f"steering at layer {cfg.layer} ({cfg.site})",
-            xlabel="coefficient",
+            xlabel="coefficient (x the residual's typical norm)",
             ylabel="KL(unsteered || steered), next token",
         )
         return Outcome(numbers, {"steering": fig}, cfg.prompt)
