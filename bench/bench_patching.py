@@ -148,7 +148,7 @@ def bench_generate(adapter, args, report: Report) -> None:
         positive=[CONTRAST[0]],
         negative=[CONTRAST[1]],
         layer=min(6, adapter.n_layers // 2),
-        coefficient=4.0,
+        coefficient=0.25,  # a quarter of the residual's typical norm
     )
     kwargs = dict(
         input_ids=ids.input_ids,
