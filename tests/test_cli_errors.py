@@ -92,6 +92,7 @@ def test_a_device_this_torch_cannot_use_is_one_line_naming_the_usable_ones(
     assert NOWHERE not in line  # refused before the model is looked for
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this torch has CUDA")
 def test_python_load_refuses_the_device_before_loading():
     with pytest.raises(InputError, match=r"device 'cuda' is not available.*can use: cpu"):
         oculi.load(NOWHERE, device="cuda")
@@ -100,6 +101,10 @@ def test_python_load_refuses_the_device_before_loading():
     with pytest.raises(InputError, match=r"'potato' is not a device name; .*can use: cpu"):
         resolve_device("potato")
     assert resolve_device("cpu") == torch.device("cpu")
+    from oculi.capture.configs import ResidualConfig
+
+    with pytest.raises(InputError, match=r"'mps' is not available.*can use: cpu"):
+        ResidualConfig(storage_device="mps")  # refused when configured, not at the first store
 
 
 @pytest.mark.parametrize("command", JSON_COMMANDS)
