@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -109,3 +110,17 @@ def test_hostile_page_renders_every_section_and_runs_nothing(page_file):
         assert "<!--" in page.inner_text("#attention .oc-caption")
         assert page.oculi_errors == []
         assert page.oculi_requests == []
+
+
+def test_json_reaches_html_only_through_json_script():
+    """A new page or view that embeds data builds it with json_script / json_in_html, which
+    escape "<": no other module writes an application/json script or json.dumps next to one."""
+    src = Path(__file__).resolve().parents[1] / "src" / "oculi"
+    offenders = []
+    for path in sorted(src.rglob("*.py")):
+        if path.name == "html.py" and path.parent.name == "visualize":
+            continue
+        text = path.read_text(encoding="utf-8")
+        if 'type="application/json"' in text or ("<script" in text and "json.dumps(" in text):
+            offenders.append(str(path.relative_to(src)))
+    assert offenders == []
