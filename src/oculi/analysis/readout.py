@@ -41,10 +41,11 @@ from torch import Tensor, nn
 from oculi.analysis._common import as_positions, real_positions
 from oculi.capture.structures import FullCapture, ResidualCapture
 from oculi.errors import InputError
-from oculi.models.weights import execution_device, read_bias
+from oculi.models.weights import execution_device, norm_centers, read_bias
 
-# families whose final norm is a LayerNorm with a bias (the rest use RMSNorm)
-_LAYERNORM_FAMILIES = frozenset({"gpt2", "gpt_neox"})
+# captures saved before oculi recorded ``final_norm_centers`` in their metadata: the built-in
+# families whose final norm is a LayerNorm (what those captures could have come from)
+_LEGACY_LAYERNORM_FAMILIES = frozenset({"gpt2", "gpt_neox"})
 
 UNKNOWN_NORM = (
     "direct logit attribution goes through the model's final norm, whose per-position scale "
@@ -216,7 +217,12 @@ def _model_norm(
     """``(the model's normalised residual [B, P, d], the norm's bias or None, centred)``."""
     single = residual.metadata.get("single", True)
     family = residual.metadata.get("family")
-    center = family in _LAYERNORM_FAMILIES
+    center = residual.metadata.get("final_norm_centers")  # recorded at capture time
+    if center is None and adapter is not None:
+        norm = adapter.module(adapter.anatomy.final_norm)
+        center = norm_centers(norm, x.shape[-1])
+    if center is None and module is None:
+        center = family in _LEGACY_LAYERNORM_FAMILIES
     if logits is not None and logits.final_normalized is not None:
         bias = adapter.final_norm_bias() if adapter is not None else logits.final_norm_bias
         bias = residual.final_norm_bias if bias is None else bias
@@ -239,8 +245,8 @@ def _model_norm(
     with torch.no_grad():  # where the norm runs (its offloaded weights are loaded there)
         normed = module(x.to(execution_device(module), dtype))
     bias = read_bias(module)
-    if family is None:
-        center = isinstance(module, nn.LayerNorm) or bias is not None
+    if center is None:
+        center = norm_centers(module, x.shape[-1])
     return normed.double().to(x.device), bias, center
 
 

@@ -94,6 +94,7 @@ class CapturePlan:
             if final:  # what the seed's (residual, unembed, target) attribution cannot be given
                 _w, unembed_bias, cap = adapter.unembedding()
                 residual_meta.update(final_softcap=cap, unembed_bias=unembed_bias is not None)
+                residual_meta["final_norm_centers"] = _final_norm_centers(adapter)
             full.residual = ResidualCapture(
                 layers=self.layers["residual"], metadata=residual_meta, **fields, **final
             )
@@ -198,6 +199,14 @@ def _normalize_final(adapter: ModelParts, recorded: Recorded) -> torch.Tensor:
     norm = adapter.module(adapter.anatomy.final_norm)
     with torch.no_grad():  # on the device the norm runs on (a device_map may put it anywhere)
         return norm(recorded["resid_final"][1][:, 0].to(execution_device(norm), adapter.dtype))
+
+
+def _final_norm_centers(adapter: ModelParts) -> bool:
+    """Whether the model's final norm subtracts the mean (a LayerNorm), read off the module."""
+    from oculi.models.weights import norm_centers  # oculi.models imports this module
+
+    embed = adapter.module(adapter.anatomy.embed)
+    return norm_centers(adapter.module(adapter.anatomy.final_norm), embed.embedding_dim)
 
 
 def _final_norm(adapter, batch, recorded, cfg: ResidualConfig) -> dict[str, torch.Tensor | None]:

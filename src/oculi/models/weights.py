@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from oculi.errors import WeightReadError
 
-__all__ = ["execution_device", "read_bias", "read_weight", "weight_shape"]
+__all__ = ["execution_device", "norm_centers", "read_bias", "read_weight", "weight_shape"]
 
 
 def read_weight(module: nn.Module, name: str = "weight") -> Tensor:
@@ -102,6 +102,23 @@ def execution_device(module: nn.Module) -> torch.device:
         if tensor.device.type != "meta":
             return tensor.device
     return torch.device("cpu")
+
+
+def norm_centers(norm: nn.Module, d_model: int) -> bool:
+    """Whether ``norm`` subtracts the mean of its input (a LayerNorm) or not (an RMSNorm).
+
+    Read off the module itself, whatever its class (``nn.LayerNorm``, a family's own
+    LayerNorm without parameters, any RMSNorm): a centring norm gives the same output for
+    ``x`` and ``x + 3`` (a shift along the all-ones direction); an RMSNorm does not.
+    """
+    param = next((p for p in norm.parameters() if p.is_floating_point()), None)
+    dtype = param.dtype if param is not None and param.device.type != "meta" else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, d_model, generator=gen)
+    x[1] = x[0] + 3.0
+    with torch.no_grad():  # where the norm runs (its offloaded weights are loaded there)
+        y = norm(x.to(execution_device(norm), dtype)).float().cpu()
+    return bool(torch.allclose(y[0], y[1], rtol=0.05, atol=0.05 * float(y[0].abs().max())))
 
 
 # -- how each form is read ------------------------------------------------------------------

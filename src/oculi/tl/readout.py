@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from oculi.analysis.readout import _frozen_map
 from oculi.errors import InputError
-from oculi.models.weights import read_bias
+from oculi.models.weights import norm_centers, read_bias
 
 if TYPE_CHECKING:
     from oculi.models.adapter import Adapter
@@ -95,7 +95,7 @@ class FrozenReadout:
                 f"applying the norm before layer {layer} needs {missing} in the cache; add "
                 "them to run_with_cache's names_filter (the default caches them)"
             )
-        center = isinstance(norm, nn.LayerNorm)
+        center = norm_centers(norm, self.model.d_model)
         bias = read_bias(norm) if center else None  # offloaded or quantized: read as floats
         bias = bias.detach() if bias is not None else None
         x, y = self.cache_dict[x_name].double(), self.cache_dict[y_name].double()
@@ -206,7 +206,7 @@ class FrozenReadout:
         ids, wrong = self._pair(tokens, incorrect_tokens)
         w_u, b_u, _ = self.model.unembedding()
         norm = self.model.module(self.model.anatomy.final_norm)
-        bias = getattr(norm, "bias", None) if isinstance(norm, nn.LayerNorm) else None
+        bias = read_bias(norm)  # a LayerNorm's (offloaded: read from the hook); RMSNorm: None
 
         def const(t: Tensor) -> Tensor:
             t = t.to(w_u.device)
