@@ -22,7 +22,7 @@ import oculi
 from models import prompt_ids, tiny_model
 from oculi import ResidualConfig
 from oculi.capture.io import save_capture
-from oculi.errors import CaptureFileError
+from oculi.errors import CaptureFileError, InputError
 
 ACCEPTED = ".safetensors, .npz, .h5, .hdf5, .json, .pkl, .pickle"
 
@@ -155,3 +155,43 @@ def test_load_capture_reads_the_bytes_whatever_the_name(residual, tmp_path):
 def test_an_unknown_format_name_is_still_refused_first(residual, tmp_path):
     with pytest.raises(ValueError, match=re.escape("unknown capture format 'numpy'; choose one")):
         residual.save(tmp_path / "x.npz", format="numpy")
+
+
+# -- ModelAnalyzer.save_activations follows the same rule -------------------------------------
+@pytest.fixture(scope="module")
+def record():
+    from models import tiny_tokenizer
+    from oculi import ModelAnalyzer
+
+    analyzer = ModelAnalyzer(adapter=oculi.attach(tiny_model("llama_gqa"), tiny_tokenizer()))
+    return analyzer, analyzer.extract_activations("the cat sat")
+
+
+def test_activation_files_take_the_format_from_the_suffix(record, tmp_path):
+    analyzer, rec = record
+    path = analyzer.save_activations(rec, tmp_path / "acts.npz")
+    with np.load(path, allow_pickle=False) as z:  # NumPy reads it, tensors by name
+        want = rec.layer_activations["model.layers.1"].numpy()
+        np.testing.assert_array_equal(z["0/layer/model.layers.1"], want)
+    assert analyzer.load_activations(path).tokens == rec.tokens
+
+
+@pytest.mark.parametrize(
+    ("name", "format", "implied"),
+    [("acts.npz", "safetensors", "npz"), ("acts.json", "pickle", "json"),
+     ("acts.pt", "npz", "pt")],
+)  # fmt: skip
+def test_row42_activation_files_refuse_a_contradicting_suffix(record, tmp_path, name, format,
+                                                              implied):  # fmt: skip
+    analyzer, rec = record
+    path = tmp_path / name
+    with pytest.raises(InputError) as info:
+        analyzer.save_activations(rec, path, format=format)
+    assert str(info.value) == (
+        f"the suffix {path.suffix!r} of '{path}' means format={implied!r}, but "
+        f"format={format!r} was given; make them agree (suffixes: .safetensors, .npz, .pt, "
+        ".json, .pkl, .pickle)"
+    )
+    with pytest.raises(InputError, match=r"cannot tell the activation file format of .*'\.bin'"):
+        analyzer.save_activations(rec, tmp_path / "acts.bin")
+    assert list(tmp_path.iterdir()) == []

@@ -96,11 +96,26 @@ class ActivationRecord:
 
 
 def _format(path: Path, format: str | None) -> str:
+    """``format``, else the suffix's (none: safetensors); a suffix of another format, or an
+    unknown one without ``format``, is refused (:func:`load_records` reads by the suffix)."""
+    suffix = path.suffix.lower()
+    implied = SUFFIXES.get(suffix)
+    accepted = ", ".join(SUFFIXES)
     if format is None:
-        return SUFFIXES.get(path.suffix.lower(), "safetensors")
+        if suffix and implied is None:
+            raise InputError(
+                f"cannot tell the activation file format of '{path}' from its suffix "
+                f"{path.suffix!r}; use one of {accepted}, or pass format="
+            )
+        return implied or "safetensors"
     if format not in set(SUFFIXES.values()):
         raise InputError(
             f"format {format!r} is not one of {', '.join(sorted(set(SUFFIXES.values())))}"
+        )
+    if implied is not None and implied != format:
+        raise InputError(
+            f"the suffix {path.suffix!r} of '{path}' means format={implied!r}, but "
+            f"format={format!r} was given; make them agree (suffixes: {accepted})"
         )
     return format
 
