@@ -9,6 +9,7 @@ import copy
 import json
 import os
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -651,3 +652,35 @@ def test_a_store_of_an_older_oculi_is_named_and_kept(adapter, reference, tmp_pat
         with pytest.raises(HarvestStoreError, match=r"store of an older oculi \(format 1"):
             oculi.harvest(adapter, word_prompts(50), out=out, resume=resume, **KW)
     assert listing(out) == before
+
+
+def test_a_full_disk_names_the_file_and_one_rerun_completes(uninterrupted, tmp_path):
+    """A real ENOSPC: the store on a 64 kB tmpfs (in a user and mount namespace), then the
+    same harvest again once the file system is grown to 16 MB."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode:
+        pytest.skip("no user and mount namespaces here (unshare -rm)")
+    disk, kept = tmp_path / "disk", tmp_path / "kept"
+    disk.mkdir()
+    first = _LIMITED_RUN.format(tests=str(TESTS), out=str(disk / "store"), n=50, unit_rows=64,
+                                limit="resource.RLIM_INFINITY")  # fmt: skip
+    second = _RUN.format(tests=str(TESTS), out=str(disk / "store"), setup="")
+    shell = (
+        f"mount -t tmpfs -o size=64k tmpfs {disk} || exit 90\n"
+        f"{sys.executable} -c {shlex.quote(first)} > {tmp_path}/first.txt || exit 91\n"
+        f"mount -o remount,size=16m {disk} || exit 92\n"
+        f"{sys.executable} -c {shlex.quote(second)} > {tmp_path}/second.txt || exit 93\n"
+        f"cp -r {disk}/store {kept}\n"
+    )
+    run = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", shell], env=ENV, capture_output=True, text=True
+    )
+    if run.returncode == 90:
+        pytest.skip(f"cannot mount a tmpfs here: {run.stderr.strip()}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    kind, msg = json.loads((tmp_path / "first.txt").read_text().splitlines()[-1])
+    assert kind == "FileWriteError" and "No space left on device" in msg and "\n" not in msg
+    assert f"'{disk}/store/" in msg  # the file that did not fit, by name
+    assert json.loads((tmp_path / "second.txt").read_text().splitlines()[-1]) == [7, 7]
+    a, b = oculi.open_harvest(kept, verify=True), oculi.open_harvest(uninterrupted)
+    for key in b.keys:
+        assert np.asarray(a[key]).tobytes() == np.asarray(b[key]).tobytes()
