@@ -288,3 +288,94 @@ def test_gemma_half_on_disk_gives_the_single_device_report_and_sweep(gemma, tmp_
     torch.testing.assert_close(sweep.values, ref.values, atol=1e-5, rtol=0)
     assert sweep.clean_metric == pytest.approx(ref.clean_metric, abs=1e-5)
     assert hook_state(off.model) == before
+
+
+# -- the memory plan and the CLI on a device map ----------------------------------------------
+def _layer_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def test_memory_plan_counts_each_offloaded_layers_load(tmp_path_factory):
+    from oculi.capture.memory import plan_capture
+
+    adapter = offloaded("llama_mha", "disk", tmp_path_factory)
+    ref = oculi.attach(tiny_model("llama_mha"))
+    requests = {"resid_pre": list(range(3)), "pattern": [0, 2]}
+    batch = adapter.prepare(prompt_ids()[None])
+    plan = plan_capture(adapter, batch, requests, free={"cpu": None})
+    ref_plan = plan_capture(ref, ref.prepare(prompt_ids()[None]), requests, free={"cpu": None})
+    # layers 1 and 2 are on disk: the largest of them is loaded for its forward
+    loaded = max(_layer_bytes(ref.layer_modules[i]) for i in (1, 2))
+    assert plan.need["cpu"] - ref_plan.need["cpu"] == loaded
+
+
+def _on_a_second_device(family: str) -> oculi.Adapter:
+    """The tiny model planned as a machine with a GPU would run it: layers 1-2 offloaded
+    with accelerate's hooks whose execution device is ``cuda:1`` (nothing runs: plans only)."""
+    from accelerate.hooks import attach_align_device_hook
+
+    model = copy.deepcopy(tiny_model(family))
+    for i in (1, 2):
+        attach_align_device_hook(
+            model.model.layers[i], execution_device=torch.device("cuda:1"), offload=True
+        )
+    return oculi.attach(model)
+
+
+def test_memory_plan_names_the_device_that_runs_out():
+    from oculi.capture.memory import forward_bytes, plan_capture, plan_sweep
+    from oculi.errors import MemoryPlanError
+
+    adapter = _on_a_second_device("llama_mha")
+    ref = tiny_model("llama_mha")
+    batch = adapter.prepare(torch.randint(3, 90, (4, 32)))
+    requests = {"resid_pre": [0, 1, 2]}
+    plan = plan_capture(adapter, batch, requests, free={"cpu": 2**40, "cuda:1": 2**40})
+    assert set(plan.need) == {"cpu", "cuda:1"}  # both devices run layers
+    with pytest.raises(MemoryPlanError, match=r"on cuda:1 .*\(layers 1-2 run there, loading"):
+        plan_capture(adapter, batch, requests, free={"cpu": 2**40, "cuda:1": 10_000})
+    per_copy = forward_bytes(adapter, 32, eager_layers=True)
+    loaded = _layer_bytes(ref.model.layers[1])
+    free = int((per_copy + loaded // 2) / 0.8)  # one copy fits cpu, not with cuda:1's load
+    with pytest.raises(MemoryPlanError, match=r"on cuda:1 plus .* of offloaded weights"):
+        plan_sweep(adapter, 32, None, 10, free=free)
+    assert plan_sweep(adapter, 32, None, 10, free=int((per_copy + loaded) / 0.8) + 1) == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from models import tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_cli")
+    tiny_model("llama_gqa").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_info_and_verify_show_the_device_map(tiny_folder, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from oculi.cli import cli
+
+    dmap = device_map_for(tiny_model("llama_gqa"), disk_layers={1, 2}, rest="cpu")
+    args = ["--device-map", json.dumps(dmap), "--offload-folder", str(tmp_path / "off")]
+    got = CliRunner().invoke(cli, ["info", str(tiny_folder), *args, "--json"])
+    assert got.exit_code == 0, got.output
+    facts = json.loads(got.stdout)
+    assert facts["device_map"] == {
+        "cpu": "model.embed_tokens, model.layers.0, model.norm, model.rotary_emb, lm_head",
+        "disk": "model.layers.1-2",
+    }
+    ref = tiny_model("llama_gqa")
+    size = sum(_layer_bytes(ref.model.layers[i]) for i in (1, 2)) / 2**10
+    assert facts["offloaded"] == f"2 layers, {size:.1f} KiB (disk)"
+    assert facts["quantization"] is None
+    text = CliRunner().invoke(cli, ["info", str(tiny_folder), *args]).stdout
+    assert "disk: model.layers.1-2" in text
+    out = CliRunner().invoke(cli, ["verify", str(tiny_folder), *args])
+    assert out.exit_code == 0, out.output  # oculi reads the offloaded model exactly
+    assert "on disk: model.layers.1-2" in out.stdout and "offloaded: 2 layers" in out.stdout
+    bad = CliRunner().invoke(cli, ["info", str(tiny_folder), "--device-map", "[1, 2]"])
+    assert bad.exit_code == 2 and "neither 'auto' nor a JSON object" in bad.output

@@ -225,3 +225,20 @@ def test_integer_weights_without_a_dequantization_are_refused():
     lin.weight = nn.Parameter(torch.zeros(4, 8, dtype=torch.int8), requires_grad=False)
     with pytest.raises(WeightReadError, match=r"Linear.weight is stored as torch.int8"):
         read_weight(lin)
+
+
+@pytest.mark.parametrize(
+    ("scheme", "words"),
+    [
+        ("torchao_int8", "torchao Int8WeightOnlyConfig"),
+        ("quanto_int4", "quanto weights=int4"),
+        ("bnb_nf4", "bitsandbytes 4-bit nf4"),
+        ("bnb_int8", "bitsandbytes 8-bit (LLM.int8)"),
+    ],
+)
+def test_info_names_the_quantization(scheme, words, tmp_path_factory):
+    from oculi.analyzer.core import model_info
+
+    facts = model_info(quantized("llama_mha", scheme, tmp_path_factory))
+    assert facts["quantization"] == words
+    assert facts["offloaded"] == "none" and facts["dtype"] == "float32"

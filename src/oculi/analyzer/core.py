@@ -36,6 +36,7 @@ from oculi.analyzer.records import ActivationRecord, load_records, save_records
 from oculi.capture.hooks import HookSet, first_tensor
 from oculi.errors import InputError
 from oculi.models.anatomy import get_path
+from oculi.models.placement import describe_placement
 from oculi.models.weights import read_weight
 
 
@@ -61,6 +62,7 @@ def model_info(adapter: Any) -> dict[str, Any]:
         "device": str(adapter.device),
         "attn_implementation": getattr(cfg, "_attn_implementation", None),
         "tied_embeddings": bool(getattr(cfg, "tie_word_embeddings", False)),
+        **describe_placement(adapter),  # device_map, offloaded, quantization
     }
 
 

@@ -194,11 +194,14 @@ def plan_capture(
     storage = storage or {}
     b, t = batch.input_ids.shape
     compute = str(adapter.device)
+    runs_on, transfer = _compute_devices(adapter)
     result: dict[str, int] = {}  # bytes per row of the result, per storage device
     for kind, layers in expand_requests(adapter, requests).items():
         dtype, device = storage.get(kind, (None, None))
         size = torch.finfo(dtype or adapter.dtype).bits // 8
-        where = str(torch.device(device)) if device is not None else compute
+        # without a storage device, a kind's buffer is where its first layer computes
+        first = runs_on[min(layers)] if layers and 0 <= min(layers) < len(runs_on) else compute
+        where = str(torch.device(device)) if device is not None else first
         result[where] = result.get(where, 0) + len(layers) * site_elements(adapter, kind, t) * size
     expanded = expand_requests(adapter, requests)
     bridged = any(getattr(locate(kind, adapter).read, "tap", None) for kind in expanded)
@@ -207,7 +210,8 @@ def plan_capture(
         adapter, t, "pattern" in expanded, implementation=impl, bridged=bridged
     )
     note = _scores_note(adapter, t, impl, "pattern" in expanded)
-    devices = sorted(set(result) | {compute})
+    computing = sorted(set(runs_on) | {compute})
+    devices = sorted(set(result) | set(computing))
     free = dict(free) if free is not None else {d: free_bytes(d) for d in devices}
 
     def need(rows: int) -> dict[str, int]:
@@ -215,10 +219,11 @@ def plan_capture(
         out = {
             d: b * result.get(d, 0) + (rows * result.get(d, 0) if rows < b else 0) for d in devices
         }
-        out[compute] += rows * per_row_forward
-        for d in devices:  # snapshots waiting for their copy to pinned host buffers
-            if streams_to_host(torch.device(compute), torch.device(d)):
-                out[compute] += min(IN_FLIGHT_BYTES, rows * result.get(d, 0))
+        for c in computing:  # each device runs its layers one at a time, offloaded ones loaded
+            out[c] += rows * per_row_forward + transfer.get(c, 0)
+            for d in devices:  # snapshots waiting for their copy to pinned host buffers
+                if streams_to_host(torch.device(c), torch.device(d)):
+                    out[c] += min(IN_FLIGHT_BYTES, rows * result.get(d, 0))
         return out
 
     def fits(rows: int) -> bool:
@@ -236,8 +241,41 @@ def plan_capture(
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
     if lo == 0:
-        raise MemoryPlanError(_message(need(1), need(b), free, result, compute, b, attention=note))
+        placed = _placement_note(adapter, runs_on, transfer)
+        raise MemoryPlanError(
+            _message(need(1), need(b), free, result, compute, b, attention=note, placed=placed)
+        )
     return MemoryPlan(lo, need(lo), free)
+
+
+def _compute_devices(adapter: Adapter) -> tuple[list[str], dict[str, int]]:
+    """``(the device each layer computes on, {device: bytes of the largest offloaded layer
+    loaded there per forward})`` (one device and no transfers for a model on one device)."""
+    from oculi.models.placement import layer_devices, offload_bytes  # oculi.models imports us
+
+    layers = getattr(adapter, "layer_modules", None)
+    if layers is None:
+        return [str(adapter.device)] * adapter.n_layers, {}
+    runs_on = [str(d) for d in layer_devices(adapter)]
+    transfer: dict[str, int] = {}
+    for device, n in zip(runs_on, offload_bytes(adapter), strict=True):
+        transfer[device] = max(transfer.get(device, 0), n)
+    return runs_on, {d: n for d, n in transfer.items() if n}
+
+
+def _placement_note(adapter: Adapter, runs_on: list[str], transfer: dict[str, int]) -> dict:
+    """``{device: "layers 9-17 run there, loading up to X of offloaded weights each"}``."""
+    out: dict[str, str] = {}
+    for device in sorted(set(runs_on)):
+        ids = [i for i, d in enumerate(runs_on) if d == device]
+        span = f"layers {ids[0]}-{ids[-1]}" if len(ids) > 1 else f"layer {ids[0]}"
+        if len(ids) != ids[-1] - ids[0] + 1:
+            span = "layers " + ", ".join(map(str, ids))
+        text = f"{span} run there"
+        if transfer.get(device):
+            text += f", loading up to {_size(transfer[device])} of offloaded weights per layer"
+        out[device] = text
+    return out if len(out) > 1 or transfer else {}
 
 
 def _scores_note(adapter: Adapter, t: int, impl: str, patterns: bool) -> str:
@@ -256,12 +294,21 @@ def _scores_note(adapter: Adapter, t: int, impl: str, patterns: bool) -> str:
 
 
 def _message(
-    one: dict, whole: dict, free: dict, result: dict, compute: str, b: int, attention: str = ""
+    one: dict,
+    whole: dict,
+    free: dict,
+    result: dict,
+    compute: str,
+    b: int,
+    attention: str = "",
+    placed: dict | None = None,
 ) -> str:
     short = [d for d, n in one.items() if free.get(d) is not None and n > SHARE * free[d]]
+    placed = placed or {}
     parts = [
         f"about {_size(whole[d])} on {d} for the batch of {b} ({_size(one[d])} even in "
         f"micro-batches of one row), {_size(free[d])} free"
+        + (f" ({placed[d]})" if d in placed else "")
         for d in short
     ]
     knobs = []
@@ -338,14 +385,23 @@ def plan_sweep(
     """
     want = max(1, min(wanted or copies, copies))
     per_copy = forward_bytes(adapter, t, eager_layers=True)
-    free = free_bytes(adapter.device) if free is None else free
-    if free is None:
-        return want
-    fit = int(SHARE * free) // per_copy
-    if fit < 1:
-        raise MemoryPlanError(
-            f"one patched copy of this {t}-token prompt needs about {_size(per_copy)} on "
-            f"{adapter.device}, {_size(free)} free (the plan uses at most {SHARE:.0%} of it); "
-            "use a shorter prompt or free memory on the device (`batch_size` is already 1)"
-        )
-    return min(want, fit)
+    runs_on, transfer = _compute_devices(adapter)
+    for device in sorted(set(runs_on) or {str(adapter.device)}):  # each device of a map
+        room = free_bytes(device) if free is None else free
+        if room is None:
+            continue
+        fit = (int(SHARE * room) - transfer.get(device, 0)) // per_copy
+        if fit < 1:
+            loads = (
+                f" plus {_size(transfer[device])} of offloaded weights loaded per layer"
+                if transfer.get(device)
+                else ""
+            )
+            raise MemoryPlanError(
+                f"one patched copy of this {t}-token prompt needs about {_size(per_copy)} on "
+                f"{device}{loads}, {_size(room)} free (the plan uses at most {SHARE:.0%} of "
+                "it); use a shorter prompt or free memory on the device (`batch_size` is "
+                "already 1)"
+            )
+        want = min(want, fit)
+    return want

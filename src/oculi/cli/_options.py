@@ -113,9 +113,25 @@ def check_device_option(ctx: Any, param: Any, value: str | None) -> str | None:
 
 
 def model_options(fn: Callable) -> Callable:
-    """``--model``, ``--device``, ``--dtype`` and ``--debug``."""
+    """``--model``, ``--device``, ``--dtype``, ``--device-map``, ``--offload-folder`` and
+    ``--debug``."""
     fn = click.option(
         "--debug", is_flag=True, hidden=True, help="Show the full traceback on errors."
+    )(fn)
+    fn = click.option(
+        "--offload-folder",
+        default=None,
+        metavar="FOLDER",
+        help="Where a --device-map's 'disk' entries keep their weights.",
+    )(fn)
+    fn = click.option(
+        "--device-map",
+        default=None,
+        metavar="MAP",
+        callback=check_device_map_option,
+        help="Split the model across devices: 'auto', or a JSON object of module path -> "
+        "device ('cpu', 'disk', 'cuda:1', ...) covering the model (accelerate's device_map; "
+        "replaces --device).",
     )(fn)
     fn = click.option(
         "--dtype",
@@ -147,15 +163,45 @@ def json_option(fn: Callable) -> Callable:
     )(fn)
 
 
+def check_device_map_option(ctx: Any, param: Any, value: str | None) -> Any:
+    """``--device-map``: ``auto``/``balanced``/``sequential`` or a JSON object of module
+    path -> device, parsed before the model loads."""
+    if value is None or value in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return value
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict) or not all(isinstance(k, str) for k in parsed):
+        raise click.BadParameter(
+            f"{value!r} is neither 'auto' nor a JSON object of module path -> device "
+            '(e.g. \'{"model.embed_tokens": "cpu", "model.layers.0": "disk", ...}\')',
+            ctx=ctx,
+            param=param,
+        )
+    return parsed
+
+
 def load_adapter(
-    model: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None, **_: Any
+    model: str = DEFAULT_MODEL,
+    device: str | None = None,
+    dtype: str | None = None,
+    device_map: Any = None,
+    offload_folder: str | None = None,
+    **_: Any,
 ) -> Any:
     """``oculi.load(model, device=, dtype=)`` (the options of :func:`model_options`; others
-    such as ``debug`` are ignored), quietly (see :func:`quiet_loading`)."""
+    such as ``debug`` are ignored), with ``device_map=``/``offload_folder=`` when given,
+    quietly (see :func:`quiet_loading`)."""
     import oculi
 
+    extra: dict[str, Any] = {}
+    if device_map is not None:
+        extra["device_map"] = device_map
+    if offload_folder is not None:
+        extra["offload_folder"] = offload_folder
     with quiet_loading():
-        return oculi.load(model, device=device, dtype=dtype)
+        return oculi.load(model, device=device, dtype=dtype, **extra)
 
 
 @contextmanager

@@ -36,4 +36,6 @@ def info(
     for key, value in facts.items():
         if key == "n_params":
             value = f"{value:,} ({value / 1e6:.1f} M)"
+        if isinstance(value, dict):  # a device map: one line per device
+            value = "; ".join(f"{device}: {modules}" for device, modules in value.items())
         click.echo(f"{key.ljust(width)}  {value}")

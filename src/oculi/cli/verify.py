@@ -55,6 +55,14 @@ def verify(
         emit_json(report.to_dict())
     else:
         click.echo(f"{report.model} ({report.dtype}, {report.device})")
+        place = report.placement
+        if isinstance(place.get("device_map"), dict):
+            for device, modules in place["device_map"].items():
+                click.echo(f"  on {device}: {modules}")
+        if place.get("offloaded", "none") != "none":
+            click.echo(f"  offloaded: {place['offloaded']}")
+        if place.get("quantization"):
+            click.echo(f"  quantization: {place['quantization']}")
         click.echo(report.table())
     if not report.ok:
         raise SystemExit(1)

@@ -69,6 +69,8 @@ class ParityReport:
     device: str
     prompts: tuple[str, ...]
     checks: tuple[Check, ...] = field(default_factory=tuple)
+    #: device map, offloaded weights and quantization (:func:`oculi.models.placement.describe_placement`)
+    placement: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -80,6 +82,7 @@ class ParityReport:
             "dtype": self.dtype,
             "device": self.device,
             "prompts": list(self.prompts),
+            **self.placement,
             "ok": self.ok,
             "checks": [c.to_dict() for c in self.checks],
         }
@@ -255,8 +258,11 @@ def verify(
     pair = prompts if len(prompts) > 1 else [prompts[0], _first_half(adapter, prompts[0])]
     if pair[1]:
         checks += _batch_checks(adapter, pair, tol)
+    from oculi.models.placement import describe_placement
+
     cfg = adapter.model.config
     return ParityReport(
+        placement=describe_placement(adapter),
         model=str(getattr(cfg, "name_or_path", "") or type(adapter.model).__name__),
         dtype=str(adapter.dtype).removeprefix("torch."),
         device=str(adapter.device),

@@ -92,12 +92,14 @@ def weight_shape(module: nn.Module, name: str = "weight") -> torch.Size:
 
 def execution_device(module: nn.Module) -> torch.device:
     """The device ``module`` computes on: its accelerate hook's ``execution_device`` where it
-    has one (offloaded layers run there), else the device of its first parameter or buffer
-    that is not a ``meta`` placeholder, else the CPU."""
-    for hook in _hooks(module):
-        dev = getattr(hook, "execution_device", None)
-        if dev is not None:
-            return dev if isinstance(dev, torch.device) else torch.device(dev)
+    has one (offloaded layers run there; else its first submodule's that has one, as
+    ``accelerate.cpu_offload`` hooks only the modules holding parameters), else the device of
+    its first parameter or buffer that is not a ``meta`` placeholder, else the CPU."""
+    for part in module.modules():
+        for hook in _hooks(part):
+            dev = getattr(hook, "execution_device", None)
+            if dev is not None:
+                return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
     for tensor in (*module.parameters(), *module.buffers()):
         if tensor.device.type != "meta":
             return tensor.device
