@@ -290,6 +290,32 @@ def test_gemma_half_on_disk_gives_the_single_device_report_and_sweep(gemma, tmp_
     assert hook_state(off.model) == before
 
 
+@pytest.mark.parametrize("family", ["llama_gqa", "gemma3", "gpt2"])
+def test_circuit_discovery_equals_one_device(family, how, tmp_path_factory):
+    """Edge patching runs module forwards (the offload hooks load weights for them) and EAP
+    a backward through them: both give the single-device numbers."""
+    from models import tiny_tokenizer
+    from oculi.discovery import Graph, eap, patch_edges
+    from oculi.patching.metrics import logit_diff
+
+    adapter = oculi.attach(offloaded(family, how, tmp_path_factory).model, tiny_tokenizer())
+    ref = oculi.attach(tiny_model(family), tiny_tokenizer())
+    before = hook_state(adapter.model)
+    clean, corrupt = "the cat sat on the red", "the dog ran in the blue"
+    metric = logit_diff("house", "tree")
+    graph, ref_graph = Graph.from_adapter(adapter, "heads"), Graph.from_adapter(ref, "heads")
+    assert [e.name for e in graph.edges] == [e.name for e in ref_graph.edges]
+    weights = torch.rand(3, len(graph.edges), generator=torch.Generator().manual_seed(0))
+    _close(
+        patch_edges(adapter, graph, clean, corrupt, weights, metric),
+        patch_edges(ref, ref_graph, clean, corrupt, weights, metric),
+    )
+    got = eap(adapter, graph, clean, corrupt, metric=metric).values
+    want = eap(ref, ref_graph, clean, corrupt, metric=metric).values
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-5, rtol=1e-5)
+    assert hook_state(adapter.model) == before
+
+
 # -- the memory plan and the CLI on a device map ----------------------------------------------
 def _layer_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
