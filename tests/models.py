@@ -16,6 +16,8 @@ they found it (attention implementation included).
 from __future__ import annotations
 
 import functools
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -286,3 +288,11 @@ def tiny_tokenizer() -> Any:
         unk_token="<unk>",
         padding_side="left",
     )
+
+
+def seed_folder() -> Path:
+    """$OCULI_SEEDS, else shared/seeds beside the repository (as CI lays it out), else
+    /work/shared/seeds (a git worktree elsewhere)."""
+    here = Path(__file__).resolve().parents[1].parent / "shared" / "seeds"
+    env = os.environ.get("OCULI_SEEDS")
+    return Path(env) if env else (here if here.is_dir() else Path("/work/shared/seeds"))

@@ -10,7 +10,6 @@ of the same patch.
 from __future__ import annotations
 
 import importlib
-import os
 import re
 from pathlib import Path
 
@@ -18,14 +17,17 @@ import pytest
 import torch
 
 import oculi
-from models import D_MODEL, prompt_ids, tiny_model
+from models import D_MODEL, prompt_ids, seed_folder, tiny_model
 from oculi.errors import UnknownSiteError
 from oculi.intervention import ActivationPatch, InterventionContext
 from oculi.intervention.module_paths import module_sites, site_of_module
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = ROOT / "docs" / "seed002_names.md"
-SEED = Path(os.environ.get("OCULI_SEEDS", "/work/shared/seeds")) / "002_251355f554932d97.txt"
+# the seed documents: $OCULI_SEEDS, else shared/seeds beside the repository (as CI lays it)
+
+
+SEED = seed_folder() / "002_251355f554932d97.txt"
 
 
 # -- the table -----------------------------------------------------------------------------

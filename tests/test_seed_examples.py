@@ -1,6 +1,6 @@
 """Every code example of the seed documents that oculi supports, run as written.
 
-The seed documents (``$OCULI_SEEDS``, default ``/work/shared/seeds``; the tests skip where they
+The seed documents (``$OCULI_SEEDS``, default ``../shared/seeds`` beside the repository; the tests skip where they
 are absent, as oculi does not ship them) are read at test time and their Python blocks are
 executed in document order in one namespace, as a reader would run them in a notebook. Only
 the model name changes (plus the few import lines the seed's own packaging names, the seed
@@ -23,7 +23,6 @@ against an independent reference: the Hugging Face model's own outputs or a hand
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
@@ -33,8 +32,12 @@ import pytest
 import torch
 
 import oculi.errors
+from models import seed_folder
 
-SEEDS = Path(os.environ.get("OCULI_SEEDS", "/work/shared/seeds"))
+# $OCULI_SEEDS, else shared/seeds beside the repository (as CI lays it)
+
+
+SEEDS = seed_folder()
 DOCS = {
     "000": "000_95106a628e342bfa.txt",
     "001": "001_ff73bb892e5383c6.txt",
