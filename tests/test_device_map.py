@@ -316,6 +316,36 @@ def test_circuit_discovery_equals_one_device(family, how, tmp_path_factory):
     assert hook_state(adapter.model) == before
 
 
+@pytest.mark.parametrize("family", ["llama_mha", "gemma2", "neox_parallel"])
+def test_interventions_and_generation_equal_one_device(family, how, tmp_path_factory):
+    """Writes land on the device the layer runs on (offloaded layers included): a head
+    ablation, a scaled head and a steering vector give the single-device logits, in a plain
+    forward and in greedy generation with the KV cache."""
+    from oculi.intervention import HeadAblation, InterventionContext, SpectraScaler, SteeringVector
+
+    adapter = offloaded(family, how, tmp_path_factory)
+    ref = oculi.attach(tiny_model(family))
+    before = hook_state(adapter.model)
+    ids = prompt_ids()
+    vector = torch.randn(ref.d_model, generator=torch.Generator().manual_seed(1))
+
+    def edits() -> list:
+        return [
+            HeadAblation(layer=1, head=2),
+            SpectraScaler(layer=2, head=0, alpha=1.5),
+            SteeringVector(vector, layer=2, coefficient=0.5),
+        ]
+
+    results = []
+    for a in (adapter, ref):
+        with InterventionContext(a, edits()):
+            results.append((a.forward(ids), a.generate_ids(ids, max_new_tokens=5)))
+    _close(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+    assert (results[1][0] - ref.forward(ids)).abs().max() > 1e-3  # the edits change the logits
+    assert hook_state(adapter.model) == before
+
+
 # -- the memory plan and the CLI on a device map ----------------------------------------------
 def _layer_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
