@@ -296,3 +296,20 @@ def seed_folder() -> Path:
     here = Path(__file__).resolve().parents[1].parent / "shared" / "seeds"
     env = os.environ.get("OCULI_SEEDS")
     return Path(env) if env else (here if here.is_dir() else Path("/work/shared/seeds"))
+
+
+def oculi_hooks(model: torch.nn.Module) -> list:
+    """oculi's hook functions left on ``model`` (and torch's global hooks), told apart from
+    transformers' own output-capturing hooks by the function's module (DESIGN.md §3)."""
+    found = []
+    for module in model.modules():
+        for hooks in (
+            module._forward_hooks,
+            module._forward_pre_hooks,
+            module._backward_hooks,
+            module._backward_pre_hooks,
+        ):
+            found += list(hooks.values())
+    found += list(torch.nn.modules.module._global_forward_hooks.values())
+    found += list(torch.nn.modules.module._global_forward_pre_hooks.values())
+    return [f for f in found if getattr(f, "__module__", "").startswith("oculi")]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import oculi
-from models import FAMILIES, tiny_model, tiny_tokenizer
+from models import FAMILIES, oculi_hooks, tiny_model, tiny_tokenizer
 from oculi.discovery import (
     EdgePatcher,
     Graph,
@@ -319,9 +319,7 @@ def test_hooks_removed_after_an_error():
     graph = Graph.from_adapter(adapter, "heads")
 
     def count():
-        return sum(
-            len(m._forward_hooks) + len(m._forward_pre_hooks) for m in adapter.model.modules()
-        )
+        return len(oculi_hooks(adapter.model))
 
     before = count()
     with pytest.raises(IndexError):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import oculi
-from models import tiny_model, tiny_tokenizer
+from models import oculi_hooks, tiny_model, tiny_tokenizer
 from oculi.capture.configs import CaptureConfig, ResidualConfig
 from oculi.capture.engine import record
 from oculi.intervention import (
@@ -52,14 +52,6 @@ def state_hash(model) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def oculi_hooks(model) -> list:
-    found = []
-    for m in model.modules():
-        for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks):
-            found += [f for f in d.values() if getattr(f, "__module__", "").startswith("oculi")]
-    return found
 
 
 def attn_impls(adapter) -> list[str]:
