@@ -92,9 +92,9 @@ def test_the_case_is_real_transformers_continues_right_padding_wrongly():
 
 
 @pytest.mark.parametrize("family", ["llama_gqa", "gemma3", "gpt2"])
-def test_strings_from_a_right_padding_tokenizer(family):
-    tok = tiny_tokenizer()
-    tok.padding_side = "right"
+def test_strings_from_a_right_padding_tokenizer(family, monkeypatch):
+    tok = tiny_tokenizer()  # shared (cached): restored after the test
+    monkeypatch.setattr(tok, "padding_side", "right")
     a = oculi.attach(tiny_model(family), tok)
     prompts = ["the cat sat on the red house and the", "a dog", "john gave mary the"]
     assert a.prepare(prompts).attention_mask[1, -1] == 0  # really right-padded

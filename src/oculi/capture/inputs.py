@@ -9,6 +9,7 @@ positions (and hence the rotary phases) of real tokens.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
@@ -50,6 +51,20 @@ class Batch:
             "attention_mask": self.attention_mask,
             "position_ids": self.position_ids,
         }
+
+
+# While generate runs on a batch it re-padded on the left (models/generation.py): per row, the
+# column of each prompt token in that batch minus its column in the batch as given ``[B]``.
+# Interventions read it (intervention/state.py) so that positions the user counted in the
+# batch as given name the same tokens, or are refused where the rows moved differently.
+REPADDED_SHIFT: ContextVar[torch.Tensor | None] = ContextVar("oculi_repadded_shift", default=None)
+
+
+def left_pad_shift(before: Batch, after: Batch) -> torch.Tensor | None:
+    """``[B]``: how far :func:`left_pad` moved each row's tokens (``None``: not at all)."""
+    if after is before:
+        return None
+    return after.attention_mask.argmax(dim=1) - before.attention_mask.argmax(dim=1)
 
 
 def left_pad(batch: Batch, pad_id: int) -> Batch:

@@ -40,6 +40,7 @@ from oculi.intervention.state import (
     check_position,
     resolve_positions,
     resolve_rows,
+    uniform_shift,
 )
 from oculi.intervention.writers import Edit, Span, check_writable
 
@@ -158,6 +159,8 @@ class SiteWrite:
         """Resolve rows and positions for a new prompt and check the value against them."""
         rows = resolve_rows(self.rows, session.batch, self.what)
         cols = resolve_positions(self.position, session, rows, self.what)
+        if self.per_position and cols is None:
+            uniform_shift(session, rows, self.what, "a value per position")
         n_pos = len(cols) if cols is not None else session.prompt_len
         b, p = self.value.shape[0], self.value.shape[-2]
         if b not in (1, len(rows)) or p not in (1, n_pos):

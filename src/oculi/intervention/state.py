@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from oculi.capture.hooks import hidden_arg
+from oculi.capture.inputs import REPADDED_SHIFT
 
 # What users may pass as a position: an index, several, a slice, or None for every column.
 Position = int | Sequence[int] | slice | None
@@ -53,6 +54,9 @@ class Session:
     ids: torch.Tensor | None
     store: dict[Any, Any] = field(default_factory=dict)
     last_len: int = 0  # columns fed so far (to recognise the next uncached generation step)
+    # [B]: generate re-padded the batch as given on the left, moving row r's tokens by
+    # shift[r] columns (oculi.capture.inputs.REPADDED_SHIFT); None: the batch as given
+    shift: torch.Tensor | None = None
 
 
 @dataclass
@@ -117,12 +121,14 @@ class Tracker:
         prompt_mask = None
         if mask is not None and bool((mask == 0).any()):
             prompt_mask = mask[:, : past + length]
+        shift = REPADDED_SHIFT.get()
         session = Session(
             prompt_len=past + length,
             batch=batch,
             mask=prompt_mask,
             ids=ids.detach().clone() if ids is not None and past == 0 else None,
             last_len=past + length,
+            shift=shift if shift is not None and shift.shape[0] == batch else None,
         )
         self.session = session
         self.frame = Frame(offset=past, length=length, session=session)
@@ -232,13 +238,25 @@ def resolve_positions(
         if not cols:
             raise ValueError(f"{what}: position {position} selects no column of a {n}-token prompt")
     else:
+        ps = [position] if isinstance(position, int) else list(position)
+        counted = [p for p in ps if p >= 0]
+        moved = uniform_shift(session, rows, what, f"position {position!r}") if counted else 0
         cols = []
-        for p in [position] if isinstance(position, int) else position:
+        for p in ps:
             if not -n <= p < n:
                 raise IndexError(
                     f"{what}: position {p} out of range for a sequence of {n} tokens "
                     f"(valid positions 0..{n - 1}, or -{n}..-1 from the end)"
                 )
+            if p >= 0 and moved:
+                c = p + moved  # the same token in the batch generate re-padded
+                if c < 0:
+                    raise ValueError(f"{what}: position {p} is padding in every row")
+                if c >= n:
+                    raise IndexError(
+                        f"{what}: position {p} out of range (columns 0..{n - 1 - moved})"
+                    )
+                p = c
             cols.append(p % n)
         if len(set(cols)) != len(cols):
             raise ValueError(f"{what}: positions {position} name the same column twice")
@@ -251,6 +269,29 @@ def resolve_positions(
                         "patch a real token, or pad on the other side"
                     )
     return cols
+
+
+def uniform_shift(session: Session, rows: Sequence[int], what: str, thing: str) -> int:
+    """How far generate's left re-padding moved the tokens of ``rows`` (0 if it did not).
+
+    Columns counted in the batch as given (non-negative positions, a per-position value)
+    name the same tokens after the move only if every row moved by the same amount.
+
+    Raises:
+        ValueError: the rows moved by different amounts, naming what to do instead.
+    """
+    if session.shift is None:
+        return 0
+    shifts = sorted({int(session.shift[r]) for r in (rows or range(session.batch))})
+    if len(shifts) > 1:
+        raise ValueError(
+            f"{what}: {thing} counts columns of the batch as given, but generate re-pads it on "
+            f"the left (so each row ends at the last column), which moves the rows' tokens by "
+            f"different numbers of columns ({shifts}): a column no longer names the same token "
+            "in every row. Count positions from each prompt's end (-1 is its last token), pad "
+            "the batch on the left yourself, or generate one prompt at a time"
+        )
+    return shifts[0]
 
 
 def resolve_rows(rows: Sequence[int] | None, batch: int, what: str) -> list[int]:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from oculi.capture.inputs import Inputs, left_pad
+from oculi.capture.inputs import REPADDED_SHIFT, Inputs, left_pad, left_pad_shift
 from oculi.errors import InputError
 
 if TYPE_CHECKING:
@@ -53,7 +53,8 @@ def generate_ids(
     if max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     pad_id = pad_id_of(adapter.tokenizer)
-    batch = left_pad(adapter.prepare(prompt, attention_mask), 0 if pad_id is None else pad_id)
+    given = adapter.prepare(prompt, attention_mask)
+    batch = left_pad(given, 0 if pad_id is None else pad_id)
     n = batch.input_ids.shape[1]  # the longest prompt: left_pad drops unused columns
     limit = adapter.max_positions
     if limit is not None and n + max_new_tokens > limit:
@@ -63,14 +64,19 @@ def generate_ids(
             f"{max(limit - n, 0)}"
         )
     kwargs.setdefault("do_sample", False)
-    with torch.no_grad():
-        # generate comes from transformers' GenerationMixin, not nn.Module
-        out = cast(Any, adapter.model).generate(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad_id,
-            **kwargs,
-        )
+    # interventions' positions count columns of the batch as given (intervention/state.py)
+    token = REPADDED_SHIFT.set(left_pad_shift(given, batch))
+    try:
+        with torch.no_grad():
+            # generate comes from transformers' GenerationMixin, not nn.Module
+            out = cast(Any, adapter.model).generate(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad_id,
+                **kwargs,
+            )
+    finally:
+        REPADDED_SHIFT.reset(token)
     new = out[:, n:]
     return new[0] if batch.single else new
