@@ -346,6 +346,37 @@ def test_interventions_and_generation_equal_one_device(family, how, tmp_path_fac
     assert hook_state(adapter.model) == before
 
 
+def test_harvest_equals_one_device(how, tmp_path_factory, tmp_path):
+    """A harvest of an offloaded model stores the rows the single-device model stores."""
+    pytest.importorskip("zarr")
+    pytest.importorskip("pyarrow")
+    from models import tiny_tokenizer
+
+    adapter = oculi.attach(offloaded("gemma3", how, tmp_path_factory).model, tiny_tokenizer())
+    ref = oculi.attach(tiny_model("gemma3"), tiny_tokenizer())
+    before = hook_state(adapter.model)
+    prompts = ["the cat sat on the red tree", "a dog ran", "mary gave john the book"]
+    small: dict[str, Any] = dict(chunk_rows=8, unit_rows=16, batch_tokens=16, progress=False)
+    sites = ["resid_post", "mlp_out", "k"]
+    for a, out in ((adapter, tmp_path / "off"), (ref, tmp_path / "ref")):
+        oculi.harvest(a, prompts, sites=sites, layers=[0, 2], out=out, **small)
+    got, want = oculi.open_harvest(tmp_path / "off"), oculi.open_harvest(tmp_path / "ref")
+    assert got.n_rows == want.n_rows > 0
+    for site in sites:
+        for layer in (0, 2):
+            _close(torch.as_tensor(got[site, layer][:]), torch.as_tensor(want[site, layer][:]))
+    assert hook_state(adapter.model) == before
+
+
+@pytest.mark.parametrize("family", ["llama_mha", "gemma3"])
+def test_provenance_hashes_offloaded_weights_as_in_memory(family, how, tmp_path_factory):
+    """A run's weights hash reads offloaded tensors from their hooks (tied ones once)."""
+    from oculi.experiments.provenance import params_sha256
+
+    adapter = offloaded(family, how, tmp_path_factory)
+    assert params_sha256(adapter.model) == params_sha256(tiny_model(family))
+
+
 # -- the memory plan and the CLI on a device map ----------------------------------------------
 def _layer_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())

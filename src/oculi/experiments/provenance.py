@@ -100,13 +100,38 @@ def _unique_state(model: Any) -> list[tuple[str, Any, str | None]]:
     names the first entry sharing its memory (a tied unembedding), else ``None``."""
     out: list[tuple[str, Any, str | None]] = []
     first: dict[tuple, str] = {}
+    # transformers' own record of tied parameters ({"lm_head.weight": "model.embed_tokens.weight"}
+    # where the config ties them): offloaded placeholders and disk loads share no memory
+    ties = getattr(model, "all_tied_weights_keys", None) or {}
+    group = {k: ("tied", v) for k, v in ties.items()} | {v: ("tied", v) for v in ties.values()}
     for name, tensor in sorted(model.state_dict(keep_vars=True).items()):
         t = tensor.detach()
-        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
-        tied = first.get(key) if t.numel() else None
-        first.setdefault(key, name)
+        keys: list[tuple] = [group[name]] if name in group else []
+        offloaded = t.device.type == "meta"
+        if offloaded:  # read from the hook that holds it
+            keys.append(("meta", id(tensor)))
+            t = _offloaded_value(model, name)
+        keys.append((t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride())))
+        # tensors in memory are tied only where they share memory (a user may have untied them)
+        found = [first[k] for k in (keys if offloaded else keys[-1:]) if k in first]
+        tied = found[0] if found and t.numel() else None
+        for key in keys:
+            first.setdefault(key, name)
         out.append((name, t, tied))
     return out
+
+
+def _offloaded_value(model: Any, name: str) -> Any:
+    """The values of the ``meta`` placeholder ``name``, from its accelerate offload hook (read
+    as :func:`oculi.models.weights.read_bias` reads any parameter), so an offloaded model
+    hashes as the same weights in memory do."""
+    from oculi.models.weights import read_bias
+
+    module_name, _, attr = name.rpartition(".")
+    value = read_bias(model.get_submodule(module_name), attr)
+    if value is None:
+        raise ValueError(f"{name} is on the meta device and no offload hook holds its values")
+    return value
 
 
 def params_sha256(model: Any) -> str:
