@@ -69,6 +69,12 @@ def test_seed_form_centres_a_layernorm_of_an_unknown_family(renamed_gpt2):
     del residual.metadata["final_norm_centers"]
     old = AttributionMethods.direct_logit_attribution(residual, unembed, TARGET, adapter=adapter)
     torch.testing.assert_close(old.values, dla.values, rtol=0, atol=1e-12)
+    # or the norm module passed by hand
+    ln_f = adapter.model.transformer.ln_f
+    by_module = AttributionMethods.direct_logit_attribution(
+        residual, unembed, TARGET, final_norm=ln_f
+    )
+    torch.testing.assert_close(by_module.values, dla.values, rtol=0, atol=1e-12)
 
 
 def test_full_form_centres_a_layernorm_of_an_unknown_family(renamed_gpt2):

@@ -218,11 +218,14 @@ def _model_norm(
     single = residual.metadata.get("single", True)
     family = residual.metadata.get("family")
     center = residual.metadata.get("final_norm_centers")  # recorded at capture time
-    if center is None and adapter is not None:
-        norm = adapter.module(adapter.anatomy.final_norm)
-        center = norm_centers(norm, x.shape[-1])
-    if center is None and module is None:
-        center = family in _LEGACY_LAYERNORM_FAMILIES
+    if center is None:  # an older capture: the model's norm, else the family's name
+        norm = module
+        if norm is None and adapter is not None:
+            norm = adapter.module(adapter.anatomy.final_norm)
+        if norm is not None:
+            center = norm_centers(norm, x.shape[-1])
+        else:
+            center = family in _LEGACY_LAYERNORM_FAMILIES
     if logits is not None and logits.final_normalized is not None:
         bias = adapter.final_norm_bias() if adapter is not None else logits.final_norm_bias
         bias = residual.final_norm_bias if bias is None else bias
@@ -245,8 +248,6 @@ def _model_norm(
     with torch.no_grad():  # where the norm runs (its offloaded weights are loaded there)
         normed = module(x.to(execution_device(module), dtype))
     bias = read_bias(module)
-    if center is None:
-        center = norm_centers(module, x.shape[-1])
     return normed.double().to(x.device), bias, center
 
 

@@ -92,9 +92,10 @@ class CapturePlan:
             final = _final_norm(adapter, batch, recorded, self.residual)
             residual_meta = dict(meta)
             if final:  # what the seed's (residual, unembed, target) attribution cannot be given
-                _w, unembed_bias, cap = adapter.unembedding()
+                w_u, unembed_bias, cap = adapter.unembedding()
                 residual_meta.update(final_softcap=cap, unembed_bias=unembed_bias is not None)
-                residual_meta["final_norm_centers"] = _final_norm_centers(adapter)
+                d_model = int(w_u.shape[-1])
+                residual_meta["final_norm_centers"] = _final_norm_centers(adapter, d_model)
             full.residual = ResidualCapture(
                 layers=self.layers["residual"], metadata=residual_meta, **fields, **final
             )
@@ -201,12 +202,11 @@ def _normalize_final(adapter: ModelParts, recorded: Recorded) -> torch.Tensor:
         return norm(recorded["resid_final"][1][:, 0].to(execution_device(norm), adapter.dtype))
 
 
-def _final_norm_centers(adapter: ModelParts) -> bool:
+def _final_norm_centers(adapter: ModelParts, d_model: int) -> bool:
     """Whether the model's final norm subtracts the mean (a LayerNorm), read off the module."""
     from oculi.models.weights import norm_centers  # oculi.models imports this module
 
-    embed = adapter.module(adapter.anatomy.embed)
-    return norm_centers(adapter.module(adapter.anatomy.final_norm), embed.embedding_dim)
+    return norm_centers(adapter.module(adapter.anatomy.final_norm), d_model)
 
 
 def _final_norm(adapter, batch, recorded, cfg: ResidualConfig) -> dict[str, torch.Tensor | None]:
