@@ -167,6 +167,7 @@ def faithfulness_curves(curves: dict[str, Any], ax: Any = None, title: str = "fa
     ax.axhline(1.0, color="#9ca3af", lw=0.8, ls="--")
     ax.axhline(0.0, color="#9ca3af", lw=0.8)
     ax.set_xscale("symlog", linthresh=10)
+    ax.set_xlim(left=0)
     ax.set_xlabel("edges in the circuit")
     ax.set_ylabel("faithfulness (1 = clean, 0 = corrupt)")
     ax.set_title(title)
