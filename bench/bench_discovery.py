@@ -3,8 +3,11 @@
 Run: ``.venv/bin/python bench/bench_discovery.py [--repeats 3] [--level heads]
 [--acdc-level components] [--shape tiny]`` (shared options: ``bench/common.py``).
 
-* Baseline: one forward and one backward of the clean and corrupt prompts together (a [2, T]
-  batch, the logit difference summed), plain Hugging Face, no hooks.
+* Baselines: one forward and one backward of the clean and corrupt prompts together (a [2, T]
+  batch, the logit difference summed), plain Hugging Face, no hooks: ``loss.backward()`` as a
+  user writes it (every parameter's gradient, all logits), and a lean one (the decoder, the two
+  answer logits, ``autograd.grad`` with respect to the embeddings only: no parameter
+  gradients), the least a gradient method can cost.
 * EAP over every edge of the graph (everything ``eap()`` does: the clean and corrupt runs,
   one forward and backward with a gradient at every receiver, the scores).
 * EAP-IG with 5 steps (the five points as copies of one forward and backward).
@@ -36,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--level", default="heads", choices=["components", "heads", "qkv"])
     parser.add_argument("--acdc-level", default="components", choices=["components", "heads", "qkv"])
     parser.add_argument("--threshold", type=float, default=0.05)
+    parser.add_argument("--only-gradients", action="store_true", help="EAP and EAP-IG only")
     args = parser.parse_args(argv)
     adapter = build_adapter(args, [CLEAN, CORRUPT, " Mary", " John"])
     report = Report("bench_discovery", args, adapter)
@@ -49,6 +53,15 @@ def main(argv: list[str] | None = None) -> None:
         (logits[:, a] - logits[:, b]).sum().backward()
         adapter.model.zero_grad(set_to_none=True)
 
+    w_u = adapter.unembedding()[0][[a, b]].detach()
+
+    def lean() -> object:
+        embeds = adapter.module(adapter.anatomy.embed)(batch.input_ids).detach().requires_grad_()
+        kw = {k: v for k, v in batch.model_kwargs().items() if k != "input_ids"}
+        hidden = adapter.decoder(inputs_embeds=embeds, **kw).last_hidden_state[:, -1]
+        logits = hidden @ w_u.T
+        return torch.autograd.grad((logits[:, 0] - logits[:, 1]).sum(), [embeds])
+
     def run_eap() -> object:
         return discovery.eap(adapter, graph, CLEAN, CORRUPT, metric=metric)
 
@@ -56,14 +69,23 @@ def main(argv: list[str] | None = None) -> None:
         return discovery.eap_ig(adapter, graph, CLEAN, CORRUPT, metric=metric, steps=5)
 
     report.start(f"EAP and EAP-IG over all {len(graph.edges)} edges ({args.level})")
-    base, eap_m, ig_m = measure_all(
-        [("HF forward+backward, clean+corrupt", plain), ("eap", run_eap), ("eap_ig, 5 steps", run_ig)],
+    base, lean_m, eap_m, ig_m = measure_all(
+        [
+            ("HF forward+backward, clean+corrupt", plain),
+            ("lean forward+backward (no param grads)", lean),
+            ("eap", run_eap),
+            ("eap_ig, 5 steps", run_ig),
+        ],
         repeats=args.repeats,
         device=adapter.device,
     )
     report.add(base, base)
-    report.add(eap_m, base)
-    report.add(ig_m, base)
+    report.add(lean_m, base)
+    report.add(eap_m, base, note=f"{eap_m.seconds / lean_m.seconds:.2f}x the lean pass")
+    report.add(ig_m, base, note=f"{ig_m.seconds / lean_m.seconds:.2f}x the lean pass")
+    if args.only_gradients:
+        report.write()
+        return
 
     acdc_graph = discovery.Graph.from_adapter(adapter, args.acdc_level)
     report.start(f"ACDC, threshold {args.threshold}, {len(acdc_graph.edges)} edges ({args.acdc_level})")
