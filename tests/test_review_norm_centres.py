@@ -95,3 +95,19 @@ def test_capture_records_whether_the_final_norm_centres(family):
     centres = isinstance(adapter.module(adapter.anatomy.final_norm), torch.nn.LayerNorm)
     assert residual.metadata["final_norm_centers"] is centres
     assert centres == (family in ("gpt2", "neox_parallel"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_norm_centers_reads_the_module(dtype):
+    from oculi.models.weights import norm_centers
+
+    gen = torch.Generator().manual_seed(1)
+    layer = torch.nn.LayerNorm(64, dtype=dtype)
+    rms = torch.nn.RMSNorm(64, dtype=dtype)
+    bare = torch.nn.LayerNorm(64, elementwise_affine=False, dtype=dtype)  # OLMo's kind
+    with torch.no_grad():
+        for norm in (layer, rms):
+            norm.weight.copy_(torch.randn(64, generator=gen) * 10)
+        layer.bias.copy_(torch.randn(64, generator=gen))
+    assert norm_centers(layer, 64) and norm_centers(bare, 64)
+    assert not norm_centers(rms, 64)

@@ -120,7 +120,8 @@ def norm_centers(norm: nn.Module, d_model: int) -> bool:
     x[1] = x[0] + 3.0
     with torch.no_grad():  # where the norm runs (its offloaded weights are loaded there)
         y = norm(x.to(execution_device(norm), dtype)).float().cpu()
-    return bool(torch.allclose(y[0], y[1], rtol=0.05, atol=0.05 * float(y[0].abs().max())))
+    # equal up to the dtype's rounding of x + 3 (bf16: ~1%), or as far apart as the outputs
+    return float((y[0] - y[1]).norm()) <= 0.05 * float(y[0].norm())
 
 
 # -- how each form is read ------------------------------------------------------------------
