@@ -342,8 +342,10 @@ class Adapter:
         A batch is generated left-padded, whatever side it was padded on (strings are padded on
         the tokenizer's ``padding_side``; ids come with their mask): each row continues token
         for token as its prompt alone would (:mod:`oculi.models.generation`). Interventions
-        open around the call see the left-padded columns, so ``position=-1`` is every
-        prompt's last token. :meth:`generate_ids` returns the ids instead of text.
+        open around the call count negative positions from each prompt's end (``-1`` is
+        every prompt's last token) and non-negative ones in the batch as given (refused where
+        re-padding moved the patched rows differently). :meth:`generate_ids` returns the ids
+        instead of text.
 
         Raises:
             InputError: no tokenizer (the continuation is decoded), or a prompt plus
