@@ -121,6 +121,20 @@ def _n_masks(adapter: Adapter) -> int:
     return 1
 
 
+def score_bytes(size: int) -> int:
+    """Bytes alive per attention-score element at the peak of an eager softmax, for a compute
+    dtype of ``size`` bytes.
+
+    Eager attention computes ``softmax(scores, dtype=float32).to(dtype)``. In float32 the
+    scores and the probabilities are alive (``4 + 4``). In another dtype the softmax first
+    copies the scores to float32 (4) and writes float32 probabilities (4) while the scores
+    live, then casts those back (``size``) while they live: ``size + max(8, 4 + size)``
+    (bfloat16: 10 bytes, measured on a tiny eager LLaMA; float16 on CUDA fuses the copy,
+    8 bytes, so this overestimates it).
+    """
+    return 8 if size == 4 else size + max(8, 4 + size)
+
+
 def forward_bytes(
     adapter: Adapter,
     t: int,
@@ -135,9 +149,8 @@ def forward_bytes(
       MLP's gate, up and activation;
     * the attention scores where attention runs eagerly, either because the model's
       implementation is ``"eager"`` or because the capture reads patterns
-      (``eager_layers``): at the softmax, the scores ``[H, T, T]`` in the compute dtype and
-      the float32 probabilities are both alive, ``H·T²·(size + 4)`` bytes (one layer at a
-      time); ``sdpa`` (and flash kernels) never materialise them;
+      (``eager_layers``): at the softmax, ``H·T²`` elements of :func:`score_bytes` each
+      (one layer at a time); ``sdpa`` (and flash kernels) never materialise them;
     * the masks, ``[T, T]`` per attention type: additive float masks in the compute dtype
       for eager attention and whenever oculi's attention bridge is active (``bridged``: a
       capture of q/k/v/patterns/z; it registers the eager mask builder), else sdpa's
@@ -154,7 +167,7 @@ def forward_bytes(
     hidden = t * (8 * adapter.d_model + 3 * adapter.d_mlp)
     hidden += 3 * t * (adapter.n_heads + 2 * adapter.n_kv_heads) * adapter.d_head
     eager = eager_layers or impl == "eager"
-    scores = adapter.n_heads * t * t * (size + 4) if eager else 0
+    scores = adapter.n_heads * t * t * score_bytes(size) if eager else 0
     mask = t * t * (size if bridged or impl == "eager" else 1) * _n_masks(adapter)
     return hidden * size + scores + mask
 
@@ -283,7 +296,7 @@ def _scores_note(adapter: Adapter, t: int, impl: str, patterns: bool) -> str:
     if not patterns and impl != "eager":
         return ""
     size = torch.finfo(adapter.dtype).bits // 8
-    scores = _size(adapter.n_heads * t * t * (size + 4))
+    scores = _size(adapter.n_heads * t * t * score_bytes(size))
     if patterns:
         return f"patterns need eager attention, whose scores take {scores} per row at {t} tokens"
     return (
