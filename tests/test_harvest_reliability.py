@@ -684,3 +684,18 @@ def test_a_full_disk_names_the_file_and_one_rerun_completes(uninterrupted, tmp_p
     a, b = oculi.open_harvest(kept, verify=True), oculi.open_harvest(uninterrupted)
     for key in b.keys:
         assert np.asarray(a[key]).tobytes() == np.asarray(b[key]).tobytes()
+
+
+def test_saving_the_model_keeps_its_harvest_identity(tmp_path):
+    """save_pretrained fills in config.architectures on the live model; a harvest started
+    before the save must still resume after it."""
+    import copy
+
+    from oculi.harvest.run import model_identity
+
+    model = copy.deepcopy(tiny_model("gemma3"))
+    model.config.architectures = None
+    before = model_identity(oculi.attach(model))
+    model.save_pretrained(tmp_path / "saved")
+    assert model.config.architectures == ["Gemma3ForCausalLM"]
+    assert model_identity(oculi.attach(model)) == before

@@ -3,7 +3,7 @@
 
 An eager model materialises every layer's attention scores ``[B, H, T, T]`` whether or not
 patterns are captured; sdpa does not. The plan's estimate is checked against the peak resident
-memory of a fresh process (``ru_maxrss``; it sees every allocation torch makes, unlike
+memory of a fresh process (``VmHWM``; it sees every allocation torch makes, unlike
 tracemalloc) on a tiny LLaMA at a length where scores dominate, and a 30,000-token residual
 capture of an eager model is refused with the numbers where sdpa fits.
 """
@@ -28,7 +28,7 @@ GIB = 2**30
 LOW, HIGH = 0.8, 1.25  # measured peak / estimate, for a capture whose scores dominate
 
 SCRIPT = r"""
-import json, os, resource, sys
+import json, os, sys
 import torch
 sys.path.insert(0, sys.argv[4])
 from models import _config
@@ -58,9 +58,12 @@ capture = {
 capture(ids[:32])  # warm up: allocator, lazy imports
 with open("/proc/self/statm") as f:
     before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def high_water():  # VmHWM: this process's own peak (ru_maxrss survives exec from a big parent)
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) * 1024
+peak_before = high_water()
 capture(ids)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = high_water()
 print(json.dumps({"estimate": plans[-1].need["cpu"], "measured": peak - before,
                   "peak_before": peak_before, "before": before}))
 """

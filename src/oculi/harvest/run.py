@@ -218,7 +218,9 @@ def _executor(executor: Any, progress: bool):
 def model_identity(adapter: Adapter) -> dict[str, Any]:
     """What must match for two harvests to be the same model (compared on resume)."""
     cfg = cast(Any, adapter.model).config.to_dict()
-    for key in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
+    # not the model's identity: where it was loaded from, versions, dtype (compared apart), and
+    # "architectures", which save_pretrained fills in on the live config
+    for key in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures"):
         cfg.pop(key, None)
     blob = json.dumps(cfg, sort_keys=True, default=str).encode()
     return {
