@@ -589,3 +589,25 @@ def test_repeated_contexts_captures_and_sweeps_leave_every_table_as_it_was(
     grown = {k: (before.get(k), v) for k, v in after.items() if before.get(k) != v}
     assert not grown, f"tables changed after {n} rounds: {grown}"
     base.check(f"{n} rounds of {what}")
+
+
+@pytest.mark.parametrize("what", ["edges", "eap", "acdc"])
+def test_interrupted_circuit_discovery(base: Baseline, what: str):
+    """Exact edge patching (its sender readers and receiver writers), EAP's gradient forward
+    and ACDC's resumed forwards (oculi.discovery)."""
+    from oculi import discovery
+
+    adapter = base.adapter
+    clean, corrupt = PROMPT, "the big tree is in the city of"
+    metric = patching.probability("paris")
+    graph = discovery.Graph.from_adapter(adapter, "heads")
+    edges = ["a0.h1->m1", "m0->a2.h3", "input->logits"]
+    run = {
+        "edges": lambda: discovery.patch_edges(adapter, graph, clean, corrupt, edges, metric),
+        "eap": lambda: discovery.eap(adapter, graph, clean, corrupt, metric=metric),
+        "acdc": lambda: discovery.acdc(
+            adapter, discovery.Graph.from_adapter(adapter, "components"), clean, corrupt,
+            threshold=0.01, metric=metric, progress=False,
+        ),
+    }[what]  # fmt: skip
+    interrupt_everywhere(base, run)
