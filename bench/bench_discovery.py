@@ -37,7 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_args(parser, repeats=3)
     parser.add_argument("--level", default="heads", choices=["components", "heads", "qkv"])
-    parser.add_argument("--acdc-level", default="components", choices=["components", "heads", "qkv"])
+    parser.add_argument(
+        "--acdc-level", default="components", choices=["components", "heads", "qkv"]
+    )
     parser.add_argument("--threshold", type=float, default=0.05)
     parser.add_argument("--only-gradients", action="store_true", help="EAP and EAP-IG only")
     args = parser.parse_args(argv)
@@ -88,7 +90,9 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     acdc_graph = discovery.Graph.from_adapter(adapter, args.acdc_level)
-    report.start(f"ACDC, threshold {args.threshold}, {len(acdc_graph.edges)} edges ({args.acdc_level})")
+    report.start(
+        f"ACDC, threshold {args.threshold}, {len(acdc_graph.edges)} edges ({args.acdc_level})"
+    )
     kw = dict(metric=metric, threshold=args.threshold, progress=False)
     start = time.perf_counter()
     fast = discovery.acdc(adapter, acdc_graph, CLEAN, CORRUPT, **kw)
