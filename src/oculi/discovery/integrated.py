@@ -20,7 +20,12 @@ import torch
 
 from oculi.capture.hooks import HookSet, hidden_arg
 from oculi.errors import InputError
-from oculi.patching._common import check_aligned, prompt_tokens, single_prompt
+from oculi.patching._common import (
+    check_aligned,
+    check_read_position,
+    prompt_tokens,
+    single_prompt,
+)
 from oculi.patching.metrics import Metric
 from oculi.patching.resume import unembed
 
@@ -100,9 +105,8 @@ def integrated_gradients(
             "integrated_gradients needs a metric of the prompt alone (logit, logit_diff, "
             "probability, log_prob); kl compares two runs"
         )
+    check_read_position(metric, batch, "attributed")
     t = batch.input_ids.shape[1]
-    if not -t <= metric.position < t:
-        raise IndexError(f"{metric.name}: position {metric.position} out of range for {t} tokens")
     read = metric.position % t
     x = _residual(adapter, batch, layer)
     if isinstance(baseline, str) and baseline == "zero":

@@ -26,7 +26,12 @@ from oculi.capture.inputs import Batch
 from oculi.discovery.forward import EdgeForward, Outputs
 from oculi.discovery.graph import Edge, Graph
 from oculi.errors import InputError
-from oculi.patching._common import check_aligned, progress_bar, with_reference
+from oculi.patching._common import (
+    check_aligned,
+    check_read_position,
+    progress_bar,
+    with_reference,
+)
 from oculi.patching.metrics import Metric
 from oculi.patching.resume import unembed
 
@@ -74,11 +79,7 @@ class EdgePatcher:
                 "one corrupt prompt per clean prompt"
             )
         metric = metric.bind(adapter)
-        if not -t <= metric.position < t:
-            raise IndexError(
-                f"{metric.name}: position {metric.position} out of range for prompts of {t} "
-                f"tokens (valid 0..{t - 1}, or -{t}..-1)"
-            )
+        check_read_position(metric, self.clean, "clean")  # unpadded: every row has t tokens
         self.read = metric.position % t
         self.batch_size = batch_size or max(1, 64 // p)
         plain = EdgeForward(adapter, graph, None)
