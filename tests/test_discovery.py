@@ -614,3 +614,26 @@ def test_resuming_from_a_layer_equals_the_full_forward(family):
         )
     with pytest.raises(InputError, match="start_layer=2"):
         patcher.run(torch.ones(1, len(graph.edges)), start_layer=2)
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "gemma3", "gpt2", "neox_parallel", "olmo2"])
+@pytest.mark.parametrize("level", ["heads", "qkv"])
+def test_resumed_forwards_skip_the_shared_prefix(family, level):
+    """Prompts that differ only from their fourth token on: the resumed forwards run the
+    positions from there only, and give the full forward's metric for any edge set."""
+    adapter = _adapter(family)
+    graph = Graph.from_adapter(adapter, level)
+    clean, corrupt = "the cat sat on the red", "the cat sat in the blue"
+    patcher = EdgePatcher(adapter, graph, clean, corrupt, metric=METRIC)
+    ids = [adapter.prepare(p).input_ids[0] for p in (clean, corrupt)]
+    assert patcher.first_change == int((ids[0] != ids[1]).nonzero()[0, 0]) > 0
+    gen = torch.Generator().manual_seed(3)
+    for start in (0, 2):
+        late = torch.tensor([e.receiver.layer >= start for e in graph.edges])
+        masks = (torch.rand(4, len(graph.edges), generator=gen) < 0.4).float() * late
+        masks[0] = late.float()  # every edge it may patch
+        torch.testing.assert_close(
+            patcher.run(masks, start_layer=start), patcher.run(masks), atol=1e-5, rtol=0
+        )
+    zero = EdgePatcher(adapter, graph, clean, corrupt, metric=METRIC, mode="zero")
+    assert zero.first_change == 0  # zero differs from the clean outputs everywhere

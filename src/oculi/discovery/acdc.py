@@ -14,6 +14,10 @@ The decisions are sequential, but oculi runs them exactly and batched:
   forward, copy ``j`` with ``e_1..e_j`` all removed. Copy ``j`` is the true next state as long as
   every earlier candidate was accepted; at the first rejection the rest are rerun from the new
   state. A pass over a receiver is ``1 + rejections`` batched forwards.
+- **resumed forwards**: every edge removed so far enters the receiver being decided or a later
+  one, so each forward resumes at the receiver's layer from the recorded clean run, and runs
+  only the positions from the first one where the prompts differ (``EdgePatcher.run`` with
+  ``start_layer``).
 - **dead receivers**: a node none of whose outgoing edges is still in the circuit cannot change
   the output, so removing an edge into it changes nothing: it is removed without a forward
   (exactly what the sequential algorithm decides when ``threshold > 0``).
@@ -120,7 +124,7 @@ class _Damage:
     def __init__(self, patcher: EdgePatcher, kl: bool) -> None:
         self.patcher, self.kl, self.forwards = patcher, kl, 0
 
-    def __call__(self, weights: torch.Tensor, start_layer: int = 0) -> torch.Tensor:
+    def __call__(self, weights: torch.Tensor, start_layer: int | None = None) -> torch.Tensor:
         self.forwards += -(-weights.shape[0] // self.patcher.batch_size)
         values = self.patcher.run(weights, start_layer=start_layer)
         return values if self.kl else (values - self.patcher.clean_value).abs()

@@ -79,37 +79,41 @@ class EdgeForward:
         *,
         read: int,
         grad_receivers: bool = False,
-        resume: tuple[ResumableRun, int, Outputs] | None = None,
+        resume: tuple[ResumableRun, int, Outputs, int] | None = None,
     ) -> tuple[torch.Tensor, Outputs, dict[str, torch.Tensor]]:
         """Forward ``batch`` with ``weights [N, E]`` (``None``: no patch).
 
-        ``resume=(recorded clean run, layer, clean sender outputs)`` starts at ``layer`` from
-        the recorded clean residual: valid when no row patches an edge into a receiver before
-        ``layer`` (everything before it is then the clean run; the caller checks).
+        ``resume=(recorded clean run, layer, clean sender outputs, first)`` starts at ``layer``
+        from the recorded clean residual and runs positions ``first..T-1`` only: valid when no
+        row patches an edge into a receiver before ``layer`` and every sender's source equals
+        its clean output before position ``first`` (everything outside that block is then the
+        clean run, whose keys and values the layers read; the caller checks).
 
         Returns:
             ``(hidden [N, d]`` final-normed at position ``read``, the actual sender outputs,
             the zero tensors added to each receiver's input (``requires_grad`` when
             ``grad_receivers``) keyed by receiver name``)``.
         """
-        state = _State(self, weights, grad_receivers)
+        first = resume[3] if resume is not None else 0
+        state = _State(self, weights, grad_receivers, first)
         m = self.adapter
-        start = resume[1] if resume is not None else 0
         with HookSet() as hooks:
             self._hook_senders(hooks, state)
             if weights is not None or grad_receivers:
                 self._hook_receivers(hooks, state)
-            if resume is None or start == 0:
+            if resume is None:
                 hidden = m.decoder(**batch.model_kwargs(), use_cache=False).last_hidden_state
                 return hidden[:, read], state.actual, state.extra
-            run, _, clean = resume
+            run, start, clean, _ = resume
             n = batch.input_ids.shape[0]
             for key, value in clean.items():  # senders before `start` ran as in the clean run
                 if _layer_of(key) < start:
+                    value = value[:, first:]
                     state.actual[key] = value.expand(n, *value.shape[1:])
-            # every position: the logits receiver's change spans them all
-            hidden = run.run_from(start, run.resid[start : start + 1].expand(n, -1, -1))
-        return hidden[:, read], state.actual, state.extra
+            # every position from `first` on: the logits receiver's change spans them all
+            resid = run.resid[start : start + 1, first:].expand(n, -1, -1)
+            hidden = run.run_from(start, resid, start=first)
+        return hidden[:, read - first], state.actual, state.extra
 
     # -- hooks -----------------------------------------------------------------------------
     def _hook_senders(self, hooks: HookSet, st: _State) -> None:
@@ -169,8 +173,11 @@ class EdgeForward:
 class _State:
     """What one forward accumulates: actual sender outputs and lazily computed head deltas."""
 
-    def __init__(self, fwd: EdgeForward, weights: torch.Tensor | None, grad: bool) -> None:
+    def __init__(
+        self, fwd: EdgeForward, weights: torch.Tensor | None, grad: bool, first: int = 0
+    ) -> None:
         self.fwd, self.weights, self.grad = fwd, weights, grad
+        self.first = first  # the forward runs positions first..T-1 only
         self.actual: Outputs = {}
         self.extra: dict[str, torch.Tensor] = {}
         self._head_diff: dict[int, torch.Tensor] = {}
@@ -180,7 +187,7 @@ class _State:
         """``source − actual`` for a sender key, ``[N, T, ...]`` (once per forward: the sender's
         actual output is final once recorded)."""
         if key not in self._diffs:
-            a, s = self.actual[key], self.fwd.source[key]  # type: ignore[index]
+            a, s = self.actual[key], self.fwd.source[key][:, self.first :]  # type: ignore[index]
             p = s.shape[0]
             self._diffs[key] = (s.unsqueeze(0) - a.view(-1, p, *a.shape[1:])).view(a.shape)
         return self._diffs[key]

@@ -123,14 +123,19 @@ class EdgePatcher:
         return out
 
     def run(
-        self, weights: torch.Tensor, *, progress: bool = False, start_layer: int = 0
+        self, weights: torch.Tensor, *, progress: bool = False, start_layer: int | None = None
     ) -> torch.Tensor:
         """The metric (mean over prompts) for each row of ``weights [S, E]``, ``[S]``.
 
         ``weights[s, e]`` is 1 where edge ``e`` carries the source value, 0 where it stays
-        clean; values in between interpolate. ``start_layer``: no row patches an edge into a
-        receiver before this layer, so the forward resumes there from the recorded clean run
-        (one prompt; the same numbers, checked against the full forward in the tests).
+        clean; values in between interpolate.
+
+        ``start_layer``: no row patches an edge into a receiver before this layer, so the
+        forward resumes there from the recorded clean run (one prompt), and runs only the
+        positions from :attr:`first_change` on: before it every sender's source equals its
+        clean output (the prompts share their first tokens, or nothing is patched there), so no
+        patch can change those positions and their keys and values come from the recording.
+        The same numbers as the full forward (``None``, the reference), checked in the tests.
         """
         weights = self._check(weights)
         resume = self._resume(weights, start_layer)
@@ -150,8 +155,8 @@ class EdgePatcher:
             bar.close()
         return torch.cat(out)
 
-    def _resume(self, weights: torch.Tensor, start: int) -> Any:
-        if start <= 0 or self.n_prompts != 1:
+    def _resume(self, weights: torch.Tensor, start: int | None) -> Any:
+        if start is None or self.n_prompts != 1:
             return None
         early = [i for i, e in enumerate(self.graph.edges) if e.receiver.layer < start]
         if early and bool(weights[:, early].any()):
@@ -163,7 +168,23 @@ class EdgePatcher:
             from oculi.patching.resume import ResumableRun
 
             self._recorded = ResumableRun(self.adapter, self.clean)
-        return (self._recorded, start, self.clean_outputs)
+            self._first = self._first_change() if self._recorded.can_start_late() else 0
+        return (self._recorded, start, self.clean_outputs, self._first)
+
+    @property
+    def first_change(self) -> int:
+        """The first position where some sender's source differs from its clean output
+        (at most the read position): the resumed forwards of :meth:`run` start there."""
+        return self._first_change()
+
+    def _first_change(self) -> int:
+        first = self.read
+        for key, source in self.source.items():
+            differs = (source != self.clean_outputs[key]).flatten(2).any(-1).any(0)  # [T]
+            where = differs.nonzero()
+            if len(where):
+                first = min(first, int(where[0, 0]))
+        return first
 
     def gradients(
         self, weights: torch.Tensor | None
