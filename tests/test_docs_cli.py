@@ -49,9 +49,8 @@ def test_every_option_of_every_command_is_named_on_the_page():
                 names = [o for o in param.opts + param.secondary_opts if o.startswith("--")]
                 if names and not any(f"`{n}" in page or f"/{n}" in page for n in names):
                     missing.append(f"oculi {path} {names[0]}")
-            elif isinstance(param, click.Argument):
-                if param.human_readable_name not in page:
-                    missing.append(f"oculi {path} {param.human_readable_name}")
+            elif isinstance(param, click.Argument) and param.human_readable_name not in page:
+                missing.append(f"oculi {path} {param.human_readable_name}")
     assert not missing, f"options not on {PAGE.name}: {missing}"
 
 
