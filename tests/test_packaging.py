@@ -21,8 +21,16 @@ def test_all_extra_is_the_union_of_the_runtime_extras():
         "optional-dependencies"
     ]
     # a new runtime extra must be listed here (and so land in `all`); dev and the test-only
-    # compare, sae-compare and quantized stay out
-    assert set(extras) == {*RUNTIME_EXTRAS, "all", "dev", "compare", "sae-compare", "quantized"}
+    # compare, sae-compare and quantized and the documentation build (docs) stay out
+    assert set(extras) == {
+        *RUNTIME_EXTRAS,
+        "all",
+        "dev",
+        "docs",
+        "compare",
+        "sae-compare",
+        "quantized",
+    }
     union = {req for name in RUNTIME_EXTRAS for req in extras[name]}
     assert len(extras["all"]) == len(set(extras["all"])), "a requirement listed twice"
     assert set(extras["all"]) == union

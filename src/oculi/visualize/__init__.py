@@ -13,6 +13,8 @@ Importing this package imports neither matplotlib nor the report's model-running
 function imports what it needs when called.
 """
 
+from typing import TYPE_CHECKING
+
 from oculi.visualize.attribution import head_attribution_bars, layer_attribution, top_heads
 from oculi.visualize.circuit import circuit_graph, circuit_layout, draw_circuit
 from oculi.visualize.correlation import norm_entropy_scatter
@@ -34,6 +36,9 @@ from oculi.visualize.lens import (
     logit_lens_grid,
     prediction_refinement,
 )
+
+if TYPE_CHECKING:  # loaded on first use (see __getattr__); static readers see the real import
+    from oculi.visualize.report import write_report
 
 __all__ = [
     "attention_grid",

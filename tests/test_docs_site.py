@@ -1,0 +1,142 @@
+"""The documentation site: ``mkdocs build --strict`` succeeds with zero warnings, every public
+name (``oculi.__all__`` and each subpackage's) has an entry on its API page, and the strict
+configuration really turns a broken link or anchor into a failed build.
+
+The build runs once per session with notebook execution off (``OCULI_DOCS_EXECUTE=0``); the
+full build with executed notebooks is ``make docs``, run by ``.ci/run`` after the tests.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("mkdocs")
+pytest.importorskip("mkdocstrings")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools" / "docs"))
+from public_api import reference_pages  # noqa: E402
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        OCULI_DOCS_EXECUTE="0",
+        NO_MKDOCS_2_WARNING="1",
+        DISABLE_MKDOCS_2_WARNING="true",
+        PYTHONPATH=os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]),
+    )
+    return env
+
+
+def _mkdocs(config: Path, site: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(config), "-d", str(site)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="session")
+def built_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The site built strictly from the repository's docs/ (notebooks not executed)."""
+    site = tmp_path_factory.mktemp("docs") / "site"
+    run = _mkdocs(ROOT / "mkdocs.yml", site)
+    warnings = [line for line in run.stderr.splitlines() if re.match(r"\s*(WARNING|ERROR)", line)]
+    assert run.returncode == 0 and not warnings, (
+        f"mkdocs build --strict failed ({run.returncode}):\n" + "\n".join(warnings or [run.stderr])
+    )
+    return site
+
+
+def test_strict_build_has_every_page(built_site: Path) -> None:
+    assert (built_site / "index.html").is_file()
+    assert (built_site / "seed002_names.html").is_file()
+    # the search index is inlined for file:// use (Material's offline plugin)
+    assert (built_site / "search" / "search_index.js").is_file()
+    for page in reference_pages():
+        assert (built_site / page.path.replace(".md", ".html")).is_file(), page.path
+
+
+def test_every_public_name_has_a_reference_entry(built_site: Path) -> None:
+    pages = {page.module: page for page in reference_pages()}
+    import oculi
+
+    # the pages cover oculi.__all__ and every subpackage's __all__
+    assert pages["oculi"].names == tuple(oculi.__all__)
+    packages = {
+        p.relative_to(ROOT / "src")
+        .with_suffix("")
+        .as_posix()
+        .replace("/__init__", "")
+        .replace("/", ".")
+        for p in (ROOT / "src" / "oculi").rglob("__init__.py")
+        if "__all__" in p.read_text() and "/_" not in p.relative_to(ROOT / "src").as_posix()
+    }
+    assert packages <= set(pages), packages - set(pages)
+    missing = []
+    for page in pages.values():
+        html = (built_site / page.path.replace(".md", ".html")).read_text()
+        ids = set(re.findall(r'id="([^"]+)"', html))
+        missing += [f"{page.module}.{n}" for n in page.names if f"{page.module}.{n}" not in ids]
+    assert not missing, f"public names without an entry on their API page: {missing}"
+
+
+def _fixture_site(tmp_path: Path, page: str) -> Path:
+    """A two-page site with the repository's own strictness settings and ``page`` as its second
+    page: what the real build would do with such a page, in a second instead of a full build."""
+    from mkdocs.utils.yaml import yaml_load
+
+    with (ROOT / "mkdocs.yml").open() as f:
+        real = yaml_load(f)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "index.md").write_text("# Home\n\n## Somewhere\n\nSee [the other page](other.md).\n")
+    (docs / "other.md").write_text(page)
+    config = tmp_path / "mkdocs.yml"
+    import yaml
+
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "site_name": "fixture",
+                "docs_dir": str(docs),
+                "use_directory_urls": real["use_directory_urls"],
+                "strict": real["strict"],
+                "validation": real["validation"],
+                "markdown_extensions": ["toc", "attr_list"],
+                "nav": ["index.md", "other.md"],
+            }
+        )
+    )
+    return config
+
+
+def test_fixture_strict_config_accepts_good_links(tmp_path: Path) -> None:
+    config = _fixture_site(tmp_path, "# Other\n\n[back](index.md#somewhere)\n")
+    run = _mkdocs(config, tmp_path / "site")
+    assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.parametrize(
+    ("page", "complaint"),
+    [
+        ("# Other\n\n[gone](no-such-page.md)\n", "no-such-page.md"),
+        ("# Other\n\n[bad anchor](index.md#nowhere)\n", "#nowhere"),
+    ],
+)
+def test_fixture_broken_link_fails_the_strict_build(
+    tmp_path: Path, page: str, complaint: str
+) -> None:
+    run = _mkdocs(_fixture_site(tmp_path, page), tmp_path / "site")
+    assert run.returncode != 0
+    out = run.stdout + run.stderr
+    assert complaint in out and "strict mode" in out, out
