@@ -19,18 +19,13 @@ The convention (the documentation pages under ``docs/`` follow it; see also issu
 - Blocks inside lists or admonitions may be indented: the fence's own indentation is removed
   from the block.
 
-Speed: the pages run in the test process, and ``oculi.load`` is memoised for them: the first
-call with given arguments loads, later pages calling it with the same arguments get the same
-adapter (``oculi.load()`` / ``oculi.load(device="cpu")`` on a CPU-only machine get the session's
-``gemma`` fixture itself). That is sound because oculi never leaves a model modified (hooks are
-removed, also on errors); a page that did would change the numbers of the pages after it.
-
-Each page is one test (parametrized over the pages found, so a new page is picked up without
-editing this file). A failure names the page, the line of the failing fence and what went wrong:
-the traceback (whose line numbers are the page's own, since each block is compiled at its place
-in the page) or the difference between the expected and the printed output. A block that raises
-stops the page (later blocks depend on it); a wrong output is reported and the page goes on, so
-one run shows every wrong output before the first exception.
+Speed and reproducibility: the pages run in the test process, and ``oculi.load`` is memoised
+for them: the first call with given arguments loads, later pages calling it with the same
+arguments get the same adapter. ``oculi.load()`` (and ``oculi.load(device="cpu")``) gets the
+session's ``gemma`` fixture, Gemma 3 270M on the CPU in float32, also on a machine with a GPU:
+the pages' printed numbers were taken there, and a GPU's kernels differ in the last digits.
+Sharing one adapter is sound because oculi never leaves a model modified (hooks are removed,
+also on errors); a page that did would change the numbers of the pages after it.
 
 The runner itself is tested on a deliberately broken page, ``tests/fixtures/docs_broken.md``,
 which is not under ``docs/`` and so is not a documentation page.
@@ -226,7 +221,7 @@ def _memoised_load(gemma: object):
         key = repr((args, sorted(kwargs.items())))
         if key not in _LOADED:
             default = not args and set(kwargs.items()) <= {("device", "cpu")}
-            _LOADED[key] = gemma if default and gemma is not None else load(*args, **kwargs)
+            _LOADED[key] = gemma if default else load(*args, **kwargs)
         return _LOADED[key]
 
     cached_load.__doc__ = oculi.load.__doc__
@@ -240,14 +235,9 @@ def test_docs_page_examples(
     """Every python block on the page runs, and prints the text block shown after it."""
     monkeypatch.setenv("MPLBACKEND", "Agg")
     if _loads_gemma(page):
-        import torch
-
         import oculi
 
-        cpu_only = not torch.cuda.is_available() and not torch.backends.mps.is_available()
-        # the session's Gemma is what oculi.load() gives only where cpu is the default device
-        gemma = request.getfixturevalue("gemma") if cpu_only else None
-        monkeypatch.setattr(oculi, "load", _memoised_load(gemma))
+        monkeypatch.setattr(oculi, "load", _memoised_load(request.getfixturevalue("gemma")))
     failures = run_page(page, tmp_path)
     assert not failures, "\n\n".join(failures)
 
