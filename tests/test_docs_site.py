@@ -140,3 +140,27 @@ def test_fixture_broken_link_fails_the_strict_build(
     assert run.returncode != 0
     out = run.stdout + run.stderr
     assert complaint in out and "strict mode" in out, out
+
+
+def test_built_site_works_offline_in_chromium(built_site: Path, tmp_path: Path) -> None:
+    """What ``make docs-check`` does, on the strict build: the landing page, a guide, an API page
+    and a tutorial render in headless Chromium opened from disk, with no console error and no
+    request for anything but a local file; search (run in the page, offline) finds
+    ``activation_patching``."""
+    from oculi.visualize.browser import chromium_path
+
+    if chromium_path() is None:
+        if os.environ.get("OCULI_REQUIRE_BROWSER"):
+            pytest.fail("OCULI_REQUIRE_BROWSER is set but no Chromium executable was found")
+        pytest.skip("no Chromium executable (apt-get install chromium, or set $OCULI_CHROMIUM)")
+    from check_site import check_site
+
+    result = check_site(built_site, tmp_path)
+    # notebooks become pages once mkdocs.yml lists one; from then on a tutorial is required
+    notebooks_in_nav = ".ipynb" in (ROOT / "mkdocs.yml").read_text()
+    problems = [p for p in result.problems if notebooks_in_nav or not p.startswith("no tutorial")]
+    assert problems == [], "\n".join(problems)
+    assert {"landing", "guide", "api"} <= set(result.pages)
+    assert notebooks_in_nav <= ("tutorial" in result.pages)
+    assert any("activation_patching" in hit for hit in result.search_hits)
+    assert all(png.stat().st_size > 10_000 for png in result.screenshots)  # not blank
