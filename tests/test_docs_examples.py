@@ -220,7 +220,7 @@ def _memoised_load(gemma: object):
     def cached_load(*args, **kwargs):
         key = repr((args, sorted(kwargs.items())))
         if key not in _LOADED:
-            default = not args and set(kwargs.items()) <= {("device", "cpu")}
+            default = not args and all((k, v) == ("device", "cpu") for k, v in kwargs.items())
             _LOADED[key] = gemma if default else load(*args, **kwargs)
         return _LOADED[key]
 
