@@ -152,7 +152,7 @@ def activation_patching(
     clean: Any,
     corrupt: Any,
     *,
-    site: str = "resid_pre",
+    site: str | tuple[str, Any] = "resid_pre",
     metric: Metric,
     layers: Sequence[int] | None = None,
     positions: Sequence[int] | None = None,
@@ -168,7 +168,12 @@ def activation_patching(
         adapter: the model's adapter.
         clean, corrupt: one prompt each (string or ``[1, T]`` ids), of equal token length.
         site: a site kind (see :mod:`oculi.capture.sites`): ``resid_pre``, ``attn_out``,
-            ``mlp_out``, ``z``, ``q``, ``k``, ``v``, ``pattern``, ``resid_post``, ...
+            ``mlp_out``, ``z``, ``q``, ``k``, ``v``, ``pattern``, ``resid_post``, ...; or
+            ``("sae", sae)``: the latents of an :class:`oculi.sae.SAE`, each set to its clean
+            value (the SAE spliced with its error term), giving
+            :class:`oculi.sae.LatentPatchingResult` ``[T, d_sae]`` (see
+            :func:`oculi.sae.sae_activation_patching`; ``layers``, ``per_head`` and
+            ``strategy`` do not apply).
         metric: e.g. ``patching.logit_diff(" Mary", " John")``.
         layers: layers to sweep (default all).
         positions: positions to sweep (default all) when ``per_position``.
@@ -189,6 +194,11 @@ def activation_patching(
         :class:`PatchingResult`; ``values`` is ``[n_layers, T]`` (positions), ``[n_layers,
         n_heads]`` (heads) or ``[n_layers]``.
     """
+    if not isinstance(site, str):
+        from oculi.sae.patching import latent_sweep
+
+        return latent_sweep(adapter, clean, corrupt, site, metric, layers, positions, per_head,
+                            per_position, batch_size, progress)  # fmt: skip
     kind = _check_site(adapter, site, per_head)
     cb, kb = single_prompt(adapter, clean, "clean"), single_prompt(adapter, corrupt, "corrupt")
     check_aligned(adapter, cb, kb)

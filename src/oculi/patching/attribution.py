@@ -43,7 +43,7 @@ def attribution_patching(
     clean: Any,
     corrupt: Any,
     *,
-    site: str = "resid_pre",
+    site: str | tuple[str, Any] = "resid_pre",
     metric: Metric,
     layers: Sequence[int] | None = None,
     per_head: bool = False,
@@ -55,7 +55,9 @@ def attribution_patching(
         clean, corrupt: one prompt each, of equal token length.
         site: any site :func:`~oculi.patching.activation_patching` patches (``resid_pre``,
             ``attn_out``, ``z``, ``q``, ``pattern``, ``mlp_post``, ...); the gradient is taken
-            where that site is written.
+            where that site is written. ``("sae", sae)``: the latents of an
+            :class:`oculi.sae.SAE` (gradient at the latents of the SAE spliced with its error
+            term), ``values [T, d_sae]`` (see :func:`oculi.sae.sae_attribution_patching`).
         metric: a :mod:`oculi.patching.metrics` metric.
         layers: layers to report (default all).
         per_head: for per-head sites (``z``, ``q``, ``k``, ``v``, ``pattern``, ``q_pre``,
@@ -80,6 +82,11 @@ def attribution_patching(
             "torch.inference_mode() (inference tensors never take part in autograd); load the "
             "model outside inference_mode"
         )
+    if not isinstance(site, str):
+        from oculi.sae.patching import sae_attribution_patching, sae_of_site
+
+        sae = sae_of_site(site, layers=layers, per_head=per_head)
+        return sae_attribution_patching(adapter, clean, corrupt, sae, metric=metric)
     kind = check_patchable(adapter, site)
     if per_head and not kind.per_head:
         raise InputError(

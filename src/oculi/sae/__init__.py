@@ -19,7 +19,9 @@ Gemma Scope, sparsify), ``load`` (recognising a layout by its files), ``splice``
 (:class:`SAEPatch`, an intervention), ``latents`` (latents as a capture site), ``train``
 (with ``data``, ``objectives``, ``checkpoint``), ``evaluate``, ``features`` (top
 activations, contexts, logit effects; the page is :mod:`oculi.visualize.features`),
-``attribution`` (DLA and AtP per latent, patching latents from a clean run).
+``attribution`` (DLA and AtP per latent, patching latents from a clean run), ``patching``
+(latents as a site of :func:`oculi.patching.activation_patching` and
+:func:`~oculi.patching.attribution_patching`).
 """
 
 from oculi.sae.attribution import (
@@ -35,6 +37,11 @@ from oculi.sae.io import SAEFormatError, save_sae
 from oculi.sae.latents import capture_latents
 from oculi.sae.load import load_sae, load_saes
 from oculi.sae.model import KINDS, SAE, fvu
+from oculi.sae.patching import (
+    LatentPatchingResult,
+    sae_activation_patching,
+    sae_attribution_patching,
+)
 from oculi.sae.splice import SAEPatch
 from oculi.sae.stats import LatentStats, latent_stats
 from oculi.sae.train import train
@@ -45,6 +52,7 @@ __all__ = [
     "KINDS",
     "SAE",
     "LatentPatching",
+    "LatentPatchingResult",
     "LatentStats",
     "SAEEvaluation",
     "SAEFormatError",
@@ -60,6 +68,8 @@ __all__ = [
     "load_sae",
     "load_saes",
     "logit_effects",
+    "sae_activation_patching",
+    "sae_attribution_patching",
     "save_sae",
     "top_activations",
     "train",
