@@ -164,3 +164,44 @@ def test_built_site_works_offline_in_chromium(built_site: Path, tmp_path: Path) 
     assert notebooks_in_nav <= ("tutorial" in result.pages)
     assert any("activation_patching" in hit for hit in result.search_hits)
     assert all(png.stat().st_size > 10_000 for png in result.screenshots)  # not blank
+
+
+def test_site_map_page_is_generated_from_the_code(built_site: Path) -> None:
+    """The concepts page's table comes from ``locate`` on every registered family: each kind
+    and family is on the built page, and cells agree with facts about the architectures that
+    do not come from oculi (GPT-2 and GPT-NeoX have no MLP gate, Gemma 3 normalises q, GPT-2
+    fuses q/k/v into ``c_attn``, Phi-3 fuses gate and up)."""
+    from site_map import site_map_table
+
+    from oculi.capture.sites import SITE_KINDS
+    from oculi.models import supported_model_types
+
+    html = (built_site / "concepts" / "sites.html").read_text()
+    assert "oculi:site-map" not in html  # the marker was replaced
+    for kind in SITE_KINDS:
+        assert f"<code>{kind}</code>" in html, kind
+    table = site_map_table()
+    sections = {
+        part.split("`", 1)[0]: part for part in table.split("\n### `")[1:]
+    }  # kind -> its by-family table
+    assert "| gpt2, gpt_neox | — (absent) |" in sections["mlp_gate"]
+    assert "gate half of `mlp.gate_up_proj` output" in sections["mlp_gate"]
+    assert any(
+        "gemma3" in line and "`self_attn.q_norm` output" in line
+        for line in sections["q_pre"].splitlines()
+    )
+    assert any(
+        line.startswith("| gpt2 |") and "q part of `attn.c_attn` output" in line
+        for line in sections["q_pre"].splitlines()
+    )
+    families = (built_site / "concepts" / "architectures.html").read_text()
+    for model_type in supported_model_types():
+        assert f"<code>{model_type}</code>" in families, model_type
+
+
+def test_unknown_table_marker_fails_the_build() -> None:
+    import hooks
+
+    page = type("Page", (), {"file": type("F", (), {"src_path": "x.md"})()})()
+    with pytest.raises(ValueError, match="unknown table marker"):
+        hooks.on_page_markdown("<!-- oculi:no-such-table -->", page)
