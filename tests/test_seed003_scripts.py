@@ -303,15 +303,15 @@ def test_factual_recall_patching(gemma):
     check_direct_effects(gemma, out, clean_diff, seen)
 
 
-def test_readme_example_runs_and_adds_up(gemma):
-    """The README's "Coming from TransformerLens" block, with the model line as in the tests."""
+def test_migrating_tl_script_runs_and_adds_up(gemma):
+    """The TransformerLens script of docs/migrating.md, with the model line as in the tests."""
     import pathlib
 
-    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-    block = readme.split("## Coming from TransformerLens", 1)[1].split("```python\n", 1)[1]
+    page = (pathlib.Path(__file__).parents[1] / "docs" / "migrating.md").read_text()
+    block = page.split("## A TransformerLens script, unchanged", 1)[1].split("```python\n", 1)[1]
     code = block.split("```", 1)[0].replace("model = oculi.load()", "model = gemma")
     scope = {"gemma": gemma}
-    exec(compile(code, "README.md", "exec"), scope)
+    exec(compile(code, "docs/migrating.md", "exec"), scope)
     tokens, cache = scope["tokens"], scope["cache"]
     with torch.no_grad():
         logits = gemma.model(tokens).logits[0, -1].double()
