@@ -41,6 +41,7 @@ def _mkdocs(config: Path, site: Path) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         env=_env(),
+        cwd=ROOT,  # mkdocs.yml names its hook and extension files relative to the root
         timeout=600,
     )
 
