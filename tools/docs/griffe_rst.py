@@ -55,11 +55,9 @@ def _literal_blocks(text: str) -> str:
         lead = stripped[:-2].rstrip()
         pad = " " * base
         if lead.strip():
-            if lead.strip().lower() in SECTIONS:  # "Example::" is not a Google section here
-                lead = f"{pad}*{lead.strip()}:*"
-            else:
-                lead = lead + ":"
-            out += [lead, ""]
+            # "Example::" must not become a Google "Example:" section: emphasise it instead
+            section = lead.strip().lower() in SECTIONS
+            out += [f"{pad}*{lead.strip()}:*" if section else lead + ":", ""]
         indent = min(len(b) - len(b.lstrip()) for b in block if b.strip())
         out.append(f"{pad}```python")
         out += [pad + b[indent:] if b.strip() else "" for b in block]
