@@ -68,7 +68,8 @@ def acdc(
     Returns:
         :class:`CircuitScores` whose ``values`` are each edge's damage increase when it was
         tried, ``info["kept"]`` the circuit's edges, ``info["forwards"]`` the number of
-        forwards, ``info["tested"]`` the number of edge decisions.
+        forwards, ``info["rows"]`` the edge sets they ran (copies), ``info["tested"]`` the
+        number of edge decisions.
     """
     if not threshold >= 0:
         raise InputError(f"threshold must be a number ≥ 0, got {threshold!r}")
@@ -110,6 +111,7 @@ def acdc(
         "threshold": threshold,
         "kept": kept,
         "forwards": run.forwards,
+        "rows": run.rows,
         "tested": int((~values.isnan()).sum()),
         "damage": current,
     }
@@ -122,10 +124,11 @@ class _Damage:
     """Damage of edge-weight rows, counting forwards."""
 
     def __init__(self, patcher: EdgePatcher, kl: bool) -> None:
-        self.patcher, self.kl, self.forwards = patcher, kl, 0
+        self.patcher, self.kl, self.forwards, self.rows = patcher, kl, 0, 0
 
     def __call__(self, weights: torch.Tensor, start_layer: int | None = None) -> torch.Tensor:
         self.forwards += -(-weights.shape[0] // self.patcher.batch_size)
+        self.rows += weights.shape[0]
         values = self.patcher.run(weights, start_layer=start_layer)
         return values if self.kl else (values - self.patcher.clean_value).abs()
 

@@ -53,6 +53,8 @@ class EdgeForward:
 
     def __init__(self, adapter: Adapter, graph: Graph, source: Outputs | None) -> None:
         self.adapter, self.graph, self.source = adapter, graph, source
+        # (layer, first position) -> head_deltas of source − clean, [1, H, T', d] (resumed runs)
+        self.frozen_heads: dict[tuple[int, int], torch.Tensor] = {}
         # per receiver: linear senders [(edge, key)] and head senders {layer: [edge per head]}
         self.linear: dict[str, list[tuple[int, str]]] = {r.name: [] for r in graph.receivers}
         self.heads: dict[str, dict[int, list[int]]] = {r.name: {} for r in graph.receivers}
@@ -94,8 +96,8 @@ class EdgeForward:
             the zero tensors added to each receiver's input (``requires_grad`` when
             ``grad_receivers``) keyed by receiver name``)``.
         """
-        first = resume[3] if resume is not None else 0
-        state = _State(self, weights, grad_receivers, first)
+        first, frozen = (resume[3], resume[1]) if resume is not None else (0, 0)
+        state = _State(self, weights, grad_receivers, first, frozen)
         m = self.adapter
         with HookSet() as hooks:
             self._hook_senders(hooks, state)
@@ -174,10 +176,16 @@ class _State:
     """What one forward accumulates: actual sender outputs and lazily computed head deltas."""
 
     def __init__(
-        self, fwd: EdgeForward, weights: torch.Tensor | None, grad: bool, first: int = 0
+        self,
+        fwd: EdgeForward,
+        weights: torch.Tensor | None,
+        grad: bool,
+        first: int = 0,
+        frozen: int = 0,
     ) -> None:
         self.fwd, self.weights, self.grad = fwd, weights, grad
         self.first = first  # the forward runs positions first..T-1 only
+        self.frozen = frozen  # senders before this layer ran as in the clean run (one prompt)
         self.actual: Outputs = {}
         self.extra: dict[str, torch.Tensor] = {}
         self._head_diff: dict[int, torch.Tensor] = {}
@@ -189,13 +197,28 @@ class _State:
         if key not in self._diffs:
             a, s = self.actual[key], self.fwd.source[key][:, self.first :]  # type: ignore[index]
             p = s.shape[0]
-            self._diffs[key] = (s.unsqueeze(0) - a.view(-1, p, *a.shape[1:])).view(a.shape)
+            if _layer_of(key) < self.frozen:  # every row is the clean run's (one prompt)
+                self._diffs[key] = (s - a[:1]).expand(a.shape)
+            else:
+                self._diffs[key] = (s.unsqueeze(0) - a.view(-1, p, *a.shape[1:])).view(a.shape)
         return self._diffs[key]
 
     def head_diff(self, layer: int) -> torch.Tensor:
-        """Each head's change of the output projection's output, ``[N, H, T, d]`` (no bias)."""
+        """Each head's change of the output projection's output, ``[N, H, T, d]`` (no bias).
+
+        For a layer before ``frozen`` every row's difference is ``source − clean``: computed for
+        one row once per :class:`EdgeForward` (it is the same in every resumed forward) and
+        broadcast, where it is most of a resumed forward's cost at the heads level."""
         if layer not in self._head_diff:
-            self._head_diff[layer] = head_deltas(self.fwd.adapter, layer, self._diff(f"z{layer}"))
+            dz = self._diff(f"z{layer}")
+            if layer < self.frozen:
+                cache = self.fwd.frozen_heads
+                if (layer, self.first) not in cache:
+                    cache[(layer, self.first)] = head_deltas(self.fwd.adapter, layer, dz[:1])
+                one = cache[(layer, self.first)]
+                self._head_diff[layer] = one.expand(dz.shape[0], *one.shape[1:])
+            else:
+                self._head_diff[layer] = head_deltas(self.fwd.adapter, layer, dz)
         return self._head_diff[layer]
 
     def delta(self, r: Receiver) -> torch.Tensor | None:
