@@ -55,6 +55,7 @@ class EdgeForward:
         self.adapter, self.graph, self.source = adapter, graph, source
         # (layer, first position) -> head_deltas of source − clean, [1, H, T', d] (resumed runs)
         self.frozen_heads: dict[tuple[int, int], torch.Tensor] = {}
+        self.frozen_post: dict[tuple[int, int], torch.Tensor] = {}  # post-norm of clean x{l}
         # per receiver: linear senders [(edge, key)] and head senders {layer: [edge per head]}
         self.linear: dict[str, list[tuple[int, str]]] = {r.name: [] for r in graph.receivers}
         self.heads: dict[str, dict[int, list[int]]] = {r.name: {} for r in graph.receivers}
@@ -64,6 +65,10 @@ class EdgeForward:
                 self.heads[r].setdefault(s.layer, [0] * graph.n_heads)[s.head or 0] = i
             else:
                 self.linear[r].append((i, s.name))
+        # per receiver, its head edges layer by layer, flat ([layers * H] columns of weights)
+        self.head_columns = {
+            r: [i for row in v.values() for i in row] for r, v in self.heads.items()
+        }
 
     # -- sender keys ---------------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -190,6 +195,7 @@ class _State:
         self.extra: dict[str, torch.Tensor] = {}
         self._head_diff: dict[int, torch.Tensor] = {}
         self._diffs: dict[str, torch.Tensor] = {}
+        self._post: dict[int, torch.Tensor] = {}
 
     def _diff(self, key: str) -> torch.Tensor:
         """``source − actual`` for a sender key, ``[N, T, ...]`` (once per forward: the sender's
@@ -233,20 +239,45 @@ class _State:
                 if active:
                     diffs = torch.stack([self._diff(linear[i][1]) for i in active])
                     total = torch.einsum("nk,kntd->ntd", cols[:, active].to(diffs.dtype), diffs)
-            for layer, edges in fwd.heads[r.name].items():
-                cols = w[:, edges]
-                if not bool(cols.any()):
-                    continue
-                diff = self.head_diff(layer)
-                part = torch.einsum("nh,nhtd->ntd", cols.to(diff.dtype), diff)
-                part = through_post_norm(fwd.adapter, layer, self.actual[f"x{layer}"], part)
-                total = part if total is None else total + part
+            heads = fwd.heads[r.name]
+            if heads:
+                layers = list(heads)
+                cols = w[:, fwd.head_columns[r.name]].view(w.shape[0], len(layers), -1)
+                live = cols.any(2).any(0).tolist()  # one sync for every sender layer
+                for k, layer in enumerate(layers):
+                    if not live[k]:
+                        continue
+                    diff = self.head_diff(layer)
+                    part = torch.einsum("nh,nhtd->ntd", cols[:, k].to(diff.dtype), diff)
+                    x = self.actual[f"x{layer}"]
+                    part = through_post_norm(fwd.adapter, layer, x, part, self._post_base(layer))
+                    total = part if total is None else total + part
         if self.grad:
             like = self._like(r)
             leaf = torch.zeros_like(like, requires_grad=True)
             self.extra[r.name] = leaf
             total = leaf if total is None else total + leaf
         return total
+
+    def _post_base(self, layer: int) -> torch.Tensor | None:
+        """The norm after layer ``layer``'s attention branch applied to its actual output
+        (once per forward; for a frozen layer once per :class:`EdgeForward`), or ``None``
+        where the family has no such norm."""
+        name = self.fwd.adapter.anatomy.attn_out_norm
+        if name is None:
+            return None
+        if layer not in self._post:
+            post = self.fwd.adapter.part(layer, name)
+            x = self.actual[f"x{layer}"]
+            if layer < self.frozen:
+                cache = self.fwd.frozen_post
+                if (layer, self.first) not in cache:
+                    cache[(layer, self.first)] = post.forward(x[:1])
+                one = cache[(layer, self.first)]
+                self._post[layer] = one.expand(x.shape[0], *one.shape[1:])
+            else:
+                self._post[layer] = post.forward(x)
+        return self._post[layer]
 
     def _like(self, r: Receiver) -> torch.Tensor:
         return self.actual["input"]
@@ -272,16 +303,21 @@ def head_deltas(adapter: Adapter, layer: int, dz: torch.Tensor) -> torch.Tensor:
 
 
 def through_post_norm(
-    adapter: Adapter, layer: int, x: torch.Tensor, part: torch.Tensor
+    adapter: Adapter,
+    layer: int,
+    x: torch.Tensor,
+    part: torch.Tensor,
+    base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``part`` (a change of the output projection's output ``x``) as the change of the attention
     branch's output: exact through a norm after the branch (Gemma 2/3, OLMo 2), else itself.
-    ``part`` may carry extra leading axes before ``x``'s."""
+    ``part`` may carry extra leading axes before ``x``'s; ``base``: the norm of ``x`` where the
+    caller has it already."""
     name = adapter.anatomy.attn_out_norm
     if name is None:
         return part
     post = adapter.part(layer, name)
-    return post.forward(x + part) - post.forward(x)
+    return post.forward(x + part) - (post.forward(x) if base is None else base)
 
 
 def _reader(store: Outputs, key: str, *, at_input: bool = False) -> Callable[..., None]:
