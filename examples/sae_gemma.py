@@ -1,4 +1,4 @@
-"""Train a TopK SAE on Gemma 3 270M's residual stream and evaluate it (the README's numbers).
+"""Train a TopK SAE on Gemma 3 270M's residual stream and evaluate it (for docs/benchmarks.md).
 
 ::
 

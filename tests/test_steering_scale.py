@@ -3,7 +3,7 @@ residual's typical norm, so it means the same on every model (issue 17, item 3).
 
 References are independent of oculi's steering code: residual norms from the Hugging Face
 model's own ``hidden_states``, steered logits from a plain forward hook that adds the vector by
-hand, probe scales from the store's arrays. On Gemma 3 270M every steering example the README
+hand, probe scales from the store's arrays. On Gemma 3 270M every steering example the docs
 and the docstrings show is run as written and its stated effect checked.
 """
 
@@ -160,7 +160,7 @@ def _next(adapter, prompt: str, interventions=()) -> torch.Tensor:
 
 @pytest.mark.gemma
 def test_readme_and_docstring_contrast_example_on_gemma(gemma):
-    """README and oculi.intervention.steering: a quarter of the residual toward "happy"."""
+    """docs/guides/change-behaviour.md and oculi.intervention.steering: a quarter of the residual toward "happy"."""
     happy = SteeringVector.from_contrast(gemma, positive=["I am so happy"],
                                          negative=["I am so sad"], layer=6, coefficient=0.25)  # fmt: skip
     assert 3000 < happy.scale < 6000  # Gemma's residual at layer 6: thousands, not ~1
@@ -180,7 +180,7 @@ def test_readme_and_docstring_contrast_example_on_gemma(gemma):
 
 @pytest.mark.gemma
 def test_cli_steering_example_on_gemma(gemma, monkeypatch):
-    """README's `oculi generate "Today I feel so" --steer ... --layer 6 --compare` (default
+    """docs/guides/cli.md's `oculi generate "Today I feel so" --steer ... --layer 6 --compare` (default
     coefficient 0.25), on the already loaded model."""
     import json
 
@@ -212,7 +212,7 @@ def test_analyzer_docstring_steering_example_on_gemma(gemma):
 
 @pytest.mark.gemma
 def test_probe_docstring_steering_example_on_gemma(gemma, tmp_path):
-    """oculi.probe and README: a sentiment probe at layer 6, steered with coefficient 0.1."""
+    """oculi.probe and docs/guides/harvesting.md: a sentiment probe at layer 6, steered with coefficient 0.1."""
     pytest.importorskip("sklearn")
     pytest.importorskip("zarr")
     good = ["happy", "glad", "joyful", "delighted", "cheerful", "thrilled", "grateful",

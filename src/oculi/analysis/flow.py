@@ -154,7 +154,7 @@ def attention_flow(
             (:func:`cut_bounds`), for every token in O(L·T²). A cut bounds the flow from
             above, so ``"cut"`` is never below the exact value and equals it whenever the
             minimum cut is in the family; ``.note`` says so. On Gemma 3 270M it equalled the
-            exact flow for 725 of 729 tokens, on random weights for 524 of 635 (README,
+            exact flow for 725 of 729 tokens, on random weights for 524 of 635 (docs/benchmarks.md,
             "Attention flow"): a bound, not the flow.
 
     Returns:

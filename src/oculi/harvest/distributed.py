@@ -39,7 +39,7 @@ in ``u = ceil(T / U)`` units of ``U`` rows takes about::
 
 Units should far outnumber actors (``u >> N``) so the last wave, ``ceil(u / N)``, leaves no
 actor idle for long. ``bench/bench_harvest.py --ray`` fits ``S_1`` and ``c_U + w_U`` on a
-1-actor run and checks the prediction on a 2-actor run (numbers in the README).
+1-actor run and checks the prediction on a 2-actor run (numbers in docs/benchmarks.md).
 """
 
 from __future__ import annotations
