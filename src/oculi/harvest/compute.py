@@ -11,7 +11,8 @@ unit runs it again for its own rows. Prompts are sorted by length and packed gre
 batches of at most ``batch_tokens`` (batch size x longest prompt in the batch), right padded;
 the capture engine records every requested ``(site, layer)`` in one forward pass per batch, and
 only real tokens' rows are gathered (on the model's device) before the copy to the host, so
-padding is never copied or stored.
+padding is never copied or stored. An SAE's latents are its encoder applied to the gathered
+rows of its site (recorded in the same forward).
 
 GPU note: the gather and the device-to-host copy are where the engine's memory plan and
 pinned asynchronous copies plug in; here the copy is a plain ``.cpu()`` per batch.
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from oculi.capture.engine import record
-from oculi.harvest.plan import STORAGE_DTYPES, HarvestPlan, Unit
+from oculi.harvest.plan import LATENT_PREFIX, STORAGE_DTYPES, HarvestPlan, Unit
 
 if TYPE_CHECKING:
     from oculi.harvest.prompts import Tokens
@@ -106,14 +107,23 @@ def compute_unit(
         recorded = record(adapter, batch, plan.requests)
         keep = torch.from_numpy(np.concatenate(src)).to(batch.input_ids.device)
         rows = np.concatenate(dest)
+        for (name, _), sae in zip(plan.config.saes, plan.sae_modules):
+            layers, tensor = recorded[sae.site]
+            x = _rows_first(tensor)[layers.index(sae.layer), keep]  # [rows, d_in]
+            with torch.no_grad():
+                a = sae.encode(x.to(sae.device, sae.dtype))
+            out[f"{LATENT_PREFIX}{name}/{sae.layer}"][rows] = a.to(dtype).cpu().numpy()
         for site, (layers, tensor) in recorded.items():
+            if site not in plan.config.sites:
+                continue  # recorded for an SAE only
             flat = _rows_first(tensor)  # [n_layers, B*T, width]
             gathered = flat[:, keep]
             if overflow is not None and torch.finfo(gathered.dtype).max > torch.finfo(dtype).max:
                 peaks.setdefault(site, (layers, []))[1].append(_finite_peaks(gathered))
             picked = gathered.to(dtype).cpu().numpy()
             for i, layer in enumerate(layers):
-                out[f"{site}/{layer}"][rows] = picked[i]
+                if f"{site}/{layer}" in out:  # not a layer recorded for an SAE only
+                    out[f"{site}/{layer}"][rows] = picked[i]
     if overflow is not None and peaks:
         limit = torch.finfo(dtype).max
         for site, (layers, per_batch) in peaks.items():

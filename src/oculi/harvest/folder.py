@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from oculi.errors import InputError
+from oculi.harvest.plan import LATENT_PREFIX
 
 FORMAT = 2
 MARKER, LOCK = "oculi-harvest.json", "oculi-harvest.lock"
@@ -126,11 +127,16 @@ def foreign_entries(root: Path) -> list[Path]:
 
     foreign: list[Path] = []
     for entry in root.iterdir():
-        if entry.is_dir() and not entry.is_symlink() and entry.name in SITE_KINDS:
+        if entry.is_dir() and not entry.is_symlink() and _array_folder(entry.name, SITE_KINDS):
             foreign += _foreign_in_site(entry)
         elif not (_is_file(entry) and _own_top_file(entry.name)):
             foreign.append(entry)
     return foreign
+
+
+def _array_folder(name: str, kinds: Any) -> bool:
+    """A site's folder: a site kind, or ``sae.<name>`` (an SAE's latents)."""
+    return name in kinds or name.startswith(LATENT_PREFIX)
 
 
 def _is_file(path: Path) -> bool:

@@ -15,6 +15,7 @@ can be written by different processes without coordination.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 STORAGE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.float64: "float64"}
 _CHUNK_TARGET = 4 << 20  # bytes per chunk of the widest array (1-16 MB)
 _UNIT_BUDGET = 256 << 20  # bytes of one unit's buffers over all arrays (host memory)
+LATENT_PREFIX = "sae."  # an SAE's latents are the array ("sae.<name>", layer)
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,9 @@ class HarvestConfig:
         split: held-out fraction of prompts (``"test"`` in the index), or a hash of the
             per-prompt labels given.
         seed: seed of the held-out choice.
+        saes: ``(name, fingerprint)`` of each SAE whose latents are stored as the array
+            ``("sae.<name>", layer)`` (the fingerprint hashes its weights, so a resume with
+            another SAE is refused).
     """
 
     sites: tuple[str, ...]
@@ -64,10 +70,17 @@ class HarvestConfig:
     split: float | str = 0.0
     seed: int = 0
     max_length: int | None = field(default=None)
+    saes: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
-        if not self.sites:
+        if not self.sites and not self.saes:
             raise InputError("sites is empty; name at least one site, e.g. sites=['resid_post']")
+        names = [name for name, _ in self.saes]
+        for name in names:
+            if not _NAME.match(name):
+                raise InputError(
+                    f"SAE name {name!r} is not a folder name; use letters, digits, '_' and '-'"
+                )
         for site in self.sites:
             kind = check_kind(site)
             if kind.width == "pos":
@@ -92,7 +105,10 @@ class HarvestConfig:
             )
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if not self.saes:  # stores without SAEs keep the manifest they always had
+            out.pop("saes")
+        return out
 
 
 @dataclass(frozen=True)
@@ -137,6 +153,7 @@ class HarvestPlan:
     chunk_rows: int
     unit_rows: int
     itemsize: int
+    sae_modules: tuple[Any, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def n_units(self) -> int:
@@ -151,8 +168,12 @@ class HarvestPlan:
 
     @property
     def requests(self) -> dict[str, tuple[int, ...]]:
-        """``{site: layers}`` for the capture engine: one forward records them all."""
-        return {site: self.config.layers for site in self.config.sites}
+        """``{site: layers}`` for the capture engine: one forward records them all (the
+        SAEs' sites too)."""
+        out = {site: set(self.config.layers) for site in self.config.sites}
+        for sae in self.sae_modules:
+            out.setdefault(sae.site, set()).add(sae.layer)
+        return {site: tuple(sorted(layers)) for site, layers in out.items()}
 
 
 def array_specs(adapter: Adapter, sites: Sequence[str], layers: Sequence[int]) -> list[ArraySpec]:
@@ -171,13 +192,20 @@ def _pow2_floor(x: float) -> int:
     return 1 << max(int(np.floor(np.log2(max(x, 1.0)))), 0)
 
 
-def make_plan(adapter: Adapter, config: HarvestConfig, tokens: Tokens) -> HarvestPlan:
-    """Chunking and units for ``config`` over ``tokens``.
+def make_plan(
+    adapter: Adapter, config: HarvestConfig, tokens: Tokens, saes: Sequence[Any] = ()
+) -> HarvestPlan:
+    """Chunking and units for ``config`` over ``tokens`` (``saes``: the SAEs named in
+    ``config.saes``, in order, bound to resolved layers).
 
     Default chunking: chunks of ~4 MB of the widest array (a power of two of rows); units of
     as many chunks as fit ~256 MB of buffers for all arrays together (at least one chunk).
     """
     arrays = array_specs(adapter, config.sites, config.layers)
+    arrays += [
+        ArraySpec(LATENT_PREFIX + name, sae.layer, sae.d_sae)
+        for (name, _), sae in zip(config.saes, saes)
+    ]
     itemsize = np.dtype(config.storage_dtype).itemsize
     widest = max(a.width for a in arrays) * itemsize
     chunk_rows = config.chunk_rows or _pow2_floor(_CHUNK_TARGET / widest)
@@ -194,4 +222,4 @@ def make_plan(adapter: Adapter, config: HarvestConfig, tokens: Tokens) -> Harves
     # small harvests: no point in chunks or units longer than the data
     chunk_rows = min(chunk_rows, max(n, 1))
     unit_rows = min(unit_rows, -(-n // chunk_rows) * chunk_rows)
-    return HarvestPlan(config, tuple(arrays), n, chunk_rows, unit_rows, itemsize)
+    return HarvestPlan(config, tuple(arrays), n, chunk_rows, unit_rows, itemsize, tuple(saes))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import platform
@@ -72,6 +73,7 @@ def harvest(
     unit_rows: int | None = None,
     text_field: str = "text",
     progress: bool = True,
+    saes: Any = None,
 ) -> HarvestSummary:
     """Record ``sites`` x ``layers`` for every token of ``prompts`` into a store at ``out``.
 
@@ -105,6 +107,11 @@ def harvest(
         chunk_rows, unit_rows: override the row chunking and the rows per unit (= shard).
         text_field: the text's key in JSONL objects and dataset rows.
         progress: show a progress bar (local executor).
+        saes: SAEs whose latents to store too (an :class:`oculi.sae.SAE`, a list, or a
+            ``{name: sae}`` dict): SAE ``name`` (default its site) bound to layer ``l`` is
+            the array ``store["sae.<name>", l]``, ``[n_tokens, d_sae]`` in the storage dtype,
+            encoded from its site in the same forward pass (its site need not be in
+            ``sites``; ``sites`` may then be empty).
 
     Returns:
         A :class:`HarvestSummary`.
@@ -125,14 +132,15 @@ def harvest(
     t0 = time.perf_counter()
     require_extra("zarr", "store")
     require_extra("pyarrow", "store")
+    named = _named_saes(adapter, saes)
     config = _config(adapter, sites, layers, batch_tokens, storage_dtype, max_length, split,
-                     seed, compression, chunk_rows, unit_rows)  # fmt: skip
+                     seed, compression, chunk_rows, unit_rows, named)  # fmt: skip
     texts = read_prompts(prompts, text_field=text_field)
     tokens = tokenize(
         adapter.tokenizer, texts, max_length=max_length, max_positions=adapter.max_positions
     )
     labels = assign_splits(tokens.n_prompts, split, seed)
-    plan = make_plan(adapter, config, tokens)
+    plan = make_plan(adapter, config, tokens, [sae for _, sae in named])
     runner = _executor(executor, progress)
     with StoreWriter.create_or_resume(
         out,
@@ -163,8 +171,45 @@ def harvest(
     )
 
 
+def _named_saes(adapter: Adapter, saes: Any) -> list[tuple[str, Any]]:
+    """``[(name, sae)]`` of the ``saes=`` argument, each SAE checked against the model and
+    bound to its resolved layer (a copy when the layer was negative)."""
+    if saes is None:
+        return []
+    from oculi.sae.model import SAE
+
+    if isinstance(saes, SAE):
+        saes = [saes]
+    items = list(saes.items()) if isinstance(saes, dict) else [(None, s) for s in saes]
+    out: list[tuple[str, Any]] = []
+    for name, sae in items:
+        if not isinstance(sae, SAE):
+            raise InputError(f"saes takes oculi.sae.SAE objects, got {type(sae).__name__}")
+        layer, _site, _ = sae.check_model(adapter, "harvest(saes=...)")
+        if layer != sae.layer:
+            sae = copy.copy(sae)
+            sae.layer = layer
+        out.append((str(name) if name is not None else str(sae.site), sae))
+    keys = [(name, sae.layer) for name, sae in out]
+    if len(set(keys)) != len(keys):
+        raise InputError(
+            f"two SAEs would be stored as the same array {sorted(keys)}; name them: "
+            "saes={'a': sae1, 'b': sae2}"
+        )
+    return out
+
+
+def sae_fingerprint(sae: Any) -> str:
+    """A hash of an SAE's kind, binding and weights (stored in the manifest)."""
+    h = hashlib.sha256(f"{sae.kind}|{sae.k}|{sae.site}|{sae.write_site}|{sae.layer}".encode())
+    for key, t in sorted(sae.state_dict().items()):
+        h.update(key.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
 def _config(adapter, sites, layers, batch_tokens, storage_dtype, max_length, split, seed,
-            compression, chunk_rows, unit_rows) -> HarvestConfig:  # fmt: skip
+            compression, chunk_rows, unit_rows, named=()) -> HarvestConfig:  # fmt: skip
     sites = (sites,) if isinstance(sites, str) else tuple(sites)
     if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]
@@ -188,6 +233,7 @@ def _config(adapter, sites, layers, batch_tokens, storage_dtype, max_length, spl
         split=_split_key(split),
         seed=seed,
         max_length=max_length,
+        saes=tuple((name, sae_fingerprint(sae)) for name, sae in named),
     )
 
 
