@@ -44,6 +44,8 @@ class TrainConfig:
     dead_tokens: int = 10_000_000
     aux_coefficient: float = 1 / 32
     k_aux: int | None = None
+    resample_every: int | None = None
+    resample_rows: int = 16384
     checkpoint_every: int | None = None
     split: str | None = None
     dtype: str = "float32"
@@ -53,7 +55,16 @@ class TrainConfig:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
         if self.kind in ("topk", "batchtopk") and self.k is None:
             raise ValueError(f"kind={self.kind!r} needs k (latents per token)")
-        for name in ("d_sae", "batch_rows", "dead_tokens"):
+        if self.resample_every is not None and (
+            isinstance(self.resample_every, bool)
+            or not isinstance(self.resample_every, int)
+            or self.resample_every < 0
+        ):
+            raise ValueError(
+                f"resample_every must be a number of tokens >= 0 (0: never), got "
+                f"{self.resample_every!r}"
+            )
+        for name in ("d_sae", "batch_rows", "dead_tokens", "resample_rows"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")

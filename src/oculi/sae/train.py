@@ -22,7 +22,9 @@ The loop (one concept per step):
 4. **Learning rate**: linear warm-up over ``warmup_steps``, constant, then linear decay to 0
    over the last ``decay_fraction`` of the steps.
 5. **Dead latents**: tokens since each latent last fired; more than ``dead_tokens`` is dead
-   (AuxK revives them for TopK kinds). The progress bar shows the batch FVU, L0 and dead %.
+   (AuxK revives them for TopK kinds; ReLU SAEs resample them, :mod:`oculi.sae.resample`,
+   every ``resample_every`` tokens in the first half of the run). The progress bar shows the
+   batch FVU, L0 and dead %.
 6. **Checkpoints** (:mod:`oculi.sae.checkpoint`) every ``checkpoint_every`` tokens into
    ``out/checkpoint.safetensors``, atomically; the final SAE goes to ``out/sae.safetensors``.
 """
@@ -46,6 +48,7 @@ from oculi.sae.data import ArrayRows, Rows, StoreRows
 from oculi.sae.io import load_oculi, save_sae
 from oculi.sae.model import SAE
 from oculi.sae.objectives import Objective
+from oculi.sae.resample import resample_dead
 
 CHECKPOINT, FINAL = "checkpoint.safetensors", "sae.safetensors"
 
@@ -59,6 +62,7 @@ class _Run:
     served: int = 0  # batches of the current epoch already used
     tokens: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    resampled: list[dict[str, int]] = field(default_factory=list)
 
 
 def _rows_of(source: Any, cfg: TrainConfig, targets: Any) -> Rows:
@@ -239,6 +243,10 @@ class _Trainer:
         self.state = _Run()
         every = cfg.checkpoint_every or max(cfg.batch_rows, steps * cfg.batch_rows // 10)
         self.checkpoint_steps = max(1, every // cfg.batch_rows)
+        total = steps * cfg.batch_rows
+        default = max(cfg.batch_rows, total // 8) if cfg.kind == "relu" else 0
+        self.resample_every = default if cfg.resample_every is None else cfg.resample_every
+        self.resample_until = total // 2
 
     # -- start ----------------------------------------------------------------------------
     def _initialise(self) -> None:
@@ -288,7 +296,8 @@ class _Trainer:
         self.since.copy_(tensors["since"])
         self.scale.copy_(tensors["scale"].cpu())
         run = state["run"]
-        self.state = _Run(run["step"], run["epoch"], run["served"], run["tokens"], run["history"])
+        self.state = _Run(run["step"], run["epoch"], run["served"], run["tokens"], run["history"],
+                          run.get("resampled", []))  # fmt: skip
         return True
 
     def _checkpoint(self) -> None:
@@ -342,6 +351,10 @@ class _Trainer:
         self.since += x.shape[0]
         self.since[out.fired] = 0
         st.step, st.served, st.tokens = st.step + 1, st.served + 1, st.tokens + x.shape[0]
+        every = self.resample_every
+        crossed = every and st.tokens // every > (st.tokens - x.shape[0]) // every
+        if crossed and st.tokens <= self.resample_until:
+            self._resample()
         dead_pct = 100.0 * float((self.since >= min(cfg.dead_tokens, st.tokens)).double().mean())
         if st.step % max(1, self.steps // 100) == 0 or st.step == self.steps:
             st.history.append({"step": st.step, "tokens": st.tokens, "fvu": out.fvu, "l0": out.l0,
@@ -352,6 +365,18 @@ class _Trainer:
         )
         if st.step % self.checkpoint_steps == 0 and st.step < self.steps:
             self._checkpoint()
+
+    def _resample(self) -> None:
+        """Resample the latents that did not fire since the last resampling."""
+        cfg, st = self.cfg, self.state
+        dead = self.since >= self.resample_every
+        x, y = self.rows.sample(cfg.resample_rows, cfg.seed * 1_000_003 + st.step)
+        x = (x.to(self.device, torch.float64) * float(self.scale[0])).to(self.dtype)
+        y = (y.to(self.device, torch.float64) * float(self.scale[1])).to(self.dtype)
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + st.step)
+        n = resample_dead(self.sae, x, y, dead, self.opt, g)
+        self.since[dead] = 0
+        st.resampled.append({"step": st.step, "tokens": st.tokens, "latents": n})
 
     def _finish(self) -> SAE:
         sae, cfg = self.sae, self.cfg
@@ -375,6 +400,7 @@ class _Trainer:
                 "config": cfg.to_json(), "data": self.rows.identity, "steps": self.state.step,
                 "tokens": self.state.tokens, "epochs_started": self.state.epoch + 1,
                 "final": last, "history": self.state.history,
+                "resampled": self.state.resampled,
                 "input_scale": s_in, "target_scale": s_out,
             },
         }  # fmt: skip
