@@ -206,3 +206,71 @@ def test_unknown_table_marker_fails_the_build() -> None:
     page = type("Page", (), {"file": type("F", (), {"src_path": "x.md"})()})()
     with pytest.raises(ValueError, match="unknown table marker"):
         hooks.on_page_markdown("<!-- oculi:no-such-table -->", page)
+
+
+# What counts as teaching: an example (a literal block ``::``, a doctest ``>>>``, a fenced
+# block, or a call written as code, ``adapter.capture(...)``) or a shape (``[B, T, d_model]``,
+# ``[L, H, T, T]``: brackets of dimension names).
+_EXAMPLE = re.compile(r"::\s*\n\s*\n\s+\S|>>>|```|``[^`]*\w\([^`]*``")
+_DIM = re.compile(
+    r"^(?:[A-Za-z](?:_\w+)?|d_\w+|n_\w+|\w*(?:batch|seq|pos|layer|head|vocab|token|row|col|"
+    r"feature|prompt|neuron|latent|unit|sample|step|edge|node|chunk|width)s?\w*|\d+|\.\.\.|·|…)$"
+)
+_BRACKETS = re.compile(r"\[([^\[\]\n]+)\]")
+
+
+def _teaches(doc: str) -> bool:
+    if _EXAMPLE.search(doc):
+        return True
+    for group in _BRACKETS.findall(doc):
+        items = [item.strip(" `*") for item in group.split(",")]
+        if all(_DIM.match(item) for item in items) and any(
+            not item.isdigit() and item not in ("...", "·", "…") for item in items
+        ):
+            return True
+    return False
+
+
+def test_every_public_name_has_a_docstring_that_teaches() -> None:
+    """Each name on the API pages has a docstring (as the site renders it: attribute
+    docstrings included, read statically by griffe) with an example or a shape."""
+    import importlib
+    import inspect
+
+    import griffe
+
+    package = griffe.load("oculi", search_paths=[str(ROOT / "src")], resolve_aliases=True)
+    missing, untaught = [], []
+    for page in reference_pages():
+        module = importlib.import_module(page.module)
+        for name in page.names:
+            value = getattr(module, name)
+            path = f"{page.module}.{name}"
+            obj = package.get_member(path.removeprefix("oculi.")) if path != "oculi" else package
+            if obj.is_module and not inspect.ismodule(value):  # a function named like a module
+                canonical = f"{value.__module__}.{value.__qualname__}"
+                obj = package.get_member(canonical.removeprefix("oculi."))
+            doc = obj.docstring.value if obj.docstring else ""
+            if not doc.strip():
+                missing.append(path)
+            elif not _teaches(doc):
+                untaught.append(path)
+    assert not missing, f"public names without a docstring: {missing}"
+    assert not untaught, f"docstrings with neither an example nor a shape: {untaught}"
+
+
+@pytest.mark.parametrize(
+    ("doc", "teaches"),
+    [
+        ("Residuals, ``[L, T, d_model]``.", True),
+        ("Scores ``[n_layers, n_heads]`` per head.", True),
+        ("Use it like this::\n\n    x = f(1)\n", True),
+        ("Call ``adapter.capture(prompt)`` first.", True),
+        (">>> f(2)\n3", True),
+        ("A dict[str, int] of counts.", False),  # a type, not a shape
+        ("Raised when something is wrong.", False),
+        ("See [the guide](x.md).", False),
+    ],
+)
+def test_teaching_rule(doc: str, teaches: bool) -> None:
+    assert _teaches(doc) is teaches

@@ -12,15 +12,34 @@ from collections.abc import Iterable
 
 
 class OculiError(Exception):
-    """Base class of every error oculi raises on purpose."""
+    """Base class of every error oculi raises on purpose.
+
+    Catch it to handle every deliberate oculi error at once::
+
+        try:
+            adapter.capture_residual(prompt, layers=[99])
+        except oculi.OculiError as error:      # here a LayerIndexError, also an IndexError
+            print(error)                       # names the valid range
+    """
 
 
 class UnsupportedArchitectureError(OculiError, NotImplementedError):
-    """The model's architecture, or a feature of its config, is not modelled by any anatomy."""
+    """The model's architecture, or a feature of its config, is not modelled by any anatomy.
+
+    Raised on loading, naming the supported types and how to register a family::
+
+        oculi.load("path/to/a-mamba-model")   # UnsupportedArchitectureError: ... supported: gemma, ...
+    """
 
 
 class LayerIndexError(OculiError, IndexError):
-    """A layer index outside ``-n_layers .. n_layers - 1``."""
+    """A layer index outside ``-n_layers .. n_layers - 1``.
+
+    It is an ``IndexError``, and says the valid range::
+
+        adapter.capture_residual(prompt, ResidualConfig(layers=[18]))
+    # LayerIndexError: layer 18 out of range for a model with 18 layers (0..17)
+    """
 
 
 class UnknownSiteError(OculiError, KeyError):
@@ -31,7 +50,12 @@ class UnknownSiteError(OculiError, KeyError):
 
 
 class InputError(OculiError, ValueError):
-    """Inputs (prompts, token ids, masks, tensors) that cannot be used as given."""
+    """Inputs (prompts, token ids, masks, tensors) that cannot be used as given.
+
+    It is a ``ValueError`` whose message names the accepted forms::
+
+        adapter.capture(None)     # InputError: no input given (None); pass a string, a list ...
+    """
 
 
 class CaptureFileError(OculiError, ValueError):
@@ -64,11 +88,23 @@ class WeightReadError(OculiError, NotImplementedError):
 
 
 class NonFiniteError(OculiError, FloatingPointError):
-    """An intervention wrote inf or NaN into the model's activations (an overflow)."""
+    """An intervention wrote inf or NaN into the model's activations (an overflow).
+
+    Checked on the device once per forward, naming the intervention::
+
+        with InterventionContext(adapter, [SpectraScaler(layer=3, head=0, alpha=1e30)]):
+            adapter.forward(prompt)   # NonFiniteError: SpectraScaler(...) overflowed q of layer 3
+    """
 
 
 class StorageRangeWarning(UserWarning):
-    """Captured values exceed the range of the storage dtype (stored as inf)."""
+    """Captured values exceed the range of the storage dtype (stored as inf).
+
+    Warned once per capture, naming the sites and layers; make it an error with::
+
+        warnings.simplefilter("error", oculi.StorageRangeWarning)
+        adapter.capture_residual(prompt, ResidualConfig(storage_dtype=torch.float16))
+    """
 
 
 class NonFiniteWarning(UserWarning):

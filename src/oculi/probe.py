@@ -165,6 +165,12 @@ def fit(
 
     Raises:
         InputError: labels of the wrong length, a single class, an empty split, or a bad option.
+
+    Example::
+
+        store = oculi.open_harvest("acts")
+        result = oculi.probe.fit(store, "resid_post", 6, labels=is_french)   # one label per prompt
+        result.accuracy, result.weights.shape     # held-out accuracy; [1, d_model] (binary)
     """
     array = store[site, layer]
     y_all, rows = _row_labels(store, labels, position)

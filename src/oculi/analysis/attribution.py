@@ -58,7 +58,15 @@ def _top(values: Tensor, k: int, by: str, layers: Sequence[int]) -> list[tuple[A
 
 
 class AttributionMethods:
-    """Pure functions over captures (and weights); see the module docstring."""
+    """Pure functions over captures (and weights); see the module docstring.
+
+    ::
+
+        full = adapter.capture_full(prompt, attention=CaptureConfig(capture_head_contributions=True))
+        target = adapter.to_single_token(" Paris")
+        AttributionMethods.component_attribution(full, target).values    # [L, 2]: attention, MLP
+        AttributionMethods.head_attribution(full, target).values         # [L, H]
+    """
 
     attention_rollout = staticmethod(attention_rollout)
     attention_flow = staticmethod(attention_flow)

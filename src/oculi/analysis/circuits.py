@@ -163,6 +163,12 @@ class CircuitDetection:
     """Scores of attention heads against canonical mechanisms; pure functions of a capture.
 
     :meth:`validate` checks found heads causally (see :mod:`oculi.analysis.validation`).
+
+    ::
+
+        capture = adapter.capture(repeated_tokens)                       # [2 * n] ids, seeded
+        CircuitDetection.detect_induction_heads(capture)                 # [L, H] in [0, 1]
+        CircuitDetection.detect_previous_token_heads(capture)            # [L, H]
     """
 
     validate = staticmethod(validate)

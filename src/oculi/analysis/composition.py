@@ -121,7 +121,13 @@ def _pair_score(w: HeadWeights, source: Head, target: Head, kind: str) -> float:
 
 
 class CompositionAnalysis:
-    """Weight-based head composition, virtual attention and induction circuits."""
+    """Weight-based head composition, virtual attention and induction circuits.
+
+    ::
+
+        scores = CompositionAnalysis.all_composition_scores(adapter)     # {"q", "k", "v"}: [L, H, L, H]
+        CompositionAnalysis.virtual_attention(capture, [(0, 3), (2, 1)]).values   # [T, T]
+    """
 
     @staticmethod
     def all_composition_scores(

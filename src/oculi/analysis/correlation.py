@@ -48,7 +48,12 @@ def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
 
 
 def pearson_pvalue(r: float, n: int) -> float:
-    """Two-sided p-value of a Pearson correlation ``r`` over ``n`` pairs (t-test, ``n - 2`` dof)."""
+    """Two-sided p-value of a Pearson correlation ``r`` over ``n`` pairs (t-test, ``n - 2`` dof).
+
+    ::
+
+        pearson_pvalue(0.5, 30)        # ≈ 0.0049
+    """
     if n < 3:
         raise ValueError(f"a p-value needs at least 3 pairs, got {n}")
     if math.isnan(r):
@@ -74,7 +79,13 @@ def _masked_pearson(x: Tensor, y: Tensor, keep: Tensor) -> Tensor:
 
 
 class CorrelationAnalysis:
-    """Statistical relations between captured quantities; pure functions."""
+    """Statistical relations between captured quantities; pure functions.
+
+    ::
+
+        r = CorrelationAnalysis.norm_entropy_correlation(capture)        # [L, H] Pearson r
+        r, p = CorrelationAnalysis.pearson_with_pvalue(x, y)             # two [N] samples
+    """
 
     @staticmethod
     def pearson_with_pvalue(x: Any, y: Any) -> tuple[float, float]:

@@ -43,7 +43,14 @@ def _per_query(capture: Any, stat: Callable[[Tensor], Tensor]) -> Tensor:
 
 
 class EntropyAnalysis:
-    """Entropy of attention patterns; every method is a pure function of its captures."""
+    """Entropy of attention patterns; every method is a pure function of its captures.
+
+    ::
+
+        capture = adapter.capture(prompt)                      # patterns [L, H, T, T]
+        EntropyAnalysis.token_entropy(capture)                 # [L, H, T], nats per query position
+        EntropyAnalysis.mean_entropy(capture, ignore_first=1)  # [L, H]
+    """
 
     @staticmethod
     def token_entropy(capture: Any) -> Float[Tensor, "*batch layer head pos"]:

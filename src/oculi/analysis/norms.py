@@ -33,7 +33,14 @@ def _norms(capture: Any, name: str) -> Tensor:
 
 
 class NormAnalysis:
-    """L2 norms of captured query, key and value vectors; pure functions of a capture."""
+    """L2 norms of captured query, key and value vectors; pure functions of a capture.
+
+    ::
+
+        capture = adapter.capture(prompt)
+        NormAnalysis.q_norms(capture)      # [L, H, T]
+        NormAnalysis.k_norms(capture)      # [L, H_kv, T]
+    """
 
     @staticmethod
     def q_norms(capture: Any) -> Float[Tensor, "*batch layer head pos"]:

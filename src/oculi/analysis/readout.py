@@ -374,6 +374,12 @@ def readout(
 
     ``target`` is a token id or a pair ``(a, b)`` (the logit difference ``a - b``); ``how``
     takes :func:`frozen_norm`'s keywords (``unembed=``, ``final_norm=``, ``raw=``).
+
+    ::
+
+        r = readout(full, adapter.to_single_token(" Paris"), adapter=adapter)
+        r.u.shape          # [B, P, d_model]: a write c into the last residual adds r.u · c
+        r.logit            # [B, P], the model's logit for the target
     """
     f = frozen_norm(capture, position, adapter, **how)
     w, const = _direction(f.unembed, f.unembed_bias, target)

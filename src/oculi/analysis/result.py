@@ -67,7 +67,14 @@ class AttributionResult:
 
 @dataclass
 class CompositionResult:
-    """A composition analysis: ``.values`` and what they mean in ``.metadata``."""
+    """A composition analysis: ``.values`` and what they mean in ``.metadata``.
+
+    ::
+
+        result = CompositionAnalysis.virtual_attention(capture, [(0, 3), (2, 1)])
+        result.values.shape            # [T, T]
+        result.metadata["path_str"]    # "L0H3 -> L2H1": what the values are of
+    """
 
     values: Tensor
     metadata: dict[str, Any] = field(default_factory=dict)

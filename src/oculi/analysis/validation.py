@@ -133,6 +133,12 @@ class ValidationResult:
         significant: the t-test's p-value is below ``alpha`` and the found effect beats every
             random draw (the smallest empirical p that ``n_random`` draws allow, or ``alpha``).
         statement: one sentence saying what was found.
+
+    Example::
+
+        result = CircuitDetection.validate(adapter, [(1, 0), (2, 3)], "induction")
+        result.effect, result.p_value, result.significant
+        print(result.statement)
     """
 
     task: str

@@ -55,6 +55,12 @@ def compare_activations(
             averaged; ``"l2"``: their Euclidean distance, averaged.
         position: compare this position of each record only (prompts may then differ in
             length); ``None`` compares position by position, which needs equal lengths.
+
+    Example::
+
+        a = analyzer.extract_activations("The cat sat")
+        b = analyzer.extract_activations("The dog sat")
+        compare_activations(a, b, layer=5, metric="cosine")    # a float in [-1, 1]
     """
     if metric not in METRICS:
         raise InputError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
@@ -83,7 +89,12 @@ def _at(x: torch.Tensor, position: int, which: str) -> torch.Tensor:
 def activation_statistics(record: ActivationRecord, layer: str | int) -> dict[str, Any]:
     """Summary numbers of one layer's activations ``[T, d]``: ``mean``, ``std`` (over every
     entry, unbiased), ``min``, ``max``, ``norm`` (Frobenius), ``token_norm_mean`` and
-    ``token_norm_max`` (each token's Euclidean norm), ``shape``."""
+    ``token_norm_max`` (each token's Euclidean norm), ``shape``.
+
+    ::
+
+        activation_statistics(analyzer.extract_activations("Hello"), "model.layers.5")["std"]
+    """
     x = layer_of(record, layer).double()
     token_norms = x.norm(dim=-1)
     return {
@@ -99,3 +110,9 @@ def activation_statistics(record: ActivationRecord, layer: str | int) -> dict[st
 
 
 get_activation_statistics = activation_statistics  # seed 002's name
+"""Seed 002's name for :func:`activation_statistics`.
+
+::
+
+    get_activation_statistics(record, layer=5)["token_norm_mean"]
+"""

@@ -82,6 +82,12 @@ class ModelAnalyzer(LensPlots, CausalAnalyses):
             the logit lens reads it.)
         dtype: weights dtype (default: the checkpoint's own).
         adapter: an already-loaded :class:`oculi.Adapter` to wrap instead of loading.
+
+    Example::
+
+        analyzer = ModelAnalyzer("gemma-3-270m")
+        record = analyzer.extract_activations("The Eiffel Tower is in")
+        analyzer.generate("The capital of France is", max_new_tokens=5)
     """
 
     def __init__(

@@ -27,6 +27,11 @@ class Projection:
         labels: one label per point.
         method: ``pca``, ``tsne`` or ``umap``.
         explained_variance_ratio: per component, for PCA.
+
+    Example::
+
+        projection = project(vectors, labels, method="pca")   # vectors [N, d]
+        projection.coords.shape                                # (N, 2)
     """
 
     coords: Any
@@ -39,7 +44,12 @@ def project(
     vectors: Any, labels: list[str], method: str = "pca", n_components: int = 2, *,
     seed: int = 0, **kwargs: Any,
 ) -> Projection:  # fmt: skip
-    """``vectors [N, d]`` projected by PCA, t-SNE or UMAP (see ``project_embeddings``)."""
+    """``vectors [N, d]`` projected by PCA, t-SNE or UMAP (see ``project_embeddings``).
+
+    ::
+
+        project(torch.randn(20, 640), [f"p{i}" for i in range(20)], "tsne").coords   # [20, 2]
+    """
     if method not in ("pca", "tsne", "umap"):
         raise InputError(f"method must be 'pca', 'tsne' or 'umap', got {method!r}")
     if n_components not in (2, 3):

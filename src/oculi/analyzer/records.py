@@ -133,6 +133,10 @@ def save_records(
     Raises:
         InputError: no records, or an unknown ``format``.
         FileWriteError: a missing or read-only folder, or a failed write; names ``path``.
+
+    Example::
+
+        save_records([analyzer.extract_activations(p) for p in prompts], "acts.safetensors")
     """
     single = isinstance(records, ActivationRecord)
     items: list[Any] = [records] if isinstance(records, ActivationRecord) else list(records)
@@ -192,7 +196,12 @@ def _bad(file: Path, what: str) -> CaptureFileError:
 def load_records(
     path: str | os.PathLike, *, allow_pickle: bool = False
 ) -> ActivationRecord | list[ActivationRecord]:
-    """Read what :func:`save_records` wrote; pickle only with ``allow_pickle=True``."""
+    """Read what :func:`save_records` wrote; pickle only with ``allow_pickle=True``.
+
+    ::
+
+        records = load_records("acts.safetensors")     # what save_records wrote, tensors [T, d]
+    """
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"no activation file at {str(path)!r}")

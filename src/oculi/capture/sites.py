@@ -70,6 +70,13 @@ SITE_KINDS: dict[str, SiteKind] = {
         SiteKind("resid_post", False, False, "d_model", "residual leaving the block"),
     ]
 }
+"""Every site kind by name, in forward order, with its layout.
+
+::
+
+    SITE_KINDS["k"].per_head, SITE_KINDS["k"].kv, SITE_KINDS["k"].width
+    # (True, True, "d_head"): keys are [B, H_kv, T, d_head]
+"""
 
 #: Internal kinds a Hugging Face module path can name where no public site is that tensor
 #: (:mod:`oculi.intervention.module_paths`): the attention output projection's and the MLP's
@@ -114,6 +121,12 @@ TL_ALIASES: dict[str, str] = {
     "hook_mlp_out": "mlp_out",
     "hook_resid_post": "resid_post",
 }
+"""TransformerLens hook name (without ``blocks.{l}.``) -> the oculi site kind it names.
+
+::
+
+    TL_ALIASES["attn.hook_pattern"]      # "pattern": blocks.3.attn.hook_pattern is (pattern, 3)
+"""
 
 _TL_PATTERN = re.compile(r"^blocks\.(-?\d+)\.(.+)$")
 # a near miss of the block prefix ("block.3.", "layers.3.", "3."), for suggestions

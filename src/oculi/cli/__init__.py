@@ -45,6 +45,12 @@ COMMANDS: dict[str, str] = {
     "harvest": "oculi.cli.harvest:harvest",
     "sae": "oculi.cli.sae:sae",
 }
+"""Every ``oculi`` command, loaded on first use (``oculi --help`` imports none of them).
+
+::
+
+    COMMANDS["lens"]            # "oculi.cli.lens:lens"
+"""
 
 from oculi.cli._app import cli, main  # noqa: E402 - the group reads COMMANDS
 

@@ -134,9 +134,19 @@ def cli(debug: bool) -> None:
 
     Every command takes --model (default: the embedded Gemma 3 270M), --device and --dtype.
     Run `oculi COMMAND --help` for a command's options and an example.
+
+    ::
+
+        oculi lens "The Eiffel Tower is located in the city of" --target " Paris" --json
     """
 
 
 def main() -> None:
-    """Entry point of the ``oculi`` console script and ``python -m oculi``."""
+    """Entry point of the ``oculi`` console script and ``python -m oculi``.
+
+    ::
+
+        sys.argv = ["oculi", "verify", "--prompt", "Hello there"]
+    main()                         # what the shell's `oculi verify --prompt ...` runs
+    """
     cli.main()

@@ -64,6 +64,11 @@ class Sender:
         kind: ``"input"``, ``"attn"``, ``"head"`` or ``"mlp"``.
         layer: the layer (``-1`` for the input).
         head: the head, for ``"head"`` senders.
+
+    Example::
+
+        graph = Graph.from_adapter(adapter, level="heads")
+        graph.senders[1]           # Sender(name="a0.h0", kind="head", layer=0, head=0)
     """
 
     name: str
@@ -90,6 +95,11 @@ class Receiver:
         head: the head (query head for ``"q"``, key/value head for ``"k"``/``"v"``).
         proj: which projections read this input: a subset of ``"qkv"``.
         node: the graph node this input belongs to (``"a{l}.h{h}"`` for ``"a{l}.h{h}.q"``).
+
+    Example::
+
+        graph = Graph.from_adapter(adapter, level="qkv")
+        [r.name for r in graph.receivers][:3]    # ["a0.h0.q", "a0.h1.q", ...]
     """
 
     name: str
@@ -107,7 +117,13 @@ class Receiver:
 
 @dataclass(frozen=True)
 class Edge:
-    """``sender -> receiver``: the part of the receiver's input that is the sender's output."""
+    """``sender -> receiver``: the part of the receiver's input that is the sender's output.
+
+    ::
+
+        edge = graph.edges[0]
+        edge.sender.name, edge.receiver.name     # ("input", "a0.h0")
+    """
 
     sender: Sender
     receiver: Receiver
@@ -127,6 +143,12 @@ class Graph:
             score and mask.
         parallel: whether attention and MLP read the same layer input.
         n_layers, n_heads, n_kv_heads: the model's sizes.
+
+    Example::
+
+        graph = Graph.from_adapter(adapter, level="heads")
+        scores = eap(adapter, graph, clean, corrupt, metric=metric)
+        scores.circuit(top_n=50)
     """
 
     level: str

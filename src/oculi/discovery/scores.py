@@ -314,6 +314,11 @@ def eap_ig(
     interpolates every edge at once and takes each point's own sender differences, so the
     scores sum to ``corrupt − clean`` up to the quadrature error, which ``info["completeness"]``
     reports (for ``"inputs"``, the sum over edges out of ``input`` does).
+
+    Example::
+
+        scores = eap_ig(adapter, graph, clean, corrupt, metric=metric, steps=5)
+        scores.info["completeness"]      # how far the scores' sum is from corrupt − clean
     """
     if variant not in ("inputs", "activations"):
         raise InputError(f"variant must be 'inputs' or 'activations', got {variant!r}")

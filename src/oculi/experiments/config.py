@@ -34,7 +34,12 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16", "float64"]
 
 
 class ConfigError(InputError):
-    """A config that is not valid YAML, has unknown keys, or values of the wrong type."""
+    """A config that is not valid YAML, has unknown keys, or values of the wrong type.
+
+    It is a ``ValueError`` naming the key and what it accepts::
+
+        run_experiment("logit_lens", {"promt": "Hello"})   # ConfigError: unknown key 'promt' ...
+    """
 
 
 class ExperimentConfig(BaseModel):
@@ -48,6 +53,12 @@ class ExperimentConfig(BaseModel):
         dtype: the weights' dtype (default: the checkpoint's own).
         seed: seeds torch, numpy and random before the run (noise, sampling); ``0 .. 2**64 - 1``.
         tag: the run folder's name under ``outputs/<experiment>/`` (default ``"default"``).
+
+    Example::
+
+        class MyProbeConfig(ExperimentConfig):
+            prompt: str
+            layer: int = 6
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())

@@ -62,7 +62,14 @@ class Check:
 
 @dataclass(frozen=True)
 class ParityReport:
-    """The checks of :func:`verify`, printable as a table and as JSON."""
+    """The checks of :func:`verify`, printable as a table and as JSON.
+
+    ::
+
+        report = verify(adapter, ["The Eiffel Tower is located in the city of"])
+        print(report.table())
+        report.to_dict()["ok"]
+    """
 
     model: str
     dtype: str
@@ -241,6 +248,10 @@ def verify(
 
     Returns:
         A :class:`ParityReport`; ``report.ok`` says whether every check passed.
+
+    Example::
+
+        verify(oculi.load()).ok        # True: every check within tolerance
     """
     from oculi.errors import InputError
 

@@ -33,6 +33,10 @@ class Outcome:
         numbers: plain JSON-able results (lists, floats, strings).
         figures: name -> matplotlib ``Figure``, saved as ``<name>.png`` and ``<name>.svg``.
         prompt: the prompt the run's parity check uses.
+
+    Example::
+
+        return Outcome(numbers={"top": ["Paris"]}, figures={"lens": fig}, prompt=cfg.prompt)
     """
 
     numbers: dict[str, Any]
@@ -41,7 +45,17 @@ class Outcome:
 
 
 class Experiment:
-    """Base class of registered experiments."""
+    """Base class of registered experiments.
+
+    Subclass it and register it (see the module docstring)::
+
+        @register_experiment("my_probe")
+        class MyProbe(Experiment):
+            Config = MyProbeConfig
+
+            def run(self, adapter, cfg):
+                return Outcome(numbers={...}, prompt=cfg.prompt)
+    """
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[ExperimentConfig]] = ExperimentConfig
@@ -53,10 +67,24 @@ class Experiment:
 
 
 EXPERIMENTS: dict[str, type[Experiment]] = {}
+"""Every registered experiment by name (filled by :func:`register_experiment`; the built-in
+ones once :mod:`oculi.experiments.builtin` is imported).
+
+::
+
+    import oculi.experiments.builtin
+    sorted(EXPERIMENTS)         # ["activation_patching", "attribution", "causal_tracing", ...]
+"""
 
 
 def register_experiment(name: str) -> Callable[[type[Experiment]], type[Experiment]]:
-    """Class decorator registering an :class:`Experiment` under ``name``."""
+    """Class decorator registering an :class:`Experiment` under ``name``.
+
+    ::
+
+        @register_experiment("my_probe")
+        class MyProbe(Experiment): ...
+    """
 
     def deco(cls: type[Experiment]) -> type[Experiment]:
         if name in EXPERIMENTS and EXPERIMENTS[name] is not cls:
@@ -69,7 +97,12 @@ def register_experiment(name: str) -> Callable[[type[Experiment]], type[Experime
 
 
 def get_experiment(name: str) -> type[Experiment]:
-    """The registered experiment ``name``; ``ConfigError`` listing the known ones."""
+    """The registered experiment ``name``; ``ConfigError`` listing the known ones.
+
+    ::
+
+        get_experiment("logit_lens").Config      # the experiment's config schema
+    """
     import oculi.experiments.builtin  # noqa: F401 - registers the built-in experiments
 
     if name not in EXPERIMENTS:

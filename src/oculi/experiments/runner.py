@@ -32,7 +32,14 @@ from oculi.experiments.registry import get_experiment
 
 @dataclass(frozen=True)
 class Run:
-    """A finished run: its folder and the content of its ``result.json``."""
+    """A finished run: its folder and the content of its ``result.json``.
+
+    ::
+
+        run = run_experiment("logit_lens", "configs/logit_lens.yaml")
+        run.folder                     # outputs/logit_lens/default
+        run.result["numbers"]
+    """
 
     folder: Path
     result: dict[str, Any]
@@ -136,6 +143,10 @@ def run_experiment(
     Raises:
         ConfigError: an unknown experiment, an invalid config (naming the key).
         FileExistsError: the run folder exists and ``overwrite`` is False.
+
+    Example::
+
+        run = run_experiment("logit_lens", {"prompt": "The Eiffel Tower is in"}, tag="first")
     """
     from oculi.experiments.config import ConfigError
 

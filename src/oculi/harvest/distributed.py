@@ -78,6 +78,12 @@ class RayExecutor:
         device, dtype: passed to ``oculi.load`` (default: cuda when ``num_gpus > 0``, else
             cpu; the driver model's dtype).
         init_kwargs: more arguments for ``ray.init`` (``num_cpus=``, ``runtime_env=``...).
+
+    Example::
+
+        executor = RayExecutor(model="gemma-3-270m", concurrency=4, num_gpus=1)
+        oculi.harvest(adapter, prompts, sites=["resid_post"], layers=range(18), out="acts",
+                      executor=executor)
     """
 
     name = "ray"

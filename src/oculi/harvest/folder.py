@@ -28,6 +28,12 @@ from oculi.errors import InputError
 from oculi.harvest.plan import LATENT_PREFIX
 
 FORMAT = 2
+"""The store layout's version, recorded in its marker; another version is refused.
+
+::
+
+    json.loads((store / "oculi-harvest.json").read_text())["oculi_harvest"] == FORMAT
+"""
 MARKER, LOCK = "oculi-harvest.json", "oculi-harvest.lock"
 MANIFEST, UNIT_LOG, INDEX, ZARR_META = "manifest.json", "units.jsonl", "index.parquet", "zarr.json"
 _TOP_FILES = {MARKER, LOCK, MANIFEST, UNIT_LOG, INDEX, ZARR_META}
@@ -37,7 +43,13 @@ _PARTIAL = re.compile(r"^(?P<stem>[^/.]+)\.[0-9a-f]{32}\.partial$")
 
 
 class HarvestStoreError(InputError):
-    """A store that does not match the harvest asked for, or is incomplete or damaged."""
+    """A store that does not match the harvest asked for, or is incomplete or damaged.
+
+    ::
+
+        oculi.open_harvest("not-a-store")   # HarvestStoreError: 'not-a-store' is not an oculi
+                                        # harvest store (no manifest.json)
+    """
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:

@@ -30,7 +30,12 @@ from oculi.harvest.folder import INDEX, MANIFEST, UNIT_LOG, ZARR_META, HarvestSt
 
 
 def shard_path(root: Path, name: str, k: int) -> Path:
-    """The file of shard ``k`` of array ``name`` (zarr v3's default chunk key encoding)."""
+    """The file of shard ``k`` of array ``name`` (zarr v3's default chunk key encoding).
+
+    ::
+
+        shard_path(Path("acts"), "resid_post/6", 3)    # acts/resid_post/6/c/3/0
+    """
     return root / name / "c" / str(k) / "0"
 
 

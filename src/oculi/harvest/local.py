@@ -35,6 +35,11 @@ class LocalExecutor:
     Args:
         progress: show a tqdm bar (tokens).
         queue: computed units that may wait for the writer (1 = double buffering).
+
+    Example::
+
+        oculi.harvest(adapter, prompts, sites=["resid_post"], layers=[6], out="acts",
+                      executor=LocalExecutor(progress=False))
     """
 
     name = "local"

@@ -29,7 +29,13 @@ from oculi.harvest.folder import LOCK, HarvestStoreError
 
 
 class HarvestLockedError(HarvestStoreError):
-    """Another harvest holds the store's lock."""
+    """Another harvest holds the store's lock.
+
+    ::
+
+        oculi.harvest(adapter, prompts, sites=["resid_post"], layers=[6], out="acts")
+        # HarvestLockedError while another process harvests into "acts" (the message names it)
+    """
 
 
 class StoreLock:

@@ -40,6 +40,11 @@ class HarvestSummary:
             already committed: a resumed run computes only what is missing).
         seconds: wall time of this call, planning included.
         tokens_per_s: tokens computed by this call per second of ``seconds``.
+
+    Example::
+
+        summary = oculi.harvest(adapter, "prompts.jsonl", sites=["resid_post"], layers=[6], out="acts")
+        summary.tokens, summary.rows["resid_post/6"], summary.tokens_per_s
     """
 
     path: str

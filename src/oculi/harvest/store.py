@@ -110,6 +110,12 @@ class HarvestStore:
         keys: the ``(site, layer)`` pairs stored.
         n_rows: tokens in the store (rows of every array and of the index).
         complete: every work unit committed.
+
+    Example::
+
+        store = oculi.open_harvest("acts")
+        store["resid_post", 6][:1024]              # numpy [1024, d_model]
+        store.index                                # pyarrow table: prompt_id, position, token_id
     """
 
     def __init__(

@@ -76,6 +76,11 @@ class UnitResult:
 
     ``overflow``: arrays whose values exceeded the storage dtype's range (stored as inf),
     with the largest finite ``|value|`` before the cast.
+
+    ::
+
+        result = write_unit(root, plan, unit, buffers, arrays)
+        result.crc32["resid_post/6"], result.nbytes["resid_post/6"]
     """
 
     unit: int
@@ -119,6 +124,10 @@ def write_unit(
     Raises:
         FileWriteError: a shard could not be written (full disk, file-size limit...); the
             message names the array, the unit and the shard file.
+
+    Example::
+
+        write_unit(root, plan, unit, {"resid_post/6": rows}, arrays)   # rows [unit.rows, d_model]
     """
     t0 = time.perf_counter()
     root = Path(root)
@@ -147,6 +156,12 @@ class StoreWriter:
     """The driver's side of a store: the lock, creation, resume checks, and the unit log.
 
     A context manager: leaving it releases the store's lock.
+
+    ::
+
+        with StoreWriter(root, plan, done, lock) as writer:
+            for unit in writer.pending():
+                writer.commit(write_unit(root, plan, unit, buffers, arrays))
     """
 
     def __init__(

@@ -29,7 +29,13 @@ if TYPE_CHECKING:
 
 
 class NoEffectWarning(UserWarning):
-    """An intervention changed nothing in a forward pass (likely a silent no-op)."""
+    """An intervention changed nothing in a forward pass (likely a silent no-op).
+
+    Warned with ``check_effect=True`` (or ``OCULI_DEBUG=1``)::
+
+        with InterventionContext(adapter, [ablation], check_effect=True):
+            adapter.forward(prompt)        # NoEffectWarning if the ablation changed nothing
+    """
 
 
 @dataclass
@@ -47,7 +53,15 @@ class Binding:
 
 
 class Intervention:
-    """Base class: a description of a change to the model, bound per context."""
+    """Base class: a description of a change to the model, bound per context.
+
+    Concrete interventions: :class:`~oculi.intervention.ActivationPatch`,
+    :class:`~oculi.intervention.HeadAblation`, :class:`~oculi.intervention.SpectraScaler`,
+    :class:`~oculi.intervention.SteeringVector`, ... They are applied inside a context::
+
+        with InterventionContext(adapter, [HeadAblation(layer=3, head=1, method="zero")]):
+            adapter.generate("The capital of France is")
+    """
 
     def bind(self, adapter: Adapter) -> Binding:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -64,6 +64,12 @@ class InterventionContext:
     Raises:
         TypeError: an element that is not an intervention.
         ValueError, IndexError, KeyError: from checking each intervention against the model.
+
+    Example::
+
+        with InterventionContext(adapter, [SpectraScaler(layer=5, head=2, alpha=1.5),
+                                           HeadAblation(layer=3, head=1, method="mean")]):
+            adapter.generate("The capital of France is", max_new_tokens=10)
     """
 
     def __init__(

@@ -42,6 +42,11 @@ class SpectraScaler(Intervention):
     A forward in which the scaled scores overflow (inf or NaN) raises
     :class:`~oculi.errors.NonFiniteError` naming the scaler.
         IndexError: a layer out of range (on binding).
+
+    Example::
+
+        with InterventionContext(adapter, [SpectraScaler(layer=5, head=2, alpha=1.5)]):  # sharpen
+            capture = adapter.capture(prompt)      # patterns [L, H, T, T] of the scaled model
     """
 
     def __init__(self, layer: int, head: int, alpha: float) -> None:

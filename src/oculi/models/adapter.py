@@ -50,6 +50,12 @@ class Adapter:
             than this adapter class handles.
         InputError: (a ``ValueError``) a tokenizer whose vocabulary is larger than the
             model's embedding.
+
+    Usually made by :func:`oculi.load` or :func:`oculi.attach`::
+
+        adapter = oculi.attach(model, tokenizer)       # any supported *ForCausalLM
+        adapter.n_layers, adapter.n_heads, adapter.d_model
+        adapter.capture_residual("Hello there").pre_attn.shape   # [L, T, d_model]
     """
 
     anatomy: Anatomy

@@ -169,7 +169,16 @@ _REGISTRY: dict[str, Anatomy] = {}
 
 
 def register_anatomy(anatomy: Anatomy, *, overwrite: bool = False) -> Anatomy:
-    """Make ``anatomy`` the one oculi uses for its ``model_types``."""
+    """Make ``anatomy`` the one oculi uses for its ``model_types``.
+
+    ::
+
+        register_anatomy(Anatomy(family="mine", model_types=("my_model",), attn="attention"))
+        oculi.attach(my_model, tokenizer)      # now read through that anatomy
+
+    Raises ``ValueError`` when a model type already has another anatomy, unless
+    ``overwrite=True``.
+    """
     for model_type in anatomy.model_types:
         if model_type in _REGISTRY and not overwrite and _REGISTRY[model_type] != anatomy:
             raise ValueError(
@@ -181,7 +190,12 @@ def register_anatomy(anatomy: Anatomy, *, overwrite: bool = False) -> Anatomy:
 
 
 def supported_model_types() -> list[str]:
-    """The ``config.model_type`` values oculi has an anatomy for."""
+    """The ``config.model_type`` values oculi has an anatomy for.
+
+    ::
+
+        oculi.supported_model_types()   # ["gemma", "gemma2", "gemma3_text", "gpt2", ...]
+    """
     _load_families()
     return sorted(_REGISTRY)
 
@@ -192,6 +206,10 @@ def anatomy_for(model: nn.Module) -> Anatomy:
     Raises:
         UnsupportedArchitectureError: no anatomy for the model type, or a config feature that
             the anatomy does not model.
+
+    ::
+
+        anatomy_for(model).family       # "gemma3" for Gemma 3 270M
     """
     _load_families()
     config = getattr(model, "config", None)

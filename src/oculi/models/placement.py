@@ -29,13 +29,23 @@ __all__ = ["describe_placement", "layer_devices", "offload_bytes", "quantization
 
 def layer_devices(adapter: Any) -> list[torch.device]:
     """The device each decoder layer computes on (its offload hook's execution device, or
-    where its weights are)."""
+    where its weights are).
+
+    ::
+
+        layer_devices(adapter)     # [device("cuda:0"), ..., device("cuda:1")], one per layer
+    """
     return [execution_device(layer) for layer in adapter.layer_modules]
 
 
 def offload_bytes(adapter: Any) -> list[int]:
     """Bytes of each decoder layer's offloaded weights (``meta`` placeholders): what its
-    accelerate hooks load onto the execution device for each forward, and free after it."""
+    accelerate hooks load onto the execution device for each forward, and free after it.
+
+    ::
+
+        offload_bytes(adapter)     # one int per layer: 0 for layers whose weights are loaded
+    """
     return [_meta_bytes(layer) for layer in adapter.layer_modules]
 
 
@@ -46,7 +56,12 @@ def _meta_bytes(module: nn.Module) -> int:
 def quantization_of(model: nn.Module) -> str | None:
     """The quantization scheme of a model loaded through a transformers quantizer, in words
     (``"torchao Int8WeightOnlyConfig"``, ``"quanto weights=int4"``, ``"bitsandbytes 4-bit
-    nf4"``, ``"gptq 4-bit"``), or ``None``."""
+    nf4"``, ``"gptq 4-bit"``), or ``None``.
+
+    ::
+
+        quantization_of(adapter.model)   # None for a plain model
+    """
     cfg: Any = getattr(getattr(model, "config", None), "quantization_config", None)
     if cfg is None:
         return None
@@ -76,6 +91,10 @@ def describe_placement(adapter: Any) -> dict[str, Any]:
     ``device_map``: the modules on each device of the ``device_map`` it was loaded with
     (consecutive layers joined: ``model.layers.9-17``), or the one device; ``offloaded``: how
     many layers' weights are offloaded and their size, or ``"none"``.
+
+    ::
+
+        describe_placement(adapter)   # {"device_map": "cpu", "offloaded": "none", "quantization": None}
     """
     model = adapter.model
     dmap = getattr(model, "hf_device_map", None)

@@ -61,6 +61,10 @@ def read_weight(module: nn.Module, name: str = "weight") -> Tensor:
         WeightReadError: the module has no such parameter, its weights are on the ``meta``
             device with no offload hook holding them, or they are quantized in a form oculi
             cannot read (named in the message).
+
+    Example::
+
+        W_O = read_weight(adapter.part(3, "self_attn.o_proj"))   # [d_model, H * d_head]: [640, 1024]
     """
     value = _read(module, name)
     if value is None:
@@ -80,7 +84,12 @@ def read_bias(module: nn.Module, name: str = "bias") -> Tensor | None:
 
 def weight_shape(module: nn.Module, name: str = "weight") -> torch.Size:
     """The logical shape of a weight without reading it (a meta placeholder has the shape;
-    a bitsandbytes 4-bit weight is packed, its ``quant_state`` keeps the shape)."""
+    a bitsandbytes 4-bit weight is packed, its ``quant_state`` keeps the shape).
+
+    ::
+
+        weight_shape(adapter.part(0, "mlp.down_proj"))   # torch.Size([d_model, d_mlp])
+    """
     value = getattr(module, name, None)
     if not isinstance(value, Tensor):
         raise WeightReadError(f"{_describe(module)} has no tensor {name!r}")
@@ -94,7 +103,12 @@ def execution_device(module: nn.Module) -> torch.device:
     """The device ``module`` computes on: its accelerate hook's ``execution_device`` where it
     has one (offloaded layers run there; else its first submodule's that has one, as
     ``accelerate.cpu_offload`` hooks only the modules holding parameters), else the device of
-    its first parameter or buffer that is not a ``meta`` placeholder, else the CPU."""
+    its first parameter or buffer that is not a ``meta`` placeholder, else the CPU.
+
+    ::
+
+        execution_device(adapter.layer_modules[9])   # device(type="cpu") for a disk-offloaded layer
+    """
     for part in module.modules():
         for hook in _hooks(part):
             dev = getattr(hook, "execution_device", None)
@@ -112,6 +126,10 @@ def norm_centers(norm: nn.Module, d_model: int) -> bool:
     Read off the module itself, whatever its class (``nn.LayerNorm``, a family's own
     LayerNorm without parameters, any RMSNorm): a centring norm gives the same output for
     ``x`` and ``x + 3`` (a shift along the all-ones direction); an RMSNorm does not.
+
+    ::
+
+        norm_centers(adapter.part(0, "ln_1"), adapter.d_model)   # True for GPT-2's LayerNorm
     """
     param = next((p for p in norm.parameters() if p.is_floating_point()), None)
     dtype = param.dtype if param is not None and param.device.type != "meta" else torch.float32

@@ -2,6 +2,15 @@
 
 See :mod:`oculi.patching.activation` for what activation patching measures and how sweeps stay
 fast.
+
+::
+
+    from oculi import patching
+
+    metric = patching.logit_diff(" Mary", " John")
+    result = patching.activation_patching(adapter, clean, corrupt, site="resid_pre",
+                                          metric=metric)
+    result.values.shape        # [L, T]: one patched run per layer and position
 """
 
 from oculi.patching._common import choose_strategy

@@ -28,6 +28,12 @@ class Metric:
         position: the position read, relative to the real tokens (``-1``: the last one).
         token_ids: resolved ids (set by :meth:`bind`).
         reference: for ``"kl"``, the log-probabilities to compare with (set by the caller).
+
+    Made by :func:`logit_diff`, :func:`logit`, :func:`probability`, :func:`log_prob` or
+    :func:`kl_divergence`::
+
+        metric = patching.logit_diff(" Mary", " John").bind(adapter)
+        metric(logits)             # logits [B, T, vocab] -> [B]
     """
 
     name: str
@@ -78,7 +84,12 @@ def logit_diff(correct: str | int, wrong: str | int, *, position: int = -1) -> M
 
 
 def logit(token: str | int, *, position: int = -1) -> Metric:
-    """The raw logit of ``token``."""
+    """The raw logit of ``token``.
+
+    ::
+
+        patching.activation_patching(adapter, clean, corrupt, metric=patching.logit(" Paris"))
+    """
     return Metric(f"logit({token!r})", "logit", (token,), position)
 
 

@@ -123,7 +123,13 @@ class TracingResult:
 
 
 def subject_positions(adapter: Adapter, prompt: str, subject: str) -> list[int]:
-    """Token positions of ``subject`` inside ``prompt`` (from the tokenizer's offsets)."""
+    """Token positions of ``subject`` inside ``prompt`` (from the tokenizer's offsets).
+
+    ::
+
+        subject_positions(adapter, "The Eiffel Tower is located in the city of", "The Eiffel Tower")
+        # [1, 2, 3] on Gemma 3 270M (position 0 is <bos>)
+    """
     start = prompt.find(subject)
     if start < 0:
         raise InputError(f"subject {subject!r} does not occur in the prompt {prompt!r}")
@@ -183,6 +189,12 @@ def causal_tracing(
             forward: GPUs) or ``"auto"`` (by device); see
             :func:`~oculi.patching._common.choose_strategy`. Same numbers either way.
         progress: show a progress bar.
+
+    Example::
+
+        result = oculi.causal_tracing(adapter, "The Eiffel Tower is located in the city of",
+                                      subject="The Eiffel Tower", target=" Paris")
+        result.values.shape        # [L, T]: p(" Paris") with each layer's state restored there
     """
     if kind not in _SITE:
         raise InputError(f"kind must be 'resid', 'mlp' or 'attn', got {kind!r}")

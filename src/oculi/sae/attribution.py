@@ -116,6 +116,11 @@ def feature_attribution(
     Raises:
         InputError: a batch instead of one prompt, a target that is not one token.
         IndexError: a position outside the prompt.
+
+    Example::
+
+        fa = feature_attribution(adapter, sae, "The Eiffel Tower is in", " Paris")
+        fa.atp.topk(10)            # [d_sae] -> the latents whose ablation would cost most
     """
     batch = adapter.prepare(prompt)
     if batch.input_ids.shape[0] != 1:
@@ -199,6 +204,11 @@ def latent_patching(
 
     Raises:
         InputError: prompts of different lengths.
+
+    Example::
+
+        lp = latent_patching(adapter, sae, clean, corrupt, (" Mary", " John"))
+        lp.estimate.shape, lp.exact        # [d_sae]; {latent: metric} for the best estimates
     """
     n_clean, n_corrupt = (adapter.prepare(p).input_ids.shape[1] for p in (clean, corrupt))
     if n_clean != n_corrupt:

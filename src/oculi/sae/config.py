@@ -18,6 +18,10 @@ class TrainConfig:
 
     See :func:`train` for the meaning of each field; ``None`` means "the default for the
     kind and size", resolved by :meth:`resolved`.
+
+    ::
+
+        config = TrainConfig(site="resid_post", layer=6, d_sae=4096, kind="topk", k=32)
     """
 
     site: str | None

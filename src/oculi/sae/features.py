@@ -54,6 +54,12 @@ class Context:
         row, prompt_id, position: where in the store (``position`` among the prompt's tokens).
         token_ids: the tokens of the window around it; ``activations``: the latent at each.
         center: the index in ``token_ids`` of the token itself.
+
+    Example::
+
+        top = top_activations(store, sae, k=20)
+        ctx = top.contexts(latent=123, window=8)[0]
+        ctx.token_ids[ctx.center], ctx.activation     # the token it fired on, and how much
     """
 
     latent: int
@@ -136,6 +142,11 @@ def top_activations(
         k: examples kept per latent.
         batch_rows: rows encoded at once.
         rows: ``(start, stop)`` to read only some rows (default all).
+
+    Example::
+
+        top = top_activations(oculi.open_harvest("acts"), sae, k=20)
+        top.values.shape           # [k, d_sae], best first
     """
     if sae.site is None or sae.layer is None:
         raise ValueError("top_activations: the SAE is bound to no site; load it with site=, layer=")
@@ -200,6 +211,10 @@ def logit_effects(
     Returns:
         ``(promoted, suppressed)``: ``[(token_id, Δlogit per unit activation), ...]``, ``k``
         each, strongest first.
+
+    Example::
+
+        promoted, suppressed = logit_effects(adapter, sae, 123, context="The Eiffel Tower is in", k=5)
     """
     from oculi.analysis.readout import frozen_norm
 

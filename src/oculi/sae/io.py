@@ -35,7 +35,12 @@ TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
 
 class SAEFormatError(OculiError, ValueError):
     """A path that holds no SAE oculi can read, or a file of a known layout that is damaged
-    or uses an option oculi does not model. The message names what was found."""
+    or uses an option oculi does not model. The message names what was found.
+
+    ::
+
+        load_sae("weights.bin")     # SAEFormatError: 'weights.bin' is a .bin file; an SAE is ...
+    """
 
 
 def config_of(sae: SAE) -> dict[str, Any]:
@@ -63,7 +68,13 @@ def state_of(sae: SAE) -> dict[str, torch.Tensor]:
 
 
 def save_sae(sae: SAE, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
-    """Write ``sae`` to ``path`` (one ``.safetensors`` file) atomically; returns the path."""
+    """Write ``sae`` to ``path`` (one ``.safetensors`` file) atomically; returns the path.
+
+    ::
+
+        save_sae(sae, "my_sae.safetensors")
+        load_sae("my_sae.safetensors")       # the same SAE, site and layer included
+    """
     from safetensors.torch import save_file
 
     header = {

@@ -156,6 +156,11 @@ def load_saes(
 
     Returns ``{folder name: SAE}`` in name order. Raises :class:`SAEFormatError` when no
     sub-folder holds one.
+
+    ::
+
+        saes = load_saes("path/to/sparsify-run")
+        saes["layers.6"].site, saes["layers.6"].layer       # ("resid_post", 6)
     """
     real, shown = user_path(path)
     if not real.is_dir():

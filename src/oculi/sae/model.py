@@ -45,6 +45,12 @@ from oculi.capture.sites import SITE_KINDS, check_kind
 
 Kind = Literal["relu", "topk", "batchtopk", "jumprelu"]
 KINDS: tuple[str, ...] = ("relu", "topk", "batchtopk", "jumprelu")
+"""The SAE activation kinds oculi reads and trains.
+
+::
+
+    TrainConfig(site="resid_post", layer=6, d_sae=4096, kind="topk", k=32)   # one of KINDS
+"""
 
 
 def _positive_int(value: Any, name: str) -> int:

@@ -169,7 +169,12 @@ def hook_specs(adapter: Adapter) -> dict[str, HookSpec]:
 
 
 def hook_names(adapter: Adapter) -> list[str]:
-    """The TransformerLens hook names ``adapter``'s model has, in forward order."""
+    """The TransformerLens hook names ``adapter``'s model has, in forward order.
+
+    ::
+
+        hook_names(adapter)[:3]    # ["hook_embed", "blocks.0.hook_resid_pre", "blocks.0.ln1.hook_scale"]
+    """
     return list(hook_specs(adapter))
 
 

@@ -63,6 +63,14 @@ class HookPoint:
     Attributes:
         name: the TransformerLens hook name (``"blocks.3.attn.hook_z"``).
         ctx: a dict the function may keep things in for the rest of the call.
+
+    Example::
+
+        def patch_head(z, hook):                   # z: [batch, pos, head, d_head]
+            print(hook.name, hook.layer())         # blocks.9.attn.hook_z 9
+            return z
+
+        adapter.run_with_hooks(tokens, fwd_hooks=[("blocks.9.attn.hook_z", patch_head)])
     """
 
     def __init__(self, name: str) -> None:

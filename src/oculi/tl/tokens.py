@@ -143,7 +143,12 @@ def to_string(adapter: Adapter, tokens: Any) -> str | list[str]:
 
 @dataclass(frozen=True)
 class TLConfig:
-    """The model sizes under TransformerLens's ``cfg`` names (read-only)."""
+    """The model sizes under TransformerLens's ``cfg`` names (read-only).
+
+    ::
+
+        adapter.cfg.n_layers, adapter.cfg.d_head     # (18, 256) on Gemma 3 270M
+    """
 
     model_name: str
     original_architecture: str

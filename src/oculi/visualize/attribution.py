@@ -18,7 +18,13 @@ from oculi.visualize._common import array, new_axes
 
 
 def top_heads(heads: Any, k: int, layers: Sequence[int] | None = None) -> list[tuple[str, float]]:
-    """The ``k`` heads with the largest ``|value|``, as ``("L{l}H{h}", value)``, largest first."""
+    """The ``k`` heads with the largest ``|value|``, as ``("L{l}H{h}", value)``, largest first.
+
+    ::
+
+        top_heads(torch.tensor([[0.1, -2.0], [0.5, 0.0]]), k=2)   # heads [L, H]
+        # [("L0H1", -2.0), ("L1H0", 0.5)]
+    """
     grid = array(getattr(heads, "heads", heads))
     if grid.ndim != 2:
         raise ValueError(f"head values must be [L, H], got shape {grid.shape}")
@@ -31,7 +37,12 @@ def top_heads(heads: Any, k: int, layers: Sequence[int] | None = None) -> list[t
 def head_attribution_bars(
     heads: Any, *, k: int = 20, layers: Sequence[int] | None = None, ax: Any = None
 ) -> Any:
-    """Horizontal bars of the ``k`` heads that matter most, signed (blue up, red down); Axes."""
+    """Horizontal bars of the ``k`` heads that matter most, signed (blue up, red down); Axes.
+
+    ::
+
+        head_attribution_bars(AttributionMethods.head_attribution(full, target), k=10)  # heads [L, H]
+    """
     items = top_heads(heads, k, layers)
     ax = new_axes(ax, 6.0, max(3.0, 0.28 * len(items) + 1.2))
     names = [name for name, _ in items][::-1]

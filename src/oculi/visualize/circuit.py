@@ -85,7 +85,12 @@ def circuit_graph(
 
 
 def circuit_layout(graph: Any) -> dict[str, tuple[float, float]]:
-    """Positions: ``x`` = layer, nodes of one layer spread vertically (heads, then the MLP)."""
+    """Positions: ``x`` = layer, nodes of one layer spread vertically (heads, then the MLP).
+
+    ::
+
+        pos = circuit_layout(circuit_graph(importance))    # {"L3H1": (3.0, 0.0), ..., "logits": (L, 0.0)}
+    """
     by_layer: dict[int, list[str]] = {}
     for name, data in graph.nodes(data=True):
         by_layer.setdefault(data["layer"], []).append(name)
@@ -98,7 +103,12 @@ def circuit_layout(graph: Any) -> dict[str, tuple[float, float]]:
 
 
 def draw_circuit(graph: Any, ax: Any = None, title: str = "circuit") -> Any:
-    """Draw a :func:`circuit_graph`: colour = importance sign and size, width = edge weight."""
+    """Draw a :func:`circuit_graph`: colour = importance sign and size, width = edge weight.
+
+    ::
+
+        draw_circuit(circuit_graph(importance, connections))   # importance [L, H], connections [L, H, L, H]
+    """
     nx = optional("networkx")
     ax = new_axes(ax, 10.0, 5.0)
     pos = circuit_layout(graph)

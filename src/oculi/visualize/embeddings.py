@@ -108,7 +108,12 @@ def plot_embeddings(
     title: str | None = None,
     **kwargs: Any,
 ) -> Any:
-    """Scatter of the projected points, each labelled; Axes (3-D axes for ``dims=3``)."""
+    """Scatter of the projected points, each labelled; Axes (3-D axes for ``dims=3``).
+
+    ::
+
+        plot_embeddings(vectors, labels, method="pca")    # vectors [N, D]
+    """
     coords = reduce_dimensions(points, method, dims, **kwargs)
     ax = new_axes(ax, 6.0, 5.0, projection="3d" if dims == 3 else None)
     ax.scatter(*coords.T, s=30, color="#2563eb")
@@ -121,7 +126,12 @@ def plot_embeddings(
 def compare_methods(
     points: Any, labels: Sequence[str] | None = None, *, methods: Sequence[str] = METHODS
 ) -> Any:
-    """The same points under several projections side by side (2-D); a Figure."""
+    """The same points under several projections side by side (2-D); a Figure.
+
+    ::
+
+        fig = compare_methods(vectors, labels)     # vectors [N, D]: PCA, t-SNE, ... side by side
+    """
     plt = pyplot()
     fig, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 4.5), squeeze=False)
     for ax, method in zip(axes[0], methods):

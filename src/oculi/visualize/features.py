@@ -73,6 +73,10 @@ def feature_page(
     """The page (a string) for ``latents`` of a :class:`~oculi.sae.TopActivations`.
 
     ``latents`` default: up to 24 latents that fired, chosen evenly over their density ranks.
+
+    ::
+
+        html = feature_page(top_activations(store, sae, k=20), adapter, latents=[3, 17])
     """
     from oculi.sae.features import BINS, logit_effects
 
@@ -147,7 +151,12 @@ def write_feature_page(
     latents: Sequence[int] | None = None,
     **options: Any,
 ) -> Path:
-    """Write :func:`feature_page` to ``path`` atomically (the folder must exist)."""
+    """Write :func:`feature_page` to ``path`` atomically (the folder must exist).
+
+    ::
+
+        write_feature_page(top_activations(store, sae, k=20), adapter, "features.html")
+    """
     from oculi.capture.io.files import user_path, write_atomically
 
     text = feature_page(features, adapter, latents, **options)

@@ -141,7 +141,12 @@ def attention_heatmap(
 def attention_grid(
     capture: Any, layer: int, *, tokens: Sequence[str] | None = None, cols: int = 4
 ) -> Any:
-    """Every head of one layer side by side (the view for spotting head types); a Figure."""
+    """Every head of one layer side by side (the view for spotting head types); a Figure.
+
+    ::
+
+        fig = attention_grid(adapter.capture(prompt), layer=3, tokens=adapter.to_str_tokens(prompt))
+    """
     plt = pyplot()
     n_heads = capture.patterns.shape[1]
     cols = min(cols, n_heads)

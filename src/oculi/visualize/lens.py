@@ -45,6 +45,11 @@ def logit_lens_grid(
         lc: a ``LogitCapture`` of one sequence.
         tokenizer: decodes the top-1 tokens written in the cells (ids without one).
         tokens: the prompt's tokens, for the x axis.
+
+    Example::
+
+        logit_lens_grid(adapter.capture_logits(prompt), adapter.tokenizer,
+                        tokens=adapter.to_str_tokens(prompt))     # a grid [L, T] of top-1 tokens
     """
     probs = lc.top_k_probs[..., 0].float()  # [L, T]
     ids = lc.top_k_indices[..., 0]
@@ -234,6 +239,10 @@ def prediction_refinement(
 
     The tokens are the model's own top-``k`` (its last layer's), whatever layers the capture
     holds.
+
+    Example::
+
+        prediction_refinement(adapter.capture_logits(prompt), adapter.tokenizer, top_k=5)
     """
     if lc.batched:
         raise ValueError("prediction_refinement reads one sequence, not a batch")
@@ -252,7 +261,12 @@ def prediction_refinement(
 
 
 def lens_probability(result: Any, ax: Any = None) -> Any:
-    """A ``LogitLensResult``: the target's probability per layer, its crossover marked; Axes."""
+    """A ``LogitLensResult``: the target's probability per layer, its crossover marked; Axes.
+
+    ::
+
+        lens_probability(oculi.logit_lens(adapter, prompt, target=" Paris"))
+    """
     ax = new_axes(ax, 6.0, 3.5)
     layers = list(result.layers)
     ax.plot(layers, result.probs.float().numpy(), marker="o", label=f"p({result.target!r})")

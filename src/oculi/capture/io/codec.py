@@ -26,6 +26,12 @@ from oculi.capture.structures import (
 from oculi.errors import InputError
 
 Capture = AttentionCapture | ResidualCapture | MLPCapture | LogitCapture | FullCapture
+"""Any capture structure ``save`` writes and ``load_capture`` returns.
+
+::
+
+    capture: Capture = oculi.load_capture("run.safetensors")
+"""
 CAPTURE_TYPES = (AttentionCapture, ResidualCapture, MLPCapture, LogitCapture, FullCapture)
 _STRUCTURES: dict[str, type] = {cls.__name__: cls for cls in CAPTURE_TYPES}
 PARTS = {

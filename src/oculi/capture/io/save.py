@@ -28,6 +28,12 @@ _WRITERS = {
     "pickle": pickle_format.write,
 }
 FORMATS = tuple(_WRITERS)
+"""The formats ``capture.save(path, format=...)`` writes.
+
+::
+
+    capture.save("run.h5", format="hdf5")    # one of FORMATS
+"""
 # the file suffixes each format is known by; a pickle is written only when format="pickle"
 SUFFIXES = {
     ".safetensors": "safetensors",
@@ -38,6 +44,12 @@ SUFFIXES = {
     ".pkl": "pickle",
     ".pickle": "pickle",
 }
+"""File suffix -> the format it selects when ``format=`` is not given.
+
+::
+
+    SUFFIXES[".npz"]            # "npz": capture.save("x.npz") writes np.load's format
+"""
 
 
 def format_for(path: str | os.PathLike, format: str | None) -> str:
@@ -52,6 +64,11 @@ def format_for(path: str | os.PathLike, format: str | None) -> str:
     Raises:
         ValueError: an unknown ``format``, a suffix that contradicts it, a suffix no format
             has (without ``format=``), or a pickle suffix without ``format="pickle"``.
+
+    Example::
+
+        format_for("run.npz", None)            # "npz"
+        format_for("run.bin", "safetensors")   # "safetensors"
     """
     if format is not None and format not in FORMATS:
         raise ValueError(f"unknown capture format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -138,5 +155,11 @@ def save_capture(
 
 
 def capture_to_numpy(capture: Any) -> dict[str, np.ndarray]:
-    """The arrays a saved file would hold, by the same names (bf16/fp8 widened to float32)."""
+    """The arrays a saved file would hold, by the same names (bf16/fp8 widened to float32).
+
+    ::
+
+        arrays = capture_to_numpy(adapter.capture_residual(prompt))
+        arrays["pre_attn"].shape       # (L, T, d_model), a NumPy array
+    """
     return {key: numpy_array(t) for key, t in to_cpu(encode(capture)[1]).items()}

@@ -14,8 +14,27 @@ import numpy as np
 import torch
 
 MAGIC = "oculi-capture"
+"""The ``format`` field of every saved capture's JSON header.
+
+::
+
+    header = json.loads(safe_open("run.safetensors", "np").metadata()[HEADER_KEY])
+    header["format"] == MAGIC
+"""
 FORMAT_VERSION = 1
+"""The capture file layout's version; ``load_capture`` refuses a newer one.
+
+::
+
+    header["format_version"] <= FORMAT_VERSION
+"""
 HEADER_KEY = "oculi_capture"
+"""The metadata key under which a capture file keeps its JSON header.
+
+::
+
+    safe_open("run.safetensors", "np").metadata()[HEADER_KEY]   # '{"format": ...}'
+"""
 
 # Dimension names of each tensor field (a leading "B" is added for batched captures). A
 # loaded file must fit them: L is the number of layers, H/Hkv/D/K come from the attributes,

@@ -3,6 +3,11 @@
 The logit of the answer (or the difference ``answer − wrong``) at the last position is split
 into the embedding's share, each layer's attention and MLP shares, each head's share and a
 constant; the parts add up to the model's logit (see :mod:`oculi.analysis.dla`).
+
+Run it from the shell or from Python (``configs/attribution.yaml`` holds an example)::
+
+    oculi run attribution --config configs/attribution.yaml --tag mine
+    run_experiment("attribution", {"prompt": "The Eiffel Tower is located in the city of", "target": " Paris"})
 """
 
 from __future__ import annotations

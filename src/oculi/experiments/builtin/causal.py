@@ -1,4 +1,11 @@
-"""Causal experiments: ``causal_tracing``, ``activation_patching``, ``path_patching``."""
+"""Causal experiments: ``causal_tracing``, ``activation_patching``, ``path_patching``.
+
+Run it from the shell or from Python (``configs/causal_tracing.yaml`` holds an example)::
+
+    oculi run causal_tracing --config configs/causal_tracing.yaml --tag mine
+    run_experiment("causal_tracing", {"prompt": "The Eiffel Tower is located in the city of",
+                                     "subject": "The Eiffel Tower", "target": " Paris"})
+"""
 
 from __future__ import annotations
 

@@ -20,6 +20,11 @@ Seed 003's circuit discovery, from one forward pass and the weights:
 The figure ``circuit`` is the graph of :func:`oculi.visualize.circuit.draw_circuit`: the
 components by layer, coloured by the sign of their share, composition edges between heads and
 every component's edge into the logits.
+
+Run it from the shell or from Python (``configs/circuit_factual.yaml`` holds an example)::
+
+    oculi run circuit --config configs/circuit_factual.yaml --tag mine
+    run_experiment("circuit", {"prompt": "The Eiffel Tower is located in the city of", "target": " Paris"})
 """
 
 from __future__ import annotations

@@ -8,6 +8,10 @@ the edge methods with exact single-edge patching on the union of their ``exact_t
 edges (Spearman's ρ, SciPy), and AtP* with exact node patching on every node.
 
 Figures: ``faithfulness`` (one curve per method) and ``circuit`` (the first method's circuit).
+
+Run it from the shell (``configs/circuit_discovery_ioi.yaml`` holds an example)::
+
+    oculi run circuit_discovery --config configs/circuit_discovery_ioi.yaml
 """
 
 from __future__ import annotations

@@ -1,5 +1,11 @@
 """``head_detection``: which heads attend to the previous token, to BOS, to recent tokens, and
-which do induction (on a repeated random sequence, seeded)."""
+which do induction (on a repeated random sequence, seeded).
+
+Run it from the shell or from Python (``configs/head_detection.yaml`` holds an example)::
+
+    oculi run head_detection --config configs/head_detection.yaml --tag mine
+    run_experiment("head_detection", {"prompt": "The quick brown fox jumps over the lazy dog."})
+"""
 
 from __future__ import annotations
 

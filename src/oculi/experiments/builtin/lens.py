@@ -1,4 +1,10 @@
-"""``logit_lens``: where in depth the model settles on a token (seed 004's first experiment)."""
+"""``logit_lens``: where in depth the model settles on a token (seed 004's first experiment).
+
+Run it from the shell or from Python (``configs/logit_lens.yaml`` holds an example)::
+
+    oculi run logit_lens --config configs/logit_lens.yaml --tag mine
+    run_experiment("logit_lens", {"prompt": "Water is made of hydrogen and", "target": " oxygen"})
+"""
 
 from __future__ import annotations
 

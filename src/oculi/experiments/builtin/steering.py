@@ -2,6 +2,10 @@
 
 For each coefficient: the greedy continuation, the next-token distribution's KL divergence
 from the unsteered one, and the top next tokens.
+
+Run it from the shell (``configs/steering.yaml`` holds an example)::
+
+    oculi run steering --config configs/steering.yaml --tag happy
 """
 
 from __future__ import annotations

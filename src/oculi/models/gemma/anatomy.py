@@ -23,6 +23,12 @@ from typing import Any
 from oculi.models.anatomy import Anatomy, register_anatomy
 
 GEMMA = register_anatomy(Anatomy(family="gemma", model_types=("gemma",), norm_offset=1.0))
+"""Gemma (``model_type`` ``gemma``): the LLaMA tree with ``1 + w`` RMSNorm.
+
+::
+
+    GEMMA.norm_offset      # 1.0: RMSNorm multiplies by 1 + weight
+"""
 
 _SANDWICH: dict[str, Any] = dict(
     attn_out_norm="post_attention_layernorm",
@@ -33,6 +39,12 @@ _SANDWICH: dict[str, Any] = dict(
 )
 
 GEMMA2 = register_anatomy(Anatomy(family="gemma2", model_types=("gemma2",), **_SANDWICH))
+"""Gemma 2 (``gemma2``): a norm on each branch's output, soft-capping, sliding windows.
+
+::
+
+    GEMMA2.attn_out_norm   # "post_attention_layernorm": attn_out is read at its output
+"""
 GEMMA3 = register_anatomy(
     Anatomy(
         family="gemma3",
@@ -43,3 +55,9 @@ GEMMA3 = register_anatomy(
         **_SANDWICH,
     )
 )
+"""Gemma 3 text (``gemma3_text``): Gemma 2's sandwich norms plus per-head q/k RMSNorm.
+
+::
+
+    GEMMA3.q_norm, GEMMA3.qk_norm_layout   # ("q_norm", "bhtd"): q_pre is [B, H, T, D]
+"""

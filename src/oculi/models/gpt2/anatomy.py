@@ -41,3 +41,9 @@ GPT2 = register_anatomy(
         ),
     )
 )
+"""GPT-2 (``gpt2``): fused ``c_attn``, ``Conv1D`` weights, learned positions, plain MLP.
+
+::
+
+    GPT2.qkv_proj, GPT2.conv1d   # ("c_attn", True): q_pre/k_pre are slices of c_attn
+"""

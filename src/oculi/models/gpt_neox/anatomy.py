@@ -33,3 +33,9 @@ GPT_NEOX = register_anatomy(
         down_proj="dense_4h_to_h",
     )
 )
+"""GPT-NeoX and Pythia (``gpt_neox``): parallel attention and MLP, fused per-head QKV.
+
+::
+
+    GPT_NEOX.qkv_layout         # "per_head": query_key_value is [head, (q k v), d_head]
+"""

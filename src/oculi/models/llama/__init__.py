@@ -17,5 +17,11 @@ class LlamaAttentionAdapter(Adapter):
 
 
 MistralAttentionAdapter = LlamaAttentionAdapter
+"""Mistral uses LLaMA's anatomy (the same tree, with a sliding window).
+
+::
+
+    adapter = MistralAttentionAdapter(model, tokenizer)
+"""
 
 __all__ = ["LLAMA", "LlamaAttentionAdapter", "MistralAttentionAdapter"]

@@ -10,3 +10,9 @@ sliding attention window. The unembedding is ``lm_head`` (tied to the embedding 
 from oculi.models.anatomy import Anatomy, register_anatomy
 
 LLAMA = register_anatomy(Anatomy(family="llama", model_types=("llama", "mistral")))
+"""LLaMA and Mistral (``llama``, ``mistral``): the default anatomy's layout.
+
+::
+
+    LLAMA.model_types           # ("llama", "mistral")
+"""

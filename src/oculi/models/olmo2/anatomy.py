@@ -21,3 +21,9 @@ OLMO2 = register_anatomy(
         qk_norm_layout="flat",
     )
 )
+"""OLMo 2 (``olmo2``): no pre-attention norm, norms on both branch outputs, q/k norm.
+
+::
+
+    OLMO2.attn_norm             # None: attn_in is the layer input itself
+"""

@@ -21,3 +21,9 @@ PHI3 = register_anatomy(
         gate_up_proj="gate_up_proj",
     )
 )
+"""Phi-3 (``phi3``): fused ``qkv_proj`` and fused ``[gate | up]`` ``gate_up_proj``.
+
+::
+
+    PHI3.gate_up_proj           # "gate_up_proj": mlp_gate/mlp_up are its two halves
+"""

@@ -10,6 +10,12 @@ vectors.
 from oculi.models.anatomy import Anatomy, register_anatomy
 
 QWEN2 = register_anatomy(Anatomy(family="qwen2", model_types=("qwen2",)))
+"""Qwen 2 (``qwen2``): the LLaMA layout with biases on q/k/v.
+
+::
+
+    QWEN2.q_norm                # None (Qwen 3 adds per-head q/k norms)
+"""
 QWEN3 = register_anatomy(
     Anatomy(
         family="qwen3",
@@ -19,3 +25,9 @@ QWEN3 = register_anatomy(
         qk_norm_layout="bthd",
     )
 )
+"""Qwen 3 (``qwen3``): per-head q/k RMSNorm before rotary.
+
+::
+
+    QWEN3.q_norm                # "q_norm": q_pre is read at its output, [B, H, T, D]
+"""
