@@ -117,17 +117,23 @@ def batch_of(adapter: oculi.Adapter, b: int, t: int):
 RESIDUAL = {"resid_pre": (0, 1, 2), "resid_post": (0, 1, 2)}
 
 
-def test_a_30k_token_residual_capture_of_an_eager_model_is_refused_with_the_numbers():
+def test_a_30k_token_residual_capture_of_an_eager_model_runs_blocked_or_is_refused():
     eager, sdpa = tiny_long("eager"), tiny_long("sdpa")
     free = {"cpu": 16 * GIB}
     ok = memory.plan_capture(sdpa, batch_of(sdpa, 1, 30_000), RESIDUAL, free=free)
-    assert ok.rows == 1 and ok.need["cpu"] < 5 * GIB
+    assert ok.rows == 1 and ok.need["cpu"] < 5 * GIB and ok.block is None
     scores = 4 * 30_000**2 * 8  # H·T²·(4 + 4) bytes: 26.8 GiB
+    # the scores do not fit: attention runs a block of query positions at a time (issue 20)
+    blocked = memory.plan_capture(eager, batch_of(eager, 1, 30_000), RESIDUAL, free=free)
+    assert blocked.block is not None and blocked.block < 30_000
+    assert blocked.need["cpu"] < 5 * GIB
+    # and not even that fits in 1 GiB (the boolean mask alone is 0.84 GiB): refused
     with pytest.raises(MemoryPlanError) as err:
-        memory.plan_capture(eager, batch_of(eager, 1, 30_000), RESIDUAL, free=free)
+        memory.plan_capture(eager, batch_of(eager, 1, 30_000), RESIDUAL, free={"cpu": GIB})
     msg = str(err.value)
     assert f"whose scores take {scores / GIB:.2f} GiB per row at 30000 tokens" in msg
-    assert "16.00 GiB free" in msg and "set_attn_implementation('sdpa')" in msg
+    assert "1.00 GiB free" in msg and "set_attn_implementation('sdpa')" in msg
+    assert "block of query positions" in msg
 
 
 def test_eager_batches_are_micro_batched_by_their_scores():

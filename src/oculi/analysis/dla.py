@@ -42,6 +42,7 @@ from torch import Tensor
 
 from oculi.analysis.readout import (
     FrozenNorm,
+    LayerWrites,
     Readout,
     _frozen_map,  # noqa: F401 - importable from here as before the readout moved
     _gather,
@@ -74,7 +75,7 @@ _RAW_SOME_NOTE = (
 )
 
 
-def _project(stream: Tensor, index: Tensor, u: Tensor) -> Tensor:
+def _project(stream: Tensor | LayerWrites, index: Tensor, u: Tensor) -> Tensor:
     """``stream [B, L, ..., T, d]`` at ``index [B, P]``, dotted with ``u [B, P, d]`` in
     float64: ``[B, P, L, ...]``.
 

@@ -99,13 +99,51 @@ def _gather(tensor: Tensor, index: Tensor) -> Tensor:
     return moved[b[:, None], index.to(moved.device)].movedim(1, -2).double()
 
 
+class LayerWrites:
+    """Each layer's write to the residual ``[B, L, T, d]``, computed a layer at a time.
+
+    ``w[:, layer]`` is ``a[:, layer] - b[:, layer]`` (``a - (b + c)`` with a third part, as
+    the stream of a capture without the branch outputs telescopes), in float32 at least, so a
+    long context's residual (memory-mapped from a capture folder) is never copied whole: an
+    analysis reads the layers and positions it needs. ``shape``/``device``/``dtype`` are
+    those of the result.
+    """
+
+    def __init__(self, a: Tensor, b: Tensor | None = None, c: Tensor | None = None) -> None:
+        self.parts = (a, b, c)
+        self.shape = a.shape
+        self.device = a.device
+        self.dtype = _wide(a).dtype if a.dtype in _HALF else a.dtype
+
+    def __getitem__(self, key: Any) -> Tensor:
+        a, b, c = self.parts
+        if not (isinstance(key, tuple) and len(key) == 2 and key[0] == slice(None)):
+            raise TypeError("LayerWrites is read one layer at a time: writes[:, layer]")
+        layer = key[1]
+        out = _wide(a[:, layer])
+        if b is not None:
+            sub = _wide(b[:, layer]) if c is None else _wide(b[:, layer]) + _wide(c[:, layer])
+            out = out - sub
+        return out
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _wide(t: Tensor) -> Tensor:
+    # differences of half-precision values are exact in float32 (not in half): the shares
+    # then still telescope to the final residual
+    return t.float() if t.dtype in _HALF else t
+
+
 class Streams(TypedDict):
-    """The residual's parts: ``attention``/``mlp`` ``[B, L, T, d]`` (each layer's write),
-    ``embedding`` and ``final`` ``[B, T, d]`` (``None`` unless every layer is held)."""
+    """The residual's parts: ``attention``/``mlp`` ``[B, L, T, d]`` (each layer's write, read
+    a layer at a time: :class:`LayerWrites`), ``embedding`` and ``final`` ``[B, T, d]``
+    (``None`` unless every layer is held)."""
 
     embedding: Tensor | None
-    attention: Tensor
-    mlp: Tensor
+    attention: LayerWrites
+    mlp: LayerWrites
     final: Tensor | None
 
 
@@ -127,13 +165,7 @@ def _streams(residual: ResidualCapture, *, complete: bool = True) -> Streams:
 
     def get(name: str) -> Tensor | None:
         tensor = getattr(residual, name)
-        if tensor is None:
-            return None
-        if tensor.dtype in (torch.float16, torch.bfloat16):
-            # differences of half-precision values are exact in float32 (not in half): the
-            # shares then still telescope to the final residual
-            tensor = tensor.float()
-        return _rows(tensor, single)
+        return None if tensor is None else _rows(tensor, single)
 
     pre, mid, post = get("pre_attn"), get("post_attn"), get("post_mlp")
     attn, mlp = get("attn_out"), get("mlp_out")
@@ -145,14 +177,21 @@ def _streams(residual: ResidualCapture, *, complete: bool = True) -> Streams:
         )
     if attn is None:
         assert mid is not None
-        attn = mid - pre
-    if mlp is None:
-        mlp = post - (mid if mid is not None else pre + attn)
+        attention = LayerWrites(mid, pre)
+    else:
+        attention = LayerWrites(attn)
+    if mlp is not None:
+        writes = LayerWrites(mlp)
+    elif mid is not None:
+        writes = LayerWrites(post, mid)
+    else:
+        assert attn is not None
+        writes = LayerWrites(post, pre, attn)
     return {
-        "embedding": pre[:, 0] if every else None,
-        "attention": attn,
-        "mlp": mlp,
-        "final": post[:, -1] if every else None,
+        "embedding": _wide(pre[:, 0]) if every else None,
+        "attention": attention,
+        "mlp": writes,
+        "final": _wide(post[:, -1]) if every else None,
     }
 
 

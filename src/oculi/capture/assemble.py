@@ -231,10 +231,16 @@ def _logit_capture(adapter, batch, recorded, layers, cfg: LogitConfig, meta) -> 
 
     norm = adapter.module(adapter.anatomy.final_norm)
     have, resid = recorded["resid_post"]
-    with torch.no_grad():
-        normed = norm(resid.to(execution_device(norm), adapter.dtype))
+    where = execution_device(norm)
+    normed: torch.Tensor | None = None
+    with torch.no_grad():  # a layer at a time: a long context's temporaries stay one layer's
+        for i, layer in enumerate(layers):
+            one = norm(resid[:, have.index(layer)].to(where, adapter.dtype))
+            if normed is None:
+                normed = one.new_empty((one.shape[0], len(layers), *one.shape[1:]))
+            normed[:, i] = one
+    assert normed is not None  # a lens has at least one layer
     final = _normalize_final(adapter, recorded)
-    normed = normed[:, [have.index(layer) for layer in layers]]
     if cfg.storage_dtype is not None or cfg.storage_device is not None:
         normed = normed.to(device=cfg.storage_device, dtype=cfg.storage_dtype)
         final = final.to(device=cfg.storage_device, dtype=cfg.storage_dtype)

@@ -19,6 +19,13 @@ The mask: a name registered in ``AttentionInterface`` must also be registered in
 bidirectional. oculi registers the eager (additive float) mask builder, which every
 implementation accepts and which already folds in padding and sliding windows.
 
+Long contexts: a bridge opened with ``rows=`` runs every layer's attention (tapped or not) a
+block of query positions at a time (:mod:`oculi.capture.blocked`), so no layer materialises
+``[B, H, T, S]`` scores; while it is open the mask builder returns sdpa's boolean mask (a
+quarter of the float one in float32) and each block gets its rows. Pattern readers that take
+blocks (``LayerTaps.pattern_rows``) see the pattern ``[B, H, r, S]`` one block at a time; taps
+that edit scores or patterns, or read whole patterns, get the whole layer as before.
+
 Ownership: the switch is global to the model, so one :class:`_Owner` per model holds it. Every
 bridge registers with the owner; the first switches the configs to ``"oculi"``, the last one to
 close (in whatever order they close) restores the implementations it found. Taps are scoped to
@@ -30,7 +37,6 @@ the module tables hold no entry of it, and the last one leaves no owner behind.
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
@@ -40,6 +46,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from oculi.capture.blocked import (
+    RowTap,
+    family_eager,
+)
+from oculi.capture.blocked import additive_mask as _additive
+from oculi.capture.blocked import run_attention as _run
 from oculi.capture.interrupts import Errors, closed, opened, protected, raise_held
 
 IMPL_NAME = "oculi"
@@ -61,6 +73,8 @@ class LayerTaps:
     pattern: list[Tap] = field(default_factory=list)  # [B, H, T, S]
     pattern_edits: bool = False
     z: list[Tap] = field(default_factory=list)  # [B, T, H, D]
+    # read only, one block of query rows at a time: tap(r0, pattern[B, H, r, S])
+    pattern_rows: list[RowTap] = field(default_factory=list)
 
     def merged_with(self, other: LayerTaps) -> LayerTaps:
         """These taps followed by ``other``'s."""
@@ -73,6 +87,7 @@ class LayerTaps:
             pattern=self.pattern + other.pattern,
             pattern_edits=self.pattern_edits or other.pattern_edits,
             z=self.z + other.z,
+            pattern_rows=self.pattern_rows + other.pattern_rows,
         )
 
 
@@ -84,6 +99,7 @@ class BridgeState:
     configs: list[Any] = field(default_factory=list)  # what the switch is set on
     live: bool = True
     seen: set[int] = field(default_factory=set)  # tapped layers whose attention call came here
+    rows: int | None = None  # query rows per block: every layer runs blocked (long contexts)
 
     def check_switched(self) -> None:
         """Before a forward: raise if the configs no longer route attention to the bridge."""
@@ -135,11 +151,29 @@ def _register_once() -> None:
     if _REGISTERED:
         return
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(IMPL_NAME, _bridge_attention)
-    AttentionMaskInterface.register(IMPL_NAME, eager_mask)
+    AttentionMaskInterface.register(IMPL_NAME, _bridge_mask)
     _REGISTERED = True
+
+
+def _blocked_rows() -> int | None:
+    """Query rows per block of the blocked bridges open in this context (the smallest), or
+    ``None`` when none is blocked."""
+    rows = [s.rows for s in _OPEN.get() if s.live and s.rows]
+    return min(rows) if rows else None
+
+
+def _bridge_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """The mask for ``"oculi"``: transformers' eager (additive float) mask, or while a blocked
+    bridge is open in this context, the same mask as booleans (``True``: attended)."""
+    from transformers.masking_utils import eager_mask, sdpa_mask
+
+    if _blocked_rows():
+        kwargs.pop("dtype", None)
+        return sdpa_mask(*args, **{**kwargs, "allow_is_causal_skip": False})
+    return eager_mask(*args, **kwargs)
 
 
 @protected
@@ -230,20 +264,6 @@ def _apply(taps: list[Tap], tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _original(module: nn.Module, name: str) -> Callable[..., Any]:
-    if name == "eager":
-        return family_eager(module)
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    return ALL_ATTENTION_FUNCTIONS[name]
-
-
-def family_eager(module: nn.Module) -> Callable[..., Any]:
-    """The ``eager_attention_forward`` of the module's own modeling file."""
-    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-    return fn if fn is not None else eager_attention
-
-
 def _bridge_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -253,29 +273,35 @@ def _bridge_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     found = _taps_for(module)
+    rows = _blocked_rows()
     if found is None:
         # No bridge of this thread taps the module (another thread switched the model, or a
         # plain forward beside a capture): the model's own implementation. The mask was built
         # for either name; the eager (additive) mask and sdpa's both work with either.
         name = _FALLBACK_OF.get(id(module), "sdpa")
-        return _original(module, name)(module, query, key, value, attention_mask, **kwargs)
+        return _run(module, name, query, key, value, attention_mask, rows, **kwargs)
     fallback, taps = found
     if taps is None:
-        return _original(module, fallback)(module, query, key, value, attention_mask, **kwargs)
+        return _run(module, fallback, query, key, value, attention_mask, rows, **kwargs)
 
     query = _apply(taps.q, query)
     key = _apply(taps.k, key)
     value = _apply(taps.v, value)
+    weights: torch.Tensor | None
     if taps.pattern_edits or taps.scores or taps.masked_scores:
-        out, weights = eager_attention(
-            module, query, key, value, attention_mask, taps=taps, **kwargs
-        )
+        mask = _additive(attention_mask, query)
+        out, weights = eager_attention(module, query, key, value, mask, taps=taps, **kwargs)
+        for tap in taps.pattern_rows:
+            tap(0, weights)
     elif taps.pattern:
-        out, weights = family_eager(module)(module, query, key, value, attention_mask, **kwargs)
+        mask = _additive(attention_mask, query)
+        out, weights = family_eager(module)(module, query, key, value, mask, **kwargs)
         _apply(taps.pattern, weights)
+        for tap in taps.pattern_rows:
+            tap(0, weights)
     else:
-        out, weights = _original(module, fallback)(
-            module, query, key, value, attention_mask, **kwargs
+        out, weights = _run(
+            module, fallback, query, key, value, attention_mask, rows, taps.pattern_rows, **kwargs
         )
     out = _apply(taps.z, out)
     return out, weights
@@ -354,15 +380,23 @@ class attention_bridge:  # noqa: N801 - a context manager used like the function
         configs: the config objects whose ``_attn_implementation`` the attention modules read.
         layer_of: ``id(attention module) -> layer index``.
         taps: per-layer taps; layers without an entry run the original implementation.
+        rows: run every layer's attention by blocks of this many query positions (long
+            contexts; the module docstring says how), or ``None``.
 
     ``__enter__`` returns the bridge's :class:`BridgeState`; ``state.check_routed(layers)``
     after a forward confirms that the taps of ``layers`` ran.
     """
 
     def __init__(
-        self, configs: list[Any], layer_of: dict[int, int], taps: dict[int, LayerTaps]
+        self,
+        configs: list[Any],
+        layer_of: dict[int, int],
+        taps: dict[int, LayerTaps],
+        *,
+        rows: int | None = None,
     ) -> None:
         self._args = (configs, layer_of, taps)
+        self._rows = rows
         self._owner: _Owner | None = None
         self._state: BridgeState | None = None
         self._opened = False
@@ -376,7 +410,9 @@ class attention_bridge:  # noqa: N801 - a context manager used like the function
             configs, layer_of, taps = self._args
             _register_once()
             self._owner = _acquire(configs, layer_of)
-            state = BridgeState(layer_of, taps, self._owner.fallback, configs=self._owner.configs)
+            state = BridgeState(
+                layer_of, taps, self._owner.fallback, configs=self._owner.configs, rows=self._rows
+            )
             self._state = state
             with _LOCK:
                 _ACTIVE.append(state)

@@ -52,6 +52,9 @@ class Recorder:
     the copies once at the end. Anywhere else a tensor is copied where it is recorded.
     """
 
+    #: copy CUDA tensors to host buffers on a side stream (a streaming recorder copies in line)
+    host_streams = True
+
     def __init__(
         self,
         requests: Mapping[str, Sequence[int]],
@@ -67,27 +70,52 @@ class Recorder:
         self._peaks: list[tuple[str, int, torch.Tensor]] = []  # narrowing stores, checked once
         self._sums: list[tuple[str, int, torch.Tensor]] = []  # every store, in forward order
 
-    def store(self, kind: str, layer: int, tensor: torch.Tensor) -> None:
+    def allocate(self, kind: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """The buffer ``[B, n_layers, *shape[1:]]`` of ``kind`` for per-layer tensors of
+        ``shape`` computed like ``like`` (a streaming recorder maps a file instead)."""
+        n = len(self.slots[kind])
+        dtype, device = self.storage.get(kind, (None, None))
+        where = torch.device(device) if device is not None else like.device
+        return torch.empty(
+            (shape[0], n, *shape[1:]),
+            dtype=dtype or like.dtype,
+            device=where,
+            pin_memory=streams_to_host(like.device, where),
+        )
+
+    def stored(self, kind: str, layer: int, dst: torch.Tensor) -> None:
+        """Called after ``dst`` (part of ``kind``'s buffer) was written (a streaming recorder
+        moves it to the disk)."""
+
+    def _buffer(self, kind: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         buf = self.buffers.get(kind)
         if buf is None:
-            n = len(self.slots[kind])
-            dtype, device = self.storage.get(kind, (None, None))
-            where = torch.device(device) if device is not None else tensor.device
-            buf = torch.empty(
-                (tensor.shape[0], n, *tensor.shape[1:]),
-                dtype=dtype or tensor.dtype,
-                device=where,
-                pin_memory=streams_to_host(tensor.device, where),
-            )
-            self.buffers[kind] = buf
-        dst = buf[:, self.slots[kind][layer]]
-        if streams_to_host(tensor.device, buf.device):
-            self._stream_copy(dst, tensor.detach())
+            buf = self.buffers[kind] = self.allocate(kind, shape, like)
+        return buf
+
+    def store(self, kind: str, layer: int, tensor: torch.Tensor) -> None:
+        buf = self._buffer(kind, tuple(tensor.shape), tensor)
+        self._copy(kind, layer, buf, buf[:, self.slots[kind][layer]], tensor.detach())
+
+    def store_rows(self, kind: str, layer: int, r0: int, block: torch.Tensor, t: int) -> None:
+        """Store rows ``r0:r0 + r`` of a per-layer ``[B, H, t, S]`` tensor (a pattern computed
+        a block of query positions at a time) from ``block [B, H, r, S]``."""
+        b, h, r, s = block.shape
+        buf = self._buffer(kind, (b, h, t, s), block)
+        dst = buf[:, self.slots[kind][layer], :, r0 : r0 + r]
+        self._copy(kind, layer, buf, dst, block.detach())
+
+    def _copy(
+        self, kind: str, layer: int, buf: torch.Tensor, dst: torch.Tensor, src: torch.Tensor
+    ) -> None:
+        if self.host_streams and streams_to_host(src.device, buf.device):
+            self._stream_copy(dst, src)
         else:
-            dst.copy_(tensor.detach())
-        if buf.dtype in NARROW and torch.finfo(tensor.dtype).max > torch.finfo(buf.dtype).max:
-            self._peaks.append((kind, layer, finite_peak(tensor.detach())))
-        self._sums.append((kind, layer, finite_probe(tensor.detach())))
+            dst.copy_(src)
+            self.stored(kind, layer, dst)
+        if buf.dtype in NARROW and torch.finfo(src.dtype).max > torch.finfo(buf.dtype).max:
+            self._peaks.append((kind, layer, finite_peak(src)))
+        self._sums.append((kind, layer, finite_probe(src)))
 
     def _stream_copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         device = src.device
@@ -123,7 +151,7 @@ class Recorder:
             return set()
         values = torch.stack([p.to(peaks[0][2].device, torch.float32) for *_, p in peaks])
         over: dict[tuple[str, torch.dtype], list[tuple[int, float]]] = {}
-        for (kind, layer, _), peak in zip(peaks, values.tolist()):
+        for (kind, layer, _), peak in zip(peaks, values.tolist(), strict=True):
             dtype = self.buffers[kind].dtype
             if peak > torch.finfo(dtype).max:
                 over.setdefault((kind, dtype), []).append((layer, peak))
@@ -207,18 +235,31 @@ def _register(
     requests: Mapping[str, Sequence[int]],
     rec: Recorder,
     taps: dict[int, LayerTaps],
+    t: int | None = None,
 ) -> None:
     """Register the hooks that feed ``rec`` for every requested ``(kind, layer)``.
 
     Each kind is read where its locator (:mod:`oculi.capture.places`) says; derived kinds
     have no place of their own (:func:`expand_requests` asked for what they are built from).
+    With ``t`` (a blocked forward over ``t`` tokens), patterns are read a block of query rows
+    at a time.
     """
     for kind, layers in requests.items():
         place = locate(kind, m).read
         if place is None:
             continue
         for layer in layers:
+            if t is not None and place.tap == "pattern" and place.view is None:
+                rows = taps.setdefault(layer, LayerTaps()).pattern_rows
+                rows.append(_store_rows(rec, kind, layer, t))
+                continue
             add_reader(hooks, taps, m, layer, place, _store(rec, kind, layer))
+
+
+def _store_rows(
+    rec: Recorder, kind: str, layer: int, t: int
+) -> Callable[[int, torch.Tensor], None]:
+    return lambda r0, x: rec.store_rows(kind, layer, r0, x, t)
 
 
 def _store(rec: Recorder, kind: str, layer: int) -> Callable[[torch.Tensor], None]:
@@ -252,6 +293,8 @@ def record(
     storage: Mapping[str, tuple[torch.dtype | None, str | torch.device | None]] | None = None,
     stop_early: bool = True,
     on_output: Callable[[Any], None] | None = None,
+    rows: int | None = None,
+    recorder: Recorder | None = None,
 ) -> dict[str, tuple[tuple[int, ...], torch.Tensor]]:
     """Run one forward pass and return ``{kind: (layers, tensor [B, n_layers, ...])}``.
 
@@ -263,16 +306,22 @@ def record(
         stop_early: end the forward after the last requested layer.
         on_output: called with the decoder's output when the forward runs to the end
             (intervention runs use it to read logits from the same pass).
+        rows: run attention a block of this many query positions at a time in every layer
+            (long contexts: no layer holds ``[B, H, T, T]`` scores; patterns are stored block
+            by block), see :mod:`oculi.capture.blocked`.
+        recorder: the :class:`Recorder` to fill (a streaming one writes to disk); default a
+            new one over ``storage``.
     """
     for kind in requests:
         if kind not in SITE_KINDS and kind not in INTERNAL_KINDS:
             raise KeyError(kind)
     plan = expand_requests(adapter, requests)
-    rec = Recorder(plan, storage or {})
+    rec = recorder if recorder is not None else Recorder(plan, storage or {})
     taps: dict[int, LayerTaps] = {}
     last = max((max(ls) for ls in plan.values()), default=-1)
+    t = batch.input_ids.shape[-1] if rows else None
     with torch.no_grad(), HookSet() as hooks:
-        _register(adapter, hooks, plan, rec, taps)
+        _register(adapter, hooks, plan, rec, taps, t)
         if stop_early and last < adapter.n_layers - 1:
 
             def stop(_m, _a, _o):
@@ -280,9 +329,9 @@ def record(
 
             hooks.forward(adapter.layer_modules[last], stop)
         try:
-            if taps:
+            if taps or rows:
                 with attention_bridge(
-                    adapter.attention_configs, adapter.attention_layer_ids, taps
+                    adapter.attention_configs, adapter.attention_layer_ids, taps, rows=rows
                 ) as routed:
                     routed.check_switched()
                     try:

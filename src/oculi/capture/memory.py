@@ -180,11 +180,14 @@ class MemoryPlan:
         rows: batch rows per forward (the whole batch when it fits).
         need: ``{device: bytes}`` estimated at ``rows`` rows per forward.
         free: ``{device: bytes}`` free when planned (``None``: unknown, not checked).
+        block: query positions per attention block where not even one row's scores fit
+            (every layer then runs blocked, :mod:`oculi.capture.blocked`), else ``None``.
     """
 
     rows: int
     need: dict[str, int]
     free: dict[str, int | None]
+    block: int | None = None
 
 
 def plan_capture(
@@ -254,11 +257,42 @@ def plan_capture(
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
     if lo == 0:
+        # the whole batch with attention a block of query positions at a time
+        from oculi.capture.stream import attention_rows, blocked_forward_bytes
+
+        block = attention_rows(adapter, b, t)
+        blocked = {d: b * result.get(d, 0) for d in devices}
+        for c in computing:
+            blocked[c] += blocked_forward_bytes(adapter, b, t, block) + transfer.get(c, 0)
+        if all(free.get(d) is None or n <= SHARE * free[d] for d, n in blocked.items()):  # type: ignore[operator]
+            return MemoryPlan(b, blocked, free, block=block)
         placed = _placement_note(adapter, runs_on, transfer)
+        sites = _sites_note(adapter, requests, storage, b, t)
         raise MemoryPlanError(
-            _message(need(1), need(b), free, result, compute, b, attention=note, placed=placed)
+            _message(
+                need(1),
+                need(b),
+                free,
+                result,
+                compute,
+                b,
+                attention=note,
+                placed=placed,
+                blocked=blocked,
+                sites=sites,
+            )
         )
     return MemoryPlan(lo, need(lo), free)
+
+
+def _sites_note(
+    adapter: Adapter, requests: Mapping[str, Sequence[int]], storage: Storage, b: int, t: int
+) -> str:
+    from oculi.capture.stream import describe_sites, site_bytes
+
+    return describe_sites(
+        site_bytes(adapter, requests, storage, b, t), expand_requests(adapter, requests)
+    )
 
 
 def _compute_devices(adapter: Adapter) -> tuple[list[str], dict[str, int]]:
@@ -315,6 +349,8 @@ def _message(
     b: int,
     attention: str = "",
     placed: dict | None = None,
+    blocked: dict | None = None,
+    sites: str = "",
 ) -> str:
     short = [d for d, n in one.items() if free.get(d) is not None and n > SHARE * free[d]]
     placed = placed or {}
@@ -330,12 +366,21 @@ def _message(
         if any(d != "cpu" and result.get(d) for d in short):
             knobs.append('`storage_device="cpu"` to keep the result off the accelerator')
     knobs.append("fewer or shorter inputs per call")
+    if any(result.get(d) for d in short):
+        knobs.append("stream_to=<a new folder> to write the capture to disk layer by layer")
+    if blocked:
+        over = [d for d, n in blocked.items() if free.get(d) is not None and n > SHARE * free[d]]
+        attention += ("; " if attention else "") + (
+            "even with attention a block of query positions at a time: "
+            + "; ".join(f"{_size(blocked[d])} on {d}" for d in over)
+        )
     return (
         "this capture does not fit in memory: it needs "
         + "; ".join(parts)
         + " (the plan uses at most "
         + f"{SHARE:.0%} of it"
         + (f"; {attention}" if attention else "")
+        + (f"; the sites: {sites}" if sites else "")
         + "). Try "
         + ", or ".join(knobs)
         + "."
@@ -358,7 +403,7 @@ def record_planned(
     plan = plan_capture(adapter, batch, requests, storage, free=free)
     b = batch.input_ids.shape[0]
     if plan.rows >= b:
-        return record(adapter, batch, requests, storage=storage)
+        return record(adapter, batch, requests, storage=storage, rows=plan.block)
     out: dict[str, tuple[tuple[int, ...], torch.Tensor]] = {}
     for r0 in range(0, b, plan.rows):
         part = _rows(batch, r0, r0 + plan.rows)

@@ -15,6 +15,7 @@ disagree.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any, ClassVar, cast
 
@@ -387,6 +388,7 @@ class Adapter:
         config: CaptureConfig | None = None,
         *,
         attention_mask: torch.Tensor | None = None,
+        stream_to: str | os.PathLike | None = None,
     ) -> AttentionCapture:
         """Attention internals (q/k/v, patterns, per-head outputs) in one forward pass."""
         return self.capture_full(
@@ -396,6 +398,7 @@ class Adapter:
             mlp=None,
             logits=None,
             attention_mask=attention_mask,
+            stream_to=stream_to,
         ).attention  # type: ignore[return-value]
 
     def capture_residual(
@@ -404,6 +407,7 @@ class Adapter:
         config: ResidualConfig | None = None,
         *,
         attention_mask: torch.Tensor | None = None,
+        stream_to: str | os.PathLike | None = None,
     ) -> ResidualCapture:
         """The residual stream at the four points of each layer."""
         return self.capture_full(
@@ -413,6 +417,7 @@ class Adapter:
             mlp=None,
             logits=None,
             attention_mask=attention_mask,
+            stream_to=stream_to,
         ).residual  # type: ignore[return-value]
 
     def capture_mlp(
@@ -421,6 +426,7 @@ class Adapter:
         config: MLPConfig | None = None,
         *,
         attention_mask: torch.Tensor | None = None,
+        stream_to: str | os.PathLike | None = None,
     ) -> MLPCapture:
         """MLP internals: gate, up, post-activation and output."""
         return self.capture_full(
@@ -430,6 +436,7 @@ class Adapter:
             mlp=config or MLPConfig(),
             logits=None,
             attention_mask=attention_mask,
+            stream_to=stream_to,
         ).mlp  # type: ignore[return-value]
 
     def capture_logits(
@@ -438,6 +445,7 @@ class Adapter:
         config: LogitConfig | None = None,
         *,
         attention_mask: torch.Tensor | None = None,
+        stream_to: str | os.PathLike | None = None,
     ) -> LogitCapture:
         """Lazy layer-wise logits (logit lens) from the normalised residual."""
         return self.capture_full(
@@ -447,6 +455,7 @@ class Adapter:
             mlp=None,
             logits=config or LogitConfig(),
             attention_mask=attention_mask,
+            stream_to=stream_to,
         ).logits
 
     def capture_full(
@@ -458,14 +467,37 @@ class Adapter:
         logits: LogitConfig | None = LogitConfig(),  # noqa: B008
         *,
         attention_mask: torch.Tensor | None = None,
+        stream_to: str | os.PathLike | None = None,
+        overwrite: bool = True,
     ) -> FullCapture:
-        """Everything asked for, from one forward pass. Pass ``None`` to skip a part."""
+        """Everything asked for, from one forward pass. Pass ``None`` to skip a part.
+
+        The memory plan (:mod:`oculi.capture.memory`) runs the batch in micro-batches, or
+        attention a block of query positions at a time, where the whole does not fit; it
+        refuses, before any forward, what does not fit at all. ``stream_to`` (a folder path,
+        which oculi creates and owns) writes the capture there one layer at a time as the
+        forward runs and returns it memory-mapped from the files (long contexts:
+        :mod:`oculi.capture.stream`); an oculi capture folder already there is replaced
+        unless ``overwrite=False``. The ``capture*`` methods take ``stream_to`` too.
+        """
         batch = self.prepare(inputs, attention_mask)
         requests, storage = {}, {}
         plan = build_full_capture(self, attention, residual, mlp, logits)
         for kind, (layers, dtype, device) in plan.requests.items():
             requests[kind] = layers
             storage[kind] = (dtype, device)
+        if stream_to is not None:
+            from oculi.capture.stream import stream_capture
+
+            return stream_capture(
+                self,
+                batch,
+                lambda recorded: plan.assemble(self, batch, recorded),
+                requests,
+                storage,
+                stream_to,
+                overwrite=overwrite,
+            )
         recorded = record_planned(self, batch, requests, storage=storage)
         return plan.assemble(self, batch, recorded)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from oculi.capture.io import hdf5_format, json_format, npz_format, pickle_format, safetensors_format
 from oculi.capture.io.codec import CAPTURE_TYPES, Capture, decode
 from oculi.capture.io.files import user_path
+from oculi.capture.io.folder import is_capture_folder
 from oculi.capture.io.schema import FileProblem, parse_metadata
 from oculi.errors import CaptureFileError
 
@@ -31,8 +32,11 @@ def load_capture(path: str | os.PathLike, *, allow_pickle: bool = False) -> Capt
     against the metadata (names, dtypes, shapes, checksums) and the shapes against the
     structure (layers, heads, top-k).
 
+    A capture folder written by ``capture*(..., stream_to=folder)`` loads with its tensors
+    memory-mapped from its files (:mod:`oculi.capture.io.folder`).
+
     Args:
-        path: the file (``~`` is expanded).
+        path: the file or capture folder (``~`` is expanded).
         allow_pickle: also read files written with ``format="pickle"``. Unpickling runs
             whatever code the file contains: only for files you trust.
 
@@ -53,6 +57,10 @@ def load_capture(path: str | os.PathLike, *, allow_pickle: bool = False) -> Capt
 
 
 def _load(path: Path, *, allow_pickle: bool) -> Capture:
+    if is_capture_folder(path):  # streamed to disk: tensors memory-mapped
+        from oculi.capture.stream import load_streamed
+
+        return load_streamed(path)
     kind = sniff(path)
     if kind == "json":
         raise FileProblem(json_format.problem(path))
