@@ -157,7 +157,7 @@ def test_a_capture_that_cannot_fit_is_refused_before_any_forward_with_the_estima
     with pytest.raises(MemoryPlanError) as err:
         adapter.capture(ids, CaptureConfig(**PATTERNS_ONLY))
     text = str(err.value)
-    assert "'pattern' (layers [0, 1, 2]): 48.00 GiB" in text, text
+    assert "'pattern' (layers 0-2): 48.00 GiB" in text, text
     assert "free" in text and "stream_to=" in text
     # streamed, a disk too small for them is refused the same way, before the folder exists
     t = 131072  # 768 GiB of patterns
@@ -168,7 +168,7 @@ def test_a_capture_that_cannot_fit_is_refused_before_any_forward_with_the_estima
             torch.randint(3, 96, (t,)), CaptureConfig(**PATTERNS_ONLY), stream_to=tmp_path / "x"
         )
     text = str(err.value)
-    assert "does not fit on the disk" in text and "'pattern' (layers [0, 1, 2]): 768.00 GiB" in text
+    assert "does not fit on the disk" in text and "'pattern' (layers 0-2): 768.00 GiB" in text
     assert calls == [] and list(tmp_path.iterdir()) == []
 
 

@@ -296,6 +296,10 @@ ALLOWED = {
     ("models/loading.py", "os.rename(tmp, target)"): "renames the fsync-ed cache folder",
     ("models/loading.py", "save_pretrained(folder)"): "writes the cache's temporary folder",
     ("models/loading.py", 'open(target.parent / f".{target.name}.lock", "a+")'): "a lock file",
+    ("capture/io/folder.py", 'open(path, "wb")'): "a site file created in the hidden folder "
+    "of a capture being streamed (stream_to=); the whole folder is renamed into place",
+    ("capture/io/folder.py", "os.rename(real, old)"): "moves the old oculi capture folder "
+    "aside, then the complete new one is renamed into place",
 }
 # the harvest store (another module's owner): zarr chunks, the append-only unit log (repaired
 # on open) and its own temp-and-rename files

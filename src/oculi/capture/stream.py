@@ -117,13 +117,16 @@ def derived_bytes(
 
 
 def describe_sites(sites: Mapping[str, int], requests: Mapping[str, Sequence[int]]) -> str:
-    """``"'pattern' (layers [3]): 4.00 GiB; 'q' (...): ..."``, largest first."""
+    """``"'pattern' (layers 0-17): 4.00 GiB; 'q' (layers [3]): ..."``, largest first."""
     from oculi.capture.memory import _size
 
     parts = []
     for kind, n in sorted(sites.items(), key=lambda kv: -kv[1]):
-        layers = list(requests.get(kind, ()))
-        where = f" (layers {layers})" if layers else ""
+        layers = sorted(requests.get(kind, ()))
+        if len(layers) > 2 and layers == list(range(layers[0], layers[-1] + 1)):
+            where = f" (layers {layers[0]}-{layers[-1]})"
+        else:
+            where = f" (layers {layers})" if layers else ""
         parts.append(f"{kind!r}{where}: {_size(n)}")
     return "; ".join(parts)
 
@@ -316,6 +319,7 @@ def _spec(tensor: torch.Tensor, file: str, offset: int) -> dict[str, Any]:
 
 
 def _bind(capture: Any, adapter: Any) -> None:
+    """Bind the adapter as an in-memory capture is, the lens's unembedding included."""
     from oculi.capture.structures import bind_adapter
 
     for name in ("attention", "residual", "mlp", "logits"):
@@ -323,6 +327,9 @@ def _bind(capture: Any, adapter: Any) -> None:
         if part is not None:
             bind_adapter(part, adapter)
     bind_adapter(capture, adapter)
+    logits = getattr(capture, "logits", None)
+    if logits is not None:  # as in memory: the lens computes beyond the top-k written
+        logits.attach_unembedding(adapter)
 
 
 def load_streamed(path: Path) -> Any:
