@@ -80,8 +80,8 @@ def limits(adapter, folder: Path, ram: int, disk: int) -> list[dict]:
     cap = int(adapter.model.config.max_position_embeddings)
     every = tuple(range(adapter.n_layers))
     rows = []
-    for site in SITES:
-        req = {site: every}
+    for site, layers in [*((s, every) for s in SITES), ("pattern", (5,))]:
+        req = {site: layers}
 
         def in_memory(t: int, req=req) -> bool:
             try:
@@ -99,8 +99,9 @@ def limits(adapter, folder: Path, ram: int, disk: int) -> list[dict]:
                 return False
             return True
 
+        name = site if len(layers) > 1 else f"{site} (layer {layers[0]} only)"
         rows.append(
-            {"site": site, "in_memory": largest(in_memory, cap), "streamed": largest(streamed, cap)}
+            {"site": name, "in_memory": largest(in_memory, cap), "streamed": largest(streamed, cap)}
         )
     return rows
 
@@ -112,7 +113,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--folder", default=None, help="where the capture folder goes")
     parser.add_argument("--json", default="bench/results/bench_longctx-cpu-gemma-270m.jsonl")
+    parser.add_argument("--limits-only", action="store_true", help="only the limits table")
     args = parser.parse_args()
+    if args.limits_only:
+        import psutil
+
+        folder = Path(args.folder or tempfile.gettempdir())
+        ram, disk = psutil.virtual_memory().total, shutil.disk_usage(folder).free
+        print(f"{ram / GIB:.1f} GiB memory, {disk / GIB:.0f} GiB free disk")
+        print("| site | in memory | streamed to disk |\n|---|---|---|")
+        for row in limits(oculi.load(device="cpu", dtype="float32"), folder, ram, disk):
+            print(f"| {row['site']} | {row['in_memory']} | {row['streamed']} |")
+        return
     adapter = oculi.load(device="cpu", dtype="float32")
     layers = [int(x) for x in args.layers.split(",")]
     gen = torch.Generator().manual_seed(0)

@@ -157,7 +157,7 @@ class Recorder:
                 over.setdefault((kind, dtype), []).append((layer, peak))
         if over:
             sites = "; ".join(
-                f"{kind!r} at layers {[layer for layer, _ in hits]} (|values| up to "
+                f"{kind!r} at layers {sorted({layer for layer, _ in hits})} (|values| up to "
                 f"{max(p for _, p in hits):.4g}, {str(dtype).removeprefix('torch.')} max "
                 f"{torch.finfo(dtype).max:.4g})"
                 for (kind, dtype), hits in over.items()

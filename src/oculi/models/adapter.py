@@ -478,7 +478,9 @@ class Adapter:
         which oculi creates and owns) writes the capture there one layer at a time as the
         forward runs and returns it memory-mapped from the files (long contexts:
         :mod:`oculi.capture.stream`); an oculi capture folder already there is replaced
-        unless ``overwrite=False``. The ``capture*`` methods take ``stream_to`` too.
+        unless ``overwrite=False``. The ``capture*`` methods take ``stream_to`` too. A
+        streamed capture's tensors live in the folder's files (``storage_device`` does not
+        apply; ``storage_dtype`` does).
         """
         batch = self.prepare(inputs, attention_mask)
         requests, storage = {}, {}
