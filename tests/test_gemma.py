@@ -429,7 +429,7 @@ def test_seed_ch5_logit_lens(seed):
         plt.close("all")
 
 
-# -- seed 001, Appendix A and the README's capture example ---------------------------------------
+# -- seed 001, Appendix A and the README's capture example -------------------------------
 def test_appendix_a_shapes_and_readme_example(gemma):
     assert (
         gemma.n_layers,

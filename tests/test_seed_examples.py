@@ -397,7 +397,7 @@ def test_seed_000_examples(llama_8b_shape, capsys):
     logit = float(hf["logits"][-1, ns["target_token_id"]])  # the model's own logit
     dla = ns["dla"]
     # the seed's comment says [L, H, T, T]; oculi's flow is the exact max flow from each
-    # token to the last position, [T] (README, Attribution)
+    # token to the last position, [T] (docs/guides/analysis.md)
     assert "Attention flow: torch.Size([10])" in out
     assert "Value-weighted patterns: torch.Size([32, 32, 10, 10])" in out  # [L, H, T, T]
     assert "Layer contributions: torch.Size([32])" in out  # [L]
