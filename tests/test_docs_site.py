@@ -274,3 +274,27 @@ def test_every_public_name_has_a_docstring_that_teaches() -> None:
 )
 def test_teaching_rule(doc: str, teaches: bool) -> None:
     assert _teaches(doc) is teaches
+
+
+def test_rst_literal_blocks_become_fences() -> None:
+    from griffe_rst import _literal_blocks
+
+    text = "Intro::\n\n    x = f(1)\n\nDiagram::\n\n    a ─┬─ b\n\nExample::\n\n    y = 2\n\nend"
+    assert _literal_blocks(text) == (
+        "Intro:\n\n```python\nx = f(1)\n```\n\n"
+        "Diagram:\n\n```text\na ─┬─ b\n```\n\n"
+        "*Example:*\n\n```python\ny = 2\n```\n\nend"
+    )
+
+
+def test_rst_roles_become_links_on_the_built_pages(built_site: Path) -> None:
+    """``:class:`~oculi.sae.SAE``` in activation_patching's docstring is a link to the SAE
+    entry on the sae page, and no role survives as text on any API page."""
+    html = (built_site / "reference" / "oculi" / "patching.html").read_text()
+    assert re.search(
+        r'href="sae\.html#oculi\.sae\.SAE"[^>]*>\s*<code>(oculi\.sae\.)?SAE</code>', html
+    )
+    for page in reference_pages():
+        text = (built_site / page.path.replace(".md", ".html")).read_text()
+        assert not re.search(r":(class|func|meth|mod):`", text), page.path
+        assert "::</p>" not in text, page.path  # a literal block left as prose

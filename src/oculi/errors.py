@@ -17,7 +17,7 @@ class OculiError(Exception):
     Catch it to handle every deliberate oculi error at once::
 
         try:
-            adapter.capture_residual(prompt, layers=[99])
+            adapter.capture_residual(prompt, ResidualConfig(layers=[99]))
         except oculi.OculiError as error:      # here a LayerIndexError, also an IndexError
             print(error)                       # names the valid range
     """
@@ -38,7 +38,7 @@ class LayerIndexError(OculiError, IndexError):
     It is an ``IndexError``, and says the valid range::
 
         adapter.capture_residual(prompt, ResidualConfig(layers=[18]))
-    # LayerIndexError: layer 18 out of range for a model with 18 layers (0..17)
+        # LayerIndexError: layer 18 out of range for a model with 18 layers (0..17)
     """
 
 

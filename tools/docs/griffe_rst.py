@@ -3,7 +3,7 @@ docstrings use two pieces of reStructuredText that Markdown does not know, and t
 into what the site renders, in the loaded docstrings only (the source is not changed).
 
 - Literal blocks, ``Example::`` followed by an indented block, become a sentence ending with
-  ``:`` and a fenced Python block (highlighted).
+  ``:`` and a fenced block: Python (highlighted) when it parses as Python, else plain text.
 - Cross-reference roles, ``:class:`~oculi.capture.LogitCapture``` (also ``:func:``, ``:meth:``,
   ``:mod:``, ``:attr:``, ``:data:``, ``:exc:``, ``:obj:``), become links to the API entry,
   resolved like Sphinx does: the full path, else relative to the object's class and module,
@@ -13,6 +13,7 @@ into what the site renders, in the loaded docstrings only (the source is not cha
 
 from __future__ import annotations
 
+import ast
 import re
 from typing import Any
 
@@ -25,7 +26,7 @@ SECTIONS = {"example", "examples", "note", "notes", "usage"}
 
 
 def _literal_blocks(text: str) -> str:
-    """``...::`` + an indented block -> ``...:`` + a fenced python block."""
+    """``...::`` + an indented block -> ``...:`` + a fenced block (python or text)."""
     lines = text.split("\n")
     out: list[str] = []
     i = 0
@@ -59,11 +60,22 @@ def _literal_blocks(text: str) -> str:
             section = lead.strip().lower() in SECTIONS
             out += [f"{pad}*{lead.strip()}:*" if section else lead + ":", ""]
         indent = min(len(b) - len(b.lstrip()) for b in block if b.strip())
-        out.append(f"{pad}```python")
-        out += [pad + b[indent:] if b.strip() else "" for b in block]
+        code = [b[indent:] if b.strip() else "" for b in block]
+        out.append(f"{pad}```{_language(code)}")
+        out += [pad + b if b else "" for b in code]
         out.append(f"{pad}```")
         i = j
     return "\n".join(out)
+
+
+def _language(code: list[str]) -> str:
+    """``python`` for a block that parses as Python, else ``text`` (a diagram, a formula, a
+    folder layout), so only code is highlighted as code."""
+    try:
+        ast.parse("\n".join(code))
+    except SyntaxError:
+        return "text"
+    return "python"
 
 
 def _lookup(obj: Any, target: str) -> str | None:

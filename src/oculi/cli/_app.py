@@ -147,6 +147,6 @@ def main() -> None:
     ::
 
         sys.argv = ["oculi", "verify", "--prompt", "Hello there"]
-    main()                         # what the shell's `oculi verify --prompt ...` runs
+        main()                         # what the shell's `oculi verify --prompt ...` runs
     """
     cli.main()

@@ -38,7 +38,8 @@ class ConfigError(InputError):
 
     It is a ``ValueError`` naming the key and what it accepts::
 
-        run_experiment("logit_lens", {"promt": "Hello"})   # ConfigError: unknown key 'promt' ...
+        run_experiment("logit_lens", {"promt": "Hello"})
+        # ConfigError: config: prompt: required key is missing; promt: unknown key; ...
     """
 
 

@@ -47,8 +47,8 @@ class HarvestStoreError(InputError):
 
     ::
 
-        oculi.open_harvest("not-a-store")   # HarvestStoreError: 'not-a-store' is not an oculi
-                                        # harvest store (no manifest.json)
+        oculi.open_harvest("not-a-store")
+        # HarvestStoreError: 'not-a-store' is not an oculi harvest store (no manifest.json)
     """
 
 
