@@ -401,7 +401,7 @@ def head_contributions(
     anat = adapter.anatomy
     b, n, t, _ = z.shape
     h, d = adapter.n_heads, adapter.d_head
-    outs = []
+    out: torch.Tensor | None = None  # filled a layer at a time: never two copies at once
     for i, layer in enumerate(layers):
         o_proj = adapter.part(layer, f"{anat.attn}.{anat.o_proj}")
         w = _read_weight(o_proj)  # offloaded or quantized weights read as floats
@@ -412,8 +412,11 @@ def head_contributions(
         if anat.attn_out_norm is not None and o_out is not None:
             norm = adapter.part(layer, anat.attn_out_norm)
             contrib = contrib * rms_gain(norm, o_out[:, i], anat.norm_offset).unsqueeze(1)
-        outs.append(contrib)
-    return torch.stack(outs, dim=1)
+        if out is None:
+            out = contrib.new_empty((b, len(layers), *contrib.shape[1:]))
+        out[:, i] = contrib
+    assert out is not None, "head_contributions needs at least one layer"
+    return out
 
 
 def rms_gain(norm: nn.Module, x: torch.Tensor, offset: float) -> torch.Tensor:
