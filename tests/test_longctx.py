@@ -280,3 +280,18 @@ def test_residual_stream_capture_of_an_eager_model_streams_without_patterns(tmp_
     ref = adapter.capture_residual(ids, ResidualConfig(layers=[1]))
     assert ((got.post_mlp - ref.post_mlp).abs().max() / ref.post_mlp.abs().max()) <= 2e-6
     assert os.path.exists(tmp_path / "r" / "oculi-capture.json")
+
+
+def test_a_streamed_lens_stays_lazy_until_asked(tmp_path):
+    adapter = oculi.attach(tiny_model("gemma2"))  # soft-capped final logits
+    ids = torch.arange(3, 40)
+    ref = adapter.capture_logits(ids)
+    got = adapter.capture_logits(ids, stream_to=tmp_path / "lens")
+    assert got._topk is None  # nothing computed at write time
+    assert torch.equal(ref.top_k_indices, got.top_k_indices)
+    assert torch.allclose(ref.top_k_probs, got.top_k_probs, atol=1e-6)
+    loaded = oculi.load_capture(tmp_path / "lens")  # no model: the top-k needs it
+    with pytest.raises(Exception, match="attach_unembedding"):
+        loaded.logits.top_k_indices  # noqa: B018
+    loaded.logits.attach_unembedding(adapter)
+    assert torch.equal(loaded.logits.top_k_indices, ref.top_k_indices)

@@ -273,7 +273,7 @@ def stream_capture(
         rows = attention_rows(adapter, *batch.input_ids.shape)
         recorded = record(adapter, batch, requests, storage=storage, rows=rows, recorder=rec)
         capture = assemble(recorded)
-        node, tensors = encode(capture)
+        node, tensors = encode(capture, lens_top_k=False)  # the lens stays lazy
         layout: dict[str, dict[str, Any]] = {}
         extras: dict[str, torch.Tensor] = {}
         for key, tensor in tensors.items():

@@ -45,8 +45,14 @@ _LOGIT_ATTRS = ("softcap", "top_k", "chunk_size")
 
 
 # -- encoding ----------------------------------------------------------------------------
-def encode(capture: Any, prefix: str = "") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def encode(
+    capture: Any, prefix: str = "", *, lens_top_k: bool = True
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(JSON node, tensors by file key)`` for one structure.
+
+    ``lens_top_k=False`` (a capture folder): a :class:`LogitCapture` whose top-k were never
+    computed is encoded without them (its node says ``"lazy_top_k": true``); it computes them
+    on first use once an unembedding is attached, as in memory.
 
     Raises:
         TypeError: not a capture structure.
@@ -60,10 +66,11 @@ def encode(capture: Any, prefix: str = "") -> tuple[dict[str, Any], dict[str, to
             part = getattr(capture, name)
             parts[name] = None
             if part is not None:
-                parts[name], part_tensors = encode(part, f"{prefix}{name}.")
+                parts[name], part_tensors = encode(part, f"{prefix}{name}.", lens_top_k=lens_top_k)
                 tensors.update(part_tensors)
         return {"structure": "FullCapture", "metadata": capture.metadata, "parts": parts}, tensors
-    structure, values, attrs = _fields_of(capture)
+    lazy = isinstance(capture, LogitCapture) and not lens_top_k and capture._topk is None
+    structure, values, attrs = _fields_of(capture, lazy)
     present = {name: t for name, t in values.items() if t is not None}
     batched = not capture.metadata.get("single", True)
     problem = shape_problem(structure, present, capture.layers, attrs, batched=batched)
@@ -77,12 +84,18 @@ def encode(capture: Any, prefix: str = "") -> tuple[dict[str, Any], dict[str, to
         "metadata": capture.metadata,
         "tensors": list(present),
     }
+    if lazy:
+        node["lazy_top_k"] = True
     return node, {prefix + name: t for name, t in present.items()}
 
 
-def _fields_of(capture: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """``(structure name, tensor fields, attribute fields)`` of a part."""
+def _fields_of(capture: Any, lazy: bool = False) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """``(structure name, tensor fields, attribute fields)`` of a part (``lazy``: a lens
+    without its top-k)."""
     if isinstance(capture, LogitCapture):
+        attrs = {name: getattr(capture, name) for name in _LOGIT_ATTRS}
+        if lazy:
+            return "LogitCapture", {n: getattr(capture, n) for n in _LOGIT_TENSORS[:2]}, attrs
         if capture._topk is None and capture.unembed is None:
             raise InputError(
                 "cannot save this LogitCapture: its top-k were never computed and it has no "
@@ -185,6 +198,8 @@ def _decode(node: Any, tensors: dict[str, torch.Tensor], prefix: str, claimed: s
     needed = [
         n for n in ("normalized", "top_k_values", "top_k_indices", "logsumexp") if n not in values
     ]
+    if node.get("lazy_top_k") is True and needed == ["top_k_values", "top_k_indices", "logsumexp"]:
+        return LogitCapture(layers=layers, **attrs, **values, metadata=metadata)
     if needed:
         raise FileProblem(f"{where}: a LogitCapture needs {', '.join(needed)}")
     topk = (values.pop("top_k_values"), values.pop("top_k_indices"), values.pop("logsumexp"))
