@@ -67,6 +67,30 @@ def test_strict_build_has_every_page(built_site: Path) -> None:
         assert (built_site / page.path.replace(".md", ".html")).is_file(), page.path
 
 
+# a script, stylesheet, image or frame loaded from a server, or a CSS url()/@import of one
+_REMOTE = re.compile(
+    r"<(?:script|link|img|iframe)\b[^>]*\b(?:src|href)=[\"']?(?:https?:)?//"
+    r"|url\([\"']?(?:https?:)?//|@import\s+[\"']?(?:url\()?[\"']?(?:https?:)?//"
+)
+
+
+def test_remote_load_pattern() -> None:
+    # what Material's offline plugin adds unless a local shim is named in extra.polyfills
+    assert _REMOTE.search('<script src="https://unpkg.com/iframe-worker/shim"></script>')
+    assert _REMOTE.search("@import url('https://fonts.googleapis.com/css?family=Roboto')")
+    assert not _REMOTE.search('<a href="https://github.com/">a link is not a load</a>')
+
+
+def test_built_site_loads_nothing_from_the_network(built_site: Path) -> None:
+    """No page pulls a script, stylesheet, font or image from a server (the browser test
+    watches four pages; this reads every file of the build)."""
+    found = []
+    for path in built_site.rglob("*"):
+        if path.suffix in (".html", ".css") and _REMOTE.search(path.read_text(errors="replace")):
+            found.append(str(path.relative_to(built_site)))
+    assert not found, f"pages that load from the network: {found}"
+
+
 def test_every_public_name_has_a_reference_entry(built_site: Path) -> None:
     pages = {page.module: page for page in reference_pages()}
     import oculi
