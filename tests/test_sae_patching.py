@@ -198,3 +198,27 @@ def test_bad_latent_sites_are_refused():
     unbound = SAE(a.d_model, 32, "relu")
     with pytest.raises(ValueError, match="bound to no site"):
         patching.activation_patching(a, CLEAN, CORRUPT, site=("sae", unbound), metric=metric)
+
+
+def test_latent_result_views():
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    a = adapter_for("gemma3")
+    sae = random_sae(a)
+    metric = patching.logit_diff(GOOD, BAD)
+    res = patching.activation_patching(a, CLEAN, CORRUPT, site=("sae", sae), metric=metric,
+                                       positions=[-1], progress=False)  # fmt: skip
+    (latent, pos, value), *_ = res.top(3, normalized=False)
+    t = a.prepare(CORRUPT).input_ids.shape[1]
+    assert pos == t - 1 and value == float(res.values[pos, latent])
+    table = res.table()
+    assert f"{latent:>7} {pos} 'ran'" in table and "exact patching of sae:resid_post L1" in table
+    assert "<pre>" in res._repr_html_()
+    rec = res.normalized()
+    assert float(rec[pos, latent]) == pytest.approx(
+        (value - res.corrupt_metric) / (res.clean_metric - res.corrupt_metric)
+    )
+    ax = res.plot(k=5)
+    assert len(ax.get_xticklabels()) == 5
