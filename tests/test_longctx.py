@@ -209,6 +209,8 @@ def test_streamed_capture_equals_in_memory_for_every_part(tmp_path):
                     scale = x.abs().max().clamp_min(1)
                     assert ((x - y).abs().max() / scale) <= 3e-6, (family, part, name)
         assert torch.equal(ref.logits.top_k_indices, got.logits.top_k_indices)
+        # head contributions (derived from z after the forward) went to disk a layer at a time
+        assert (tmp_path / family / "head_out.safetensors").exists()
         again = oculi.load_capture(tmp_path / family)
         assert torch.equal(again.attention.patterns, got.attention.patterns)
 
@@ -295,3 +297,17 @@ def test_a_streamed_lens_stays_lazy_until_asked(tmp_path):
         loaded.logits.top_k_indices  # noqa: B018
     loaded.logits.attach_unembedding(adapter)
     assert torch.equal(loaded.logits.top_k_indices, ref.top_k_indices)
+
+
+def test_a_padded_batch_streams_as_in_memory(tmp_path):
+    adapter = oculi.attach(tiny_model("qwen2"))  # sliding window on later layers
+    ids = torch.randint(3, 96, (2, 21), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0  # left padding on the second row
+    config = CaptureConfig(capture_head_outputs=True)
+    ref = adapter.capture(ids, config, attention_mask=mask)
+    got = adapter.capture(ids, config, attention_mask=mask, stream_to=tmp_path / "batch")
+    for name in ("queries", "keys", "values", "patterns", "head_outputs"):
+        x, y = getattr(ref, name), getattr(got, name)
+        assert x.shape == y.shape and x.shape[0] == 2, name
+        assert ((x - y).abs().max() / x.abs().max()) <= 2e-6, name

@@ -87,6 +87,13 @@ class Recorder:
         """Called after ``dst`` (part of ``kind``'s buffer) was written (a streaming recorder
         moves it to the disk)."""
 
+    def derived(self, kind: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """The buffer of a kind computed after the forward from others (``head_out``,
+        ``resid_mid``), ``shape`` in its storage dtype and device, else ``like``'s (a
+        streaming recorder maps a file)."""
+        dtype, device = self.storage.get(kind, (None, None))
+        return torch.empty(shape, dtype=dtype or like.dtype, device=device or like.device)
+
     def _buffer(self, kind: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         buf = self.buffers.get(kind)
         if buf is None:
@@ -373,11 +380,24 @@ def _finish(adapter: ModelParts, rec: Recorder, requests: Mapping[str, Sequence[
             continue
         with torch.no_grad():  # no autograd graph (and no model weights) kept in a capture
             if kind == "resid_mid" and kind not in bufs:
-                pre = pick("resid_pre", wanted)
-                out[kind] = (wanted, stored(kind, pre + pick("attn_out", wanted).to(pre.device)))
+                pre, attn = pick("resid_pre", wanted), pick("attn_out", wanted)
+                mid = rec.derived(kind, tuple(pre.shape), pre)
+                for i in range(len(wanted)):  # a layer at a time (a long context's stays small)
+                    mid[:, i] = pre[:, i] + attn[:, i].to(pre.device)
+                    rec.stored(kind, wanted[i], mid[:, i])
+                out[kind] = (wanted, mid)
             elif kind == "head_out":
                 o_out = pick("o_out", wanted) if "o_out" in bufs else None
-                heads = head_contributions(adapter, pick("o_in", wanted), wanted, o_out)
+
+                def alloc(shape: tuple[int, ...], like: torch.Tensor, kind: str = kind):
+                    return rec.derived(kind, shape, like)
+
+                def done(i: int, view: torch.Tensor, kind: str = kind, wanted=wanted) -> None:
+                    rec.stored(kind, wanted[i], view)
+
+                heads = head_contributions(
+                    adapter, pick("o_in", wanted), wanted, o_out, alloc=alloc, done=done
+                )
                 out[kind] = (wanted, stored(kind, heads))
             else:
                 out[kind] = (wanted, pick(kind, wanted))
@@ -389,8 +409,15 @@ def head_contributions(
     z: torch.Tensor,
     layers: Sequence[int],
     o_out: torch.Tensor | None,
+    *,
+    alloc: Callable[[tuple[int, ...], torch.Tensor], torch.Tensor] | None = None,
+    done: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Each head's contribution to the residual, ``[B, n, H, T, d_model]``.
+
+    Filled a layer at a time into one tensor (``alloc(shape, like)`` makes it, default
+    ``like.new_empty``; ``done(i, out[:, i])`` follows each layer: a streamed capture writes
+    it to disk).
 
     ``z`` is the output projection's input ``[B, n, T, H*D]``. Head ``h`` contributes
     ``z_h @ W_O[:, h]^T``; the projection bias belongs to no head. For families that normalise
@@ -413,8 +440,11 @@ def head_contributions(
             norm = adapter.part(layer, anat.attn_out_norm)
             contrib = contrib * rms_gain(norm, o_out[:, i], anat.norm_offset).unsqueeze(1)
         if out is None:
-            out = contrib.new_empty((b, len(layers), *contrib.shape[1:]))
+            shape = (b, len(layers), *contrib.shape[1:])
+            out = alloc(shape, contrib) if alloc is not None else contrib.new_empty(shape)
         out[:, i] = contrib
+        if done is not None:
+            done(i, out[:, i])
     assert out is not None, "head_contributions needs at least one layer"
     return out
 

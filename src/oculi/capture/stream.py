@@ -103,7 +103,8 @@ def derived_bytes(
     adapter: Any, requests: Mapping[str, Sequence[int]], storage: Storage | None, b: int, t: int
 ) -> int:
     """Bytes of the kinds computed from others after the forward (``resid_mid`` from
-    ``resid_pre`` and ``attn_out``, ``head_out`` from ``z``): held in memory once."""
+    ``resid_pre`` and ``attn_out``, ``head_out`` from ``z``): written to disk a layer at a
+    time too."""
     from oculi.capture.memory import site_elements
 
     storage = storage or {}
@@ -172,14 +173,13 @@ def plan_stream(
     b, t = batch.input_ids.shape
     rows = attention_rows(adapter, b, t)
     sites = site_bytes(adapter, requests, storage, b, t)
-    disk = sum(sites.values())
+    disk = sum(sites.values()) + derived_bytes(adapter, requests, storage, b, t)
     if disk_free is None:
         disk_free = shutil.disk_usage(folder).free
     runs_on, transfer = _compute_devices(adapter)
     computing = sorted(set(runs_on) | {str(adapter.device)})
     forward = blocked_forward_bytes(adapter, b, t, rows)
     need = {c: forward + transfer.get(c, 0) for c in computing}
-    need["cpu"] = need.get("cpu", 0) + derived_bytes(adapter, requests, storage, b, t)
     free = dict(free) if free is not None else {d: free_bytes(d) for d in need}
     listed = describe_sites(sites, expand_requests(adapter, requests))
     if disk > SHARE * disk_free:
@@ -227,6 +227,12 @@ class StreamRecorder(Recorder):
         dtype = self.storage.get(kind, (None, None))[0] or like.dtype
         name = f"{kind}.safetensors"
         self.files[name] = MappedFile(self.folder / name, kind, (shape[0], n, *shape[1:]), dtype)
+        return self.files[name].tensor
+
+    def derived(self, kind: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        dtype = self.storage.get(kind, (None, None))[0] or like.dtype
+        name = f"{kind}.safetensors"
+        self.files[name] = MappedFile(self.folder / name, kind, shape, dtype)
         return self.files[name].tensor
 
     def stored(self, kind: str, layer: int, dst: torch.Tensor) -> None:

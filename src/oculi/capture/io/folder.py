@@ -7,7 +7,9 @@ folder oculi owns::
       oculi-capture.json     the marker: format, structure, and where each tensor lies
       pattern.safetensors    one file per recorded site [B, n_layers, ...] (plain safetensors:
       q.safetensors          safetensors.safe_open reads them too)
-      extras.safetensors     what was computed after the forward (derived sites, norms)
+      head_out.safetensors   a site derived after the forward, written a layer at a time
+      extras.safetensors     the rest computed after it (final norm, the lens's normalised
+                             residual)
 
 Each site's file gets its header and its full size (sparse) when the site's first layer is
 recorded, then every layer (a pattern: every block of query rows) is written in place as the
