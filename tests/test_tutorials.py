@@ -443,3 +443,63 @@ def test_factual_recall_notebook(ref, tmp_path_factory):
         handle.remove()
     shown = re.search(r"steered:\s+'(.*)'\n", text).group(1)
     assert shown == ref.tok.decode(out[0, ids.shape[1] :])
+
+
+# --- the build executes notebooks, and a failing one fails it -----------------------------------
+
+
+def _mini_site(tmp_path: Path, source: str) -> Path:
+    """A one-notebook site with mkdocs.yml's own mkdocs-jupyter settings and hook."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))
+    plugin = next(p["mkdocs-jupyter"] for p in config["plugins"] if "mkdocs-jupyter" in p)
+    assert plugin["execute"] is True and plugin["allow_errors"] is False
+    assert [ROOT / h for h in config["hooks"]] == [ROOT / "tools" / "docs" / "notebooks.py"]
+    (tmp_path / "docs").mkdir(parents=True)
+    (tmp_path / "docs" / "index.md").write_text("# home\n", encoding="utf-8")
+    nb = nbformat.v4.new_notebook(
+        cells=[nbformat.v4.new_markdown_cell("# a tutorial"), nbformat.v4.new_code_cell(source)],
+        metadata={"kernelspec": {"name": "python3", "language": "python", "display_name": "P"}},
+    )
+    nbformat.write(nb, tmp_path / "docs" / "nb.ipynb")
+    site = {
+        "site_name": "mini",
+        "docs_dir": "docs",
+        "use_directory_urls": False,
+        "hooks": [str(ROOT / "tools" / "docs" / "notebooks.py")],
+        "plugins": [{"mkdocs-jupyter": plugin}],
+        "nav": [{"Home": "index.md"}, {"Tutorial": "nb.ipynb"}],
+    }
+    (tmp_path / "mkdocs.yml").write_text(yaml.safe_dump(site), encoding="utf-8")
+    return tmp_path
+
+
+def _build(folder: Path, execute: str | None):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OCULI_DOCS_EXECUTE"}
+    if execute is not None:
+        env["OCULI_DOCS_EXECUTE"] = execute
+    cmd = [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", "mkdocs.yml", "-d", "site"]
+    return subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_build_executes_notebooks_and_fails_on_an_error(tmp_path):
+    pytest.importorskip("mkdocs_jupyter")
+    ok = _mini_site(tmp_path / "ok", "print(6 * 7, 'from the build')")
+    run = _build(ok, None)
+    assert run.returncode == 0, run.stderr
+    assert "42 from the build" in (ok / "site" / "nb.html").read_text(encoding="utf-8")
+
+    bad = _mini_site(tmp_path / "bad", "raise RuntimeError('a tutorial cell failed')")
+    run = _build(bad, "1")
+    assert run.returncode != 0 and "a tutorial cell failed" in run.stdout + run.stderr
+    # OCULI_DOCS_EXECUTE=0 (the quick build inside the test suite) renders without running
+    run = _build(bad, "0")
+    assert run.returncode == 0, run.stderr
+    page = (bad / "site" / "nb.html").read_text(encoding="utf-8")
+    assert "raise RuntimeError" in page and "Traceback" not in page
+    run = _build(bad, "maybe")
+    assert run.returncode != 0 and "OCULI_DOCS_EXECUTE must be" in run.stdout + run.stderr
