@@ -455,7 +455,7 @@ def _mini_site(tmp_path: Path, source: str) -> Path:
     config = yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))
     plugin = next(p["mkdocs-jupyter"] for p in config["plugins"] if "mkdocs-jupyter" in p)
     assert plugin["execute"] is True and plugin["allow_errors"] is False
-    assert [ROOT / h for h in config["hooks"]] == [ROOT / "tools" / "docs" / "notebooks.py"]
+    assert ROOT / "tools" / "docs" / "notebooks.py" in [ROOT / h for h in config["hooks"]]
     (tmp_path / "docs").mkdir(parents=True)
     (tmp_path / "docs" / "index.md").write_text("# home\n", encoding="utf-8")
     nb = nbformat.v4.new_notebook(
