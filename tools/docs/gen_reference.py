@@ -1,6 +1,7 @@
 """Writes the API reference pages at build time (run by mkdocs-gen-files, see ``mkdocs.yml``).
 
-One page per module listed by :func:`public_api.reference_pages`, and
+An overview (``reference/index.md``: each module with the first paragraph of its docstring),
+one page per module listed by :func:`public_api.reference_pages`, and
 ``reference/SUMMARY.md``, the navigation that mkdocs-literate-nav turns into the "API
 reference" section. Each page renders the names in the module's ``__all__`` with mkdocstrings
 (anchor ``module.name``); a name that is a module itself (``oculi.sae``) gets a heading with that
@@ -94,7 +95,26 @@ def _page_text(
 pages = reference_pages()
 by_module = {page.module: page for page in pages}
 rendered_at = _rendered_at(pages)
-summary = []
+summary = ["* [Overview](index.md)"]
+overview = [
+    "# API reference",
+    "",
+    "Every public name of oculi, generated from the docstrings when the site is built: one page",
+    "per module that exports names (its ``__all__``), with signatures, parameters, shapes and",
+    "examples. Most work starts from the top-level names on [`oculi`](oculi.md).",
+    "",
+    "| module | what it holds | names |",
+    "| --- | --- | ---: |",
+]
+for page in pages:
+    doc = inspect.getdoc(importlib.import_module(page.module)) or ""
+    first = " ".join(doc.split("\n\n")[0].split()).replace("|", "\\|")
+    link = page.path.removeprefix("reference/")
+    overview.append(f"| [`{page.module}`]({link}) | {first} | {len(page.names)} |")
+with mkdocs_gen_files.open("reference/index.md", "w") as f:
+    f.write("\n".join(overview) + "\n")
+mkdocs_gen_files.set_edit_path("reference/index.md", "tools/docs/gen_reference.py")
+
 for page in pages:
     summary.append(f"* [{page.module}]({page.path.removeprefix('reference/')})")
     with mkdocs_gen_files.open(page.path, "w") as f:
