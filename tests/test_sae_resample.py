@@ -8,7 +8,7 @@ import torch
 
 from oculi.sae import SAE, train
 from oculi.sae.resample import resample_dead
-from test_sae_train import planted
+from test_sae_train import planted, store_path  # noqa: F401 - a fixture used below
 
 
 def test_relu_recovers_the_planted_dictionary():
@@ -80,3 +80,22 @@ def test_resample_options_are_checked():
         train(x, d_sae=8, kind="relu", batch_rows=16, resample_every=-1, progress=False)
     with pytest.raises(ValueError, match="resample_rows"):
         train(x, d_sae=8, kind="relu", batch_rows=16, resample_rows=0, progress=False)
+
+
+def test_cli_resample_every(store_path, tmp_path):  # noqa: F811 - the imported fixture
+    from click.testing import CliRunner
+
+    from oculi.cli import cli
+    from oculi.sae import load_sae
+
+    out = tmp_path / "relu"
+    out.mkdir()
+    args = ["sae", "train", "--store", str(store_path), "--site", "resid_post", "--layer", "1",
+            "--d-sae", "32", "--kind", "relu", "--out", str(out), "--batch-rows", "128",
+            "--resample-every", "512", "--quiet"]  # fmt: skip
+    done = CliRunner().invoke(cli, args)
+    assert done.exit_code == 0, done.output
+    training = load_sae(out / "sae.safetensors").metadata["training"]
+    assert training["config"]["resample_every"] == 512
+    half = training["tokens"] // 2
+    assert [r["tokens"] for r in training["resampled"]] == list(range(512, half + 1, 512))

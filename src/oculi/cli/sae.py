@@ -64,6 +64,13 @@ def sae() -> None:
     "--l0-coefficient", type=FiniteFloat(min=0), default=None, help="JumpReLU's L0 penalty."
 )
 @click.option(
+    "--resample-every",
+    type=click.IntRange(min=0),
+    default=None,
+    help="ReLU: tokens between resamplings of dead latents (default an eighth of the run; "
+    "0: never).",
+)
+@click.option(
     "--checkpoint-every",
     type=click.IntRange(min=1),
     default=None,
@@ -78,7 +85,8 @@ def sae() -> None:
 def train_command(
     store: str, site: str, layer: int, out: str, d_sae: int, kind: str, k: int | None,
     target_site: str | None, n_tokens: int | None, batch_rows: int, lr: float | None,
-    l1_coefficient: float | None, l0_coefficient: float | None, checkpoint_every: int | None,
+    l1_coefficient: float | None, l0_coefficient: float | None, resample_every: int | None,
+    checkpoint_every: int | None,
     split: str | None, seed: int, device: str | None, quiet: bool, as_json: bool,
 ) -> None:  # fmt: skip
     """Train an SAE (or a transcoder with --target-site) on STORE's SITE at LAYER.
@@ -93,6 +101,7 @@ def train_command(
     options: dict[str, Any] = {
         "target_site": target_site, "n_tokens": n_tokens, "batch_rows": batch_rows, "lr": lr,
         "checkpoint_every": checkpoint_every, "split": split, "seed": seed,
+        "resample_every": resample_every,
     }  # fmt: skip
     if l1_coefficient is not None:
         options["l1_coefficient"] = l1_coefficient
