@@ -340,3 +340,14 @@ def test_oculi_pickles_by_reference():
     import pickle
 
     assert pickle.loads(pickle.dumps(oculi)) is oculi
+
+
+def test_other_prompts_are_named_before_the_sizes_they_imply(adapter, tmp_path):
+    """Without explicit chunk sizes the stored configuration follows from the data: a resume
+    with other prompts names the prompts, not a chunk size that differs because of them."""
+    prompts = word_prompts(20)
+    oculi.harvest(adapter, prompts, sites="resid_post", layers=[0], out=tmp_path, progress=False)
+    with pytest.raises(HarvestStoreError, match="other prompts"):
+        oculi.harvest(
+            adapter, prompts[:3], sites="resid_post", layers=[0], out=tmp_path, progress=False
+        )

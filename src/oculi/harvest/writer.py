@@ -295,7 +295,9 @@ def _resume(root: Path, plan: HarvestPlan, new: dict[str, Any], write_index, ver
     return {k: rec for k, rec in done.items() if k not in damaged}
 
 
-_IDENTITY_KEYS = ("config", "model", "tokens")
+# the model first, then the prompts: a configuration derived from the data (chunk sizes) would
+# otherwise be named for what is really another model or other prompts
+_IDENTITY_KEYS = ("model", "tokens", "config")
 
 
 def _check_same(old: dict[str, Any], new: dict[str, Any], root: Path) -> None:
