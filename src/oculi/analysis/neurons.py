@@ -32,7 +32,7 @@ from torch import Tensor
 
 from oculi.analysis.readout import _gather, _rows, _squeeze, readout
 from oculi.analysis.result import AttributionResult
-from oculi.capture.engine import rms_gain
+from oculi.capture.heads import rms_gain
 from oculi.capture.structures import FullCapture
 from oculi.errors import InputError, LayerIndexError
 from oculi.models.weights import read_bias, read_weight

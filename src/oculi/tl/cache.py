@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
-from oculi.capture.engine import head_contributions
+from oculi.capture.heads import head_contributions
 from oculi.errors import InputError, did_you_mean
 from oculi.tl.names import get_act_name, hook_specs
 from oculi.tl.readout import FrozenReadout, apply_slice
