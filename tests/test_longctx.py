@@ -107,9 +107,16 @@ def test_16k_patterns_stream_to_disk_in_bounded_memory_and_equal_in_memory(tmp_p
     assert got["last_row_err"] <= 1e-6 and abs(got["last_row_sum"] - 1) < 1e-5, got
     assert "oculi-capture.json" in got["files"] and "pattern.safetensors" in got["files"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no hidden folder
+    before = _rss()
     loaded = oculi.load_capture(folder)  # memory-mapped, without the model
     assert loaded.attention.patterns.shape == (1, 1, t, t)
     assert float(loaded.attention.patterns[0, 0, -1].sum()) == pytest.approx(1, abs=1e-5)
+    assert _rss() - before < 64 * 2**20  # 1 GiB of patterns opened, one row read
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) * 1024
 
 
 @pytest.mark.gemma
@@ -311,3 +318,22 @@ def test_a_padded_batch_streams_as_in_memory(tmp_path):
         x, y = getattr(ref, name), getattr(got, name)
         assert x.shape == y.shape and x.shape[0] == 2, name
         assert ((x - y).abs().max() / x.abs().max()) <= 2e-6, name
+
+
+def test_an_error_while_replacing_a_capture_folder_keeps_the_old_one(tmp_path):
+    adapter = oculi.attach(tiny_model("gemma3"))
+    old = adapter.capture(torch.arange(3, 20), stream_to=tmp_path / "cap")
+
+    def fail(*_):
+        raise RuntimeError("stopped mid-stream")
+
+    handle = adapter.layer_modules[1].register_forward_pre_hook(fail)
+    try:
+        with pytest.raises(RuntimeError, match="mid-stream"):
+            adapter.capture(torch.arange(3, 40), stream_to=tmp_path / "cap")
+    finally:
+        handle.remove()
+    assert [p.name for p in tmp_path.iterdir()] == ["cap"]  # no hidden folder left
+    kept = oculi.load_capture(tmp_path / "cap").attention
+    assert torch.equal(kept.patterns, old.patterns)
+    assert oculi_hooks(adapter.model) == []
