@@ -11,6 +11,7 @@ middle of a streamed forward leaves no folder, no hidden folder and no hook.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -179,20 +180,28 @@ def test_a_capture_that_cannot_fit_is_refused_before_any_forward_with_the_estima
     assert calls == [] and list(tmp_path.iterdir()) == []
 
 
+@contextlib.contextmanager
+def failing_at(adapter, layer: int, error: type[BaseException]):
+    """While open, the forward raises ``error`` on entering ``layer`` (after the layers
+    before it were streamed)."""
+
+    def fail(*_):
+        raise error("stopped mid-stream")
+
+    handle = adapter.layer_modules[layer].register_forward_pre_hook(fail)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
 def test_an_error_mid_stream_leaves_no_folder_and_no_hook(tmp_path, error):
     adapter = oculi.attach(tiny_model("llama_gqa"))
     impl = adapter.model.config._attn_implementation
 
-    def fail(*_):
-        raise error("stopped mid-stream")
-
-    handle = adapter.layer_modules[2].register_forward_pre_hook(fail)
-    try:
-        with pytest.raises(error, match="mid-stream"):
-            adapter.capture_full(torch.arange(3, 40), stream_to=tmp_path / "cap")
-    finally:
-        handle.remove()
+    with failing_at(adapter, 2, error), pytest.raises(error, match="mid-stream"):
+        adapter.capture_full(torch.arange(3, 40), stream_to=tmp_path / "cap")
     assert list(tmp_path.iterdir()) == []  # layers 0-1 were written aside, then removed
     assert oculi_hooks(adapter.model) == []
     assert adapter.model.config._attn_implementation == impl
@@ -324,15 +333,8 @@ def test_an_error_while_replacing_a_capture_folder_keeps_the_old_one(tmp_path):
     adapter = oculi.attach(tiny_model("gemma3"))
     old = adapter.capture(torch.arange(3, 20), stream_to=tmp_path / "cap")
 
-    def fail(*_):
-        raise RuntimeError("stopped mid-stream")
-
-    handle = adapter.layer_modules[1].register_forward_pre_hook(fail)
-    try:
-        with pytest.raises(RuntimeError, match="mid-stream"):
-            adapter.capture(torch.arange(3, 40), stream_to=tmp_path / "cap")
-    finally:
-        handle.remove()
+    with failing_at(adapter, 1, RuntimeError), pytest.raises(RuntimeError, match="mid-stream"):
+        adapter.capture(torch.arange(3, 40), stream_to=tmp_path / "cap")
     assert [p.name for p in tmp_path.iterdir()] == ["cap"]  # no hidden folder left
     kept = oculi.load_capture(tmp_path / "cap").attention
     assert torch.equal(kept.patterns, old.patterns)
