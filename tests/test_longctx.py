@@ -339,3 +339,29 @@ def test_an_error_while_replacing_a_capture_folder_keeps_the_old_one(tmp_path):
     kept = oculi.load_capture(tmp_path / "cap").attention
     assert torch.equal(kept.patterns, old.patterns)
     assert oculi_hooks(adapter.model) == []
+
+
+def test_lens_and_dla_of_a_long_streamed_capture_equal_the_full_computation(tmp_path):
+    """2,048 tokens: the lens's blocks (a small chunk_size forces many) give the top-k of the
+    full logits ``final_norm(resid) @ W_U^T`` computed at once; DLA read a layer at a time
+    from the streamed capture equals DLA of the in-memory one and adds up to the logit."""
+    from oculi import LogitConfig
+    from oculi.analysis import AttributionMethods
+
+    adapter = _long_llama(2048)
+    ids = torch.randint(3, 96, (2048,), generator=torch.Generator().manual_seed(6))
+    lens = LogitConfig(chunk_size=4096, top_k=5)  # 42 rows of the 96-token vocabulary a block
+    got = adapter.capture_full(ids, attention=None, mlp=None, logits=lens, stream_to=tmp_path / "f")
+    ref = adapter.capture_full(ids, attention=None, mlp=None, logits=lens)
+    model = adapter.model
+    with torch.no_grad():
+        full = model.lm_head(model.model.norm(ref.residual.post_mlp))  # [L, T, V] at once
+    values, indices = full.topk(5, dim=-1)
+    assert torch.allclose(got.logits.top_k_values, values, atol=1e-4)
+    assert (got.logits.top_k_indices == indices).float().mean() > 0.999  # ties may swap
+    for position in (-1, 100, 2047):
+        a = AttributionMethods.direct_logit_attribution(got, 7, position=position)
+        b = AttributionMethods.direct_logit_attribution(ref, 7, position=position)
+        assert torch.allclose(a.values, b.values, rtol=1e-6, atol=1e-9)
+        assert abs(a.total - a.logit) <= 1e-4 * abs(a.logit).clamp_min(1)
+        assert abs(a.logit - full[-1, position, 7]) <= 1e-4 * abs(a.logit).clamp_min(1)
