@@ -222,3 +222,32 @@ def test_latent_result_views():
     )
     ax = res.plot(k=5)
     assert len(ax.get_xticklabels()) == 5
+
+
+def test_kl_metric_over_latents_equals_a_hand_kl():
+    a = adapter_for("llama_gqa")
+    sae = random_sae(a)
+    metric = patching.kl_divergence()
+    res = sae_activation_patching(a, CLEAN, CORRUPT, sae, metric=metric, positions=[-1],
+                                  progress=False)  # fmt: skip
+    clean = torch.log_softmax(a.model(a.prepare(CLEAN).input_ids).logits[0, -1].detach(), -1)
+    assert res.clean_metric == pytest.approx(0.0, abs=1e-5)
+    d = deltas(a, sae)
+    t = d.shape[0]
+    cells = d[t - 1].nonzero()[:, 0].tolist()
+    assert len(cells) >= 4
+    for i in cells[:4]:
+        add = torch.zeros(t, a.d_model)
+        add[t - 1] = d[t - 1, i] * sae.W_dec[i]
+        handle = a.layer_modules[LAYER].register_forward_hook(
+            lambda _m, _a, out, add=add: (
+                (out[0] + add, *out[1:]) if isinstance(out, tuple) else out + add
+            )
+        )
+        try:
+            logits = a.model(a.prepare(CORRUPT).input_ids).logits[0, -1].detach()
+        finally:
+            handle.remove()
+        patched = torch.log_softmax(logits, -1)
+        want = float((clean.exp() * (clean - patched)).sum())
+        assert float(res.values[t - 1, i]) == pytest.approx(want, abs=1e-5), i

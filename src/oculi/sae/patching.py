@@ -43,6 +43,7 @@ from oculi.patching._common import (
     check_read_position,
     chunks,
     evaluate,
+    final_normed,
     metric_of,
     progress_bar,
     prompt_tokens,
@@ -245,8 +246,7 @@ def sae_activation_patching(
     t = kb.input_ids.shape[1]
     clean_run, corrupt_run = ResumableRun(adapter, cb), ResumableRun(adapter, kb)
     if metric.kind == "kl":
-        normed = clean_run.run_from(adapter.n_layers, clean_run.resid[-1:],
-                                    positions=[clean_run.position(metric.position)])[:, 0]  # fmt: skip
+        normed = final_normed(clean_run, clean_run.position(metric.position))
         metric = with_reference(metric, unembed(adapter, normed, None)[0])
     clean_value = metric_of(adapter, clean_run, metric)
     corrupt_value = metric_of(adapter, corrupt_run, metric)
