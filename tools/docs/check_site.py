@@ -1,9 +1,9 @@
 """Opens the built documentation site from disk in headless Chromium with the network off and
 checks what a reader sees first (``make docs-check``; ``tests/test_docs_site.py`` runs it too).
 
-Four pages, each found in the built folder: the landing page (``index.html``), a guide
-(``guides/*.html``), an API page (``reference/oculi.html``) and a tutorial rendered from a
-notebook (``tutorials/*.html``, else ``tutorial.html``). Each must load with no console error,
+The pages, each found in the built folder: the landing page (``index.html``), a guide
+(``guides/*.html``), an API page (``reference/oculi.html``) and every tutorial rendered from a
+notebook (``tutorials/*.html`` and ``tutorial.html``; at least one). Each must load with no console error,
 no uncaught exception and no request for anything but a local file; the search box, typed into
 on the landing page, must list a result for ``activation_patching``. A screenshot of
 each page (its first screen) goes to ``--png-dir``.
@@ -37,7 +37,8 @@ class SiteCheck:
 
 
 def pick_pages(site: Path) -> tuple[dict[str, Path], list[str]]:
-    """The four pages to open (kind -> file) and a problem line for each kind not found."""
+    """The pages to open (kind -> file; ``tutorial`` is the first notebook, ``tutorial-<name>``
+    the others) and a problem line for each kind not found."""
     candidates = {
         "landing": [site / "index.html"],
         "guide": sorted((site / "guides").glob("*.html")),
@@ -47,10 +48,13 @@ def pick_pages(site: Path) -> tuple[dict[str, Path], list[str]]:
     pages, missing = {}, []
     for kind, files in candidates.items():
         found = [f for f in files if f.is_file()]
-        if found:
-            pages[kind] = found[0]
-        else:
+        if not found:
             missing.append(f"no {kind} page in {site} (looked for {[str(f) for f in files]})")
+        elif kind == "tutorial":  # every notebook: their outputs carry the views' scripts
+            pages[kind] = found[0]
+            pages.update({f"tutorial-{f.stem}": f for f in found[1:]})
+        else:
+            pages[kind] = found[0]
     return pages, missing
 
 
