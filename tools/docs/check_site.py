@@ -58,8 +58,11 @@ def pick_pages(site: Path) -> tuple[dict[str, Path], list[str]]:
     return pages, missing
 
 
-def check_site(site: str | Path, png_dir: str | Path | None = None) -> SiteCheck:
-    """Open the site at ``site`` (the built folder) and return what was seen."""
+def check_site(
+    site: str | Path, png_dir: str | Path | None = None, *, search_timeout_ms: int = 15_000
+) -> SiteCheck:
+    """Open the site at ``site`` (the built folder) and return what was seen; search results
+    are awaited up to ``search_timeout_ms``."""
     from oculi.visualize.browser import offline_page
 
     site = Path(site).resolve()
@@ -91,7 +94,7 @@ def check_site(site: str | Path, png_dir: str | Path | None = None) -> SiteCheck
             items = page.locator(".md-search-result__item")
             # playwright's TimeoutError when nothing shows: reported below as no hit
             with contextlib.suppress(Exception):
-                items.first.wait_for(state="visible", timeout=15_000)
+                items.first.wait_for(state="visible", timeout=search_timeout_ms)
             result.search_hits = [t.strip() for t in items.all_inner_texts()]
             if not any(SEARCH_TERM in hit for hit in result.search_hits):
                 result.problems.append(f"search found nothing for {SEARCH_TERM!r}")
