@@ -1,9 +1,12 @@
 """The documentation site: ``mkdocs build --strict`` succeeds with zero warnings, every public
-name (``oculi.__all__`` and each subpackage's) has an entry on its API page, and the strict
-configuration really turns a broken link or anchor into a failed build.
+name (``oculi.__all__`` and each subpackage's) has an entry on its API page and a docstring that
+teaches (an example or a shape), the strict configuration really turns a broken link or anchor
+into a failed build, nothing is loaded from the network, and the built site works from disk in
+headless Chromium (pages render, search finds ``activation_patching``).
 
 The build runs once per session with notebook execution off (``OCULI_DOCS_EXECUTE=0``); the
-full build with executed notebooks is ``make docs``, run by ``.ci/run`` after the tests.
+full build with executed notebooks is ``make docs``, and ``.ci/run`` runs ``make docs-check``
+after the tests (that build, then the browser check on its executed pages).
 """
 
 from __future__ import annotations
