@@ -58,7 +58,11 @@ bench: setup
 # warning fails the build. Open site/index.html from disk (search works offline). The tutorial
 # notebooks are executed on Gemma 3 270M during the build (a few minutes on a CPU; a failing
 # cell fails it); OCULI_DOCS_EXECUTE=0 renders them without running them.
-DOCS_ENV := NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true PYTHONPATH=$(CURDIR)/src
+# The notebooks run batch-1 forwards of a 270M model: one torch thread unless OMP_NUM_THREADS
+# says otherwise (on a busy 2-core machine the IOI notebook took 49 s with one thread and 228 s
+# with torch's default of 2 threads).
+DOCS_ENV := NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true PYTHONPATH=$(CURDIR)/src \
+	OMP_NUM_THREADS=$(or $(OMP_NUM_THREADS),1)
 docs: setup
 	$(DOCS_ENV) $(VENV)/bin/mkdocs build --strict --clean -d site
 
