@@ -238,8 +238,28 @@ def test_docs_page_examples(
         import oculi
 
         monkeypatch.setattr(oculi, "load", _memoised_load(request.getfixturevalue("gemma")))
-    failures = run_page(page, tmp_path)
+    with _registries_kept():  # a page registering its own experiment leaves no trace
+        failures = run_page(page, tmp_path)
     assert not failures, "\n\n".join(failures)
+
+
+@contextlib.contextmanager
+def _registries_kept():
+    """What a page registers itself (an experiment defined on the page, an anatomy) is gone
+    after the block; oculi's own entries, also those imported lazily meanwhile, stay."""
+    import oculi.models  # noqa: F401  (registers the built-in anatomies)
+    from oculi.experiments.registry import EXPERIMENTS
+    from oculi.models.anatomy import _REGISTRY
+
+    experiments, anatomies = dict(EXPERIMENTS), dict(_REGISTRY)
+    try:
+        yield
+    finally:
+        for name, cls in list(EXPERIMENTS.items()):
+            if name not in experiments and not cls.__module__.startswith("oculi."):
+                del EXPERIMENTS[name]
+        _REGISTRY.clear()
+        _REGISTRY.update(anatomies)
 
 
 # --- the runner on a page that is wrong on purpose ------------------------------------------
