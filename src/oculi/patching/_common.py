@@ -136,6 +136,20 @@ def with_reference(metric: Metric, logits: torch.Tensor) -> Metric:
     return replace(metric, reference=torch.log_softmax(logits.float(), dim=-1))
 
 
+def recorded_pair(
+    adapter: Adapter, clean: Batch, corrupt: Batch, metric: Metric
+) -> tuple[ResumableRun, ResumableRun, Metric, float, float]:
+    """Both prompts recorded once: ``(clean run, corrupt run, metric, clean value, corrupt
+    value)``, a KL metric bound to the clean run's distribution at its read position."""
+    clean_run, corrupt_run = ResumableRun(adapter, clean), ResumableRun(adapter, corrupt)
+    if metric.kind == "kl":
+        normed = final_normed(clean_run, clean_run.position(metric.position))
+        metric = with_reference(metric, unembed(adapter, normed, None)[0])
+    clean_value = metric_of(adapter, clean_run, metric)
+    corrupt_value = metric_of(adapter, corrupt_run, metric)
+    return clean_run, corrupt_run, metric, clean_value, corrupt_value
+
+
 def chunks(items: list, size: int) -> list[list]:
     """``items`` cut into consecutive lists of at most ``size``."""
     return [items[i : i + size] for i in range(0, len(items), size)]

@@ -43,18 +43,16 @@ from oculi.patching._common import (
     choose_strategy,
     chunks,
     evaluate,
-    final_normed,
-    metric_of,
     patched_copies,
     position_groups,
     progress_bar,
     prompt_tokens,
+    recorded_pair,
     run_patched,
     single_prompt,
-    with_reference,
 )
 from oculi.patching.metrics import Metric
-from oculi.patching.resume import Join, LayerPatchers, ResumableRun, run_joined, unembed
+from oculi.patching.resume import Join, LayerPatchers, ResumableRun, run_joined
 from oculi.patching.writers import PatchSpec, check_patchable, patchers_for
 from oculi.viz import heatmap, text_grid
 
@@ -208,12 +206,9 @@ def activation_patching(
     fused = choose_strategy(strategy, adapter.device) == "fused"
     t = kb.input_ids.shape[1]
 
-    clean_run, corrupt_run = ResumableRun(adapter, cb), ResumableRun(adapter, kb)
-    if metric.kind == "kl":
-        normed = final_normed(clean_run, clean_run.position(metric.position))
-        metric = with_reference(metric, unembed(adapter, normed, None)[0])
-    clean_value = metric_of(adapter, clean_run, metric)
-    corrupt_value = metric_of(adapter, corrupt_run, metric)
+    clean_run, corrupt_run, metric, clean_value, corrupt_value = recorded_pair(
+        adapter, cb, kb, metric
+    )
     axis, items = _sweep_items(adapter, kind, per_head, per_position, positions, t)
     clean_acts = _site_activations(adapter, cb, clean_run, site, layer_list)
     corrupt_acts = _site_activations(adapter, kb, corrupt_run, site, layer_list)

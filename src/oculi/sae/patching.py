@@ -43,10 +43,9 @@ from oculi.patching._common import (
     check_read_position,
     chunks,
     evaluate,
-    final_normed,
-    metric_of,
     progress_bar,
     prompt_tokens,
+    recorded_pair,
     single_prompt,
     with_reference,
 )
@@ -244,12 +243,9 @@ def sae_activation_patching(
         raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
     layer, write_site, cb, kb, metric = _prepare(adapter, sae, clean, corrupt, metric)
     t = kb.input_ids.shape[1]
-    clean_run, corrupt_run = ResumableRun(adapter, cb), ResumableRun(adapter, kb)
-    if metric.kind == "kl":
-        normed = final_normed(clean_run, clean_run.position(metric.position))
-        metric = with_reference(metric, unembed(adapter, normed, None)[0])
-    clean_value = metric_of(adapter, clean_run, metric)
-    corrupt_value = metric_of(adapter, corrupt_run, metric)
+    clean_run, corrupt_run, metric, clean_value, corrupt_value = recorded_pair(
+        adapter, cb, kb, metric
+    )
     read_pos = corrupt_run.position(metric.position)
     with torch.no_grad():
         delta = (_latents(adapter, sae, cb) - _latents(adapter, sae, kb)).cpu()  # [T, d_sae]
