@@ -18,13 +18,13 @@ def gemma():
     return oculi.load(device="cpu")
 
 
-def pytest_collection_modifyitems(session, config, items):
-    """test_interrupts.py runs first. Its SIGINT injection counts a run's line events and
-    replays the run once per event; in the full suite, after ~900 other tests in the same
-    interpreter, 15 of its cases failed (stop 16, cause not found in that session), while the
-    file passes alone and after each half of the files that precede it. Run first, it sees
-    the interpreter as it does alone."""
-    first = [item for item in items if item.nodeid.startswith("tests/test_interrupts.py")]
-    if first and len(first) < len(items):
-        rest = [item for item in items if item not in first]
-        items[:] = first + rest
+@pytest.fixture(autouse=True)
+def _grad_mode_kept():
+    """Every test leaves autograd as it found it (enabled): grad mode is global to the thread,
+    so a test or an oculi call that leaves it off makes later training tests fail far away."""
+    import torch
+
+    yield
+    if not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+        pytest.fail("the test left autograd disabled (torch.is_grad_enabled() is False)")

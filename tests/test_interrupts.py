@@ -142,6 +142,7 @@ class Baseline:
         left = {k: v for k, v in registries().items() if v and k != "interrupts._MARKS"}
         assert not left, f"{what}: oculi tables not empty: {left}"
         assert signal.getsignal(signal.SIGINT) is self.handler, f"{what}: SIGINT handler"
+        assert torch.is_grad_enabled(), f"{what}: autograd left disabled"
         assert torch.equal(self.plain_forward(), self.logits), f"{what}: plain forward differs"
 
     def check_fresh_capture(self) -> None:

@@ -579,3 +579,35 @@ def test_switching_the_implementation_inside_an_open_context_is_refused(llama):
         assert a.model.config._attn_implementation == "eager"  # the user's choice stands
     finally:
         a.model.set_attn_implementation(original)
+
+
+# -- autograd's mode ------------------------------------------------------------------------
+def _switch_grad_off_as_an_interrupted_no_grad_does() -> None:
+    """``torch.no_grad().__enter__`` switched autograd off and a Ctrl-C landed before it
+    returned: its ``__exit__`` never runs."""
+    torch.no_grad().__enter__()
+
+
+def test_a_hook_set_left_by_an_error_puts_autograd_back():
+    from oculi.capture.hooks import HookSet
+
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            with pytest.raises(KeyboardInterrupt), HookSet():
+                _switch_grad_off_as_an_interrupted_no_grad_does()
+                raise KeyboardInterrupt
+            assert torch.is_grad_enabled() is grad
+    # on a normal exit the body's own choice stands
+    with HookSet():
+        torch.set_grad_enabled(False)
+    assert not torch.is_grad_enabled()
+    torch.set_grad_enabled(True)
+
+
+def test_an_intervention_context_left_by_an_error_puts_autograd_back(llama):
+    with pytest.raises(KeyboardInterrupt):
+        with InterventionContext(llama, interventions()["steer"]):
+            _switch_grad_off_as_an_interrupted_no_grad_does()
+            llama.model(prompt_ids()[None])
+            raise KeyboardInterrupt
+    assert torch.is_grad_enabled()

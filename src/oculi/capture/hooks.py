@@ -29,6 +29,7 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
 
+import torch
 from torch import nn
 
 from oculi.capture.interrupts import Errors, closed, opened, protected, raise_held
@@ -71,6 +72,18 @@ _OPEN: ContextVar[frozenset[int]] = ContextVar("oculi_open_hooksets", default=fr
 _KEYS = itertools.count()
 
 
+def restore_grad_mode(enabled: bool) -> None:
+    """Put autograd's mode back after an error or a Ctrl-C inside a context.
+
+    ``torch.no_grad().__enter__`` switches autograd off and then returns: a Ctrl-C that
+    lands between the two (in a decorated rotary embedding's forward, say) never reaches its
+    ``__exit__``, and the thread would go on without gradients. Contexts leaving with an
+    exception put back the mode they found; on a normal exit the body's own choice stands.
+    """
+    if torch.is_grad_enabled() != enabled:
+        torch.set_grad_enabled(enabled)
+
+
 class HookSet:
     """Registers forward hooks and removes exactly the handles it registered, in reverse order.
 
@@ -86,12 +99,19 @@ class HookSet:
         self._active = False
         self._opened = False
         self._key = next(_KEYS)
+        self._grad = True  # autograd's mode at enter
+
+    @property
+    def grad_at_enter(self) -> bool:
+        """Whether autograd was enabled when the set was entered (restored on an error)."""
+        return self._grad
 
     @protected
     def __enter__(self) -> HookSet:
         if self._active:
             raise RuntimeError("this HookSet is already open")
         self._opened = opened()
+        self._grad = torch.is_grad_enabled()
         try:
             self._active = True
             _OPEN.set(_OPEN.get() | {self._key})
@@ -102,7 +122,9 @@ class HookSet:
         return self
 
     @protected
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is not None:
+            restore_grad_mode(self._grad)
         self.remove()  # delivers an interrupt held meanwhile, once everything is removed
 
     @protected

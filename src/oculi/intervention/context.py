@@ -36,7 +36,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from oculi.capture.bridge import BridgeState, LayerTaps, attention_bridge
-from oculi.capture.hooks import HookSet, add_forward_end, remove_forward_end
+from oculi.capture.hooks import HookSet, add_forward_end, remove_forward_end, restore_grad_mode
 from oculi.capture.interrupts import interruptible, protected, raise_held
 from oculi.intervention.base import Binding, Intervention, NoEffectWarning
 from oculi.intervention.finite import FiniteGuard
@@ -151,6 +151,8 @@ class InterventionContext:
 
     @protected
     def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None and self._hooks is not None:
+            restore_grad_mode(self._hooks.grad_at_enter)
         self._close(self._hooks)
         try:
             self._final_checks(exc_type)
