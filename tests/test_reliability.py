@@ -605,9 +605,8 @@ def test_a_hook_set_left_by_an_error_puts_autograd_back():
 
 
 def test_an_intervention_context_left_by_an_error_puts_autograd_back(llama):
-    with pytest.raises(KeyboardInterrupt):
-        with InterventionContext(llama, interventions()["steer"]):
-            _switch_grad_off_as_an_interrupted_no_grad_does()
-            llama.model(prompt_ids()[None])
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), InterventionContext(llama, interventions()["steer"]):
+        _switch_grad_off_as_an_interrupted_no_grad_does()
+        llama.model(prompt_ids()[None])
+        raise KeyboardInterrupt
     assert torch.is_grad_enabled()
