@@ -232,6 +232,46 @@ def test_capture_latents_equal_encoding_the_captured_site():
     assert (dense[0][~mask[..., 0]] == 0).all()  # padding has no latents
 
 
+def test_capture_full_saes_records_latents_beside_the_parts_in_one_forward(tmp_path):
+    a = adapter_for("llama_gqa")
+    prompts = [PROMPT, "the dog ran"]
+    s1, tc = random_sae(a.d_model), random_sae(a.d_model, "relu", seed=5, site="mlp_in")
+    tc.layer = 2
+    calls = []
+    handle = a.decoder.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        full = a.capture_full(prompts, attention=None, mlp=None, logits=None, saes=[s1, tc])
+    finally:
+        handle.remove()
+    assert len(calls) == 1  # the parts and the latents from one forward
+    res = a.capture_residual(prompts)
+    mask = a.prepare(prompts).attention_mask.bool()[..., None]
+    want = [s1.encode(res.post_mlp[:, LAYER]) * mask, tc.encode(res.pre_mlp[:, 2]) * mask]
+    for got, ref in zip(full.latents, want):
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(full.residual.post_mlp, res.post_mlp, atol=0, rtol=0)
+    # SAELens' names; the first SAE at a site answers
+    assert full[f"blocks.{LAYER}.hook_resid_post.hook_sae_acts_post"] is full.latents[0]
+    assert full["blocks.2.ln2.hook_normalized.hook_sae_acts_post"] is full.latents[1]
+    with pytest.raises(KeyError, match="no SAE read resid_post of layer 0 in this capture"):
+        full["blocks.0.hook_resid_post.hook_sae_acts_post"]
+    # latents alone, one prompt, sparse; then a file round trip keeps them
+    one = a.capture_full(
+        PROMPT, attention=None, residual=None, mlp=None, logits=None, saes=s1, sparse_latents=True
+    )
+    assert one.latents[0].is_sparse and one.latents[0].shape == (want[0].shape[1], 96)
+    torch.testing.assert_close(one.latents[0].to_dense(), s1.encode(res.post_mlp[0, LAYER]))
+    full.save(tmp_path / "c.safetensors")
+    back = oculi.load_capture(tmp_path / "c.safetensors")
+    assert back.metadata["saes"] == full.metadata["saes"]
+    for got, ref in zip(back.latents, full.latents):
+        assert torch.equal(got, ref)
+    with pytest.raises(oculi.InputError, match="saes= does not stream"):
+        a.capture_full(PROMPT, saes=s1, stream_to=tmp_path / "s")
+    with pytest.raises(TypeError, match="takes an SAE or a non-empty list"):
+        a.capture_full(PROMPT, saes=[])
+
+
 def test_model_is_restored_and_bad_patches_are_refused():
     a = adapter_for("llama_gqa")
     before = state_hash(a.model)

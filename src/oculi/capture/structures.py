@@ -228,6 +228,9 @@ class MLPCapture(_Capture):
 # oculi site kind -> where a FullCapture keeps it, as (part, field) candidates: the first one
 # captured wins (what the MLP adds is ResidualCapture.mlp_out and, unless a norm follows the
 # MLP as in Gemma 2/3 and OLMo 2, also MLPCapture.output).
+# SAELens' HookedSAETransformer names an SAE's latents "<hook name>.hook_sae_acts_post"
+SAE_ACTS_SUFFIX = ".hook_sae_acts_post"
+
 _ALIAS_FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
     "resid_pre": (("residual", "pre_attn"),),
     "resid_mid": (("residual", "post_attn"),),
@@ -274,6 +277,8 @@ class FullCapture(Storable):
     mlp: MLPCapture | None = None
     logits: Any = None  # LogitCapture
     metadata: dict[str, Any] = field(default_factory=dict)
+    # capture_full(saes=[...]): each SAE's latents, [B, T, d_sae]; metadata["saes"] says which
+    latents: list[torch.Tensor] | None = None
 
     def _repr_html_(self) -> str | None:
         """Jupyter's view: the attention part's head picker (when patterns were captured)."""
@@ -292,6 +297,8 @@ class FullCapture(Storable):
                 f"FullCapture is indexed by TransformerLens hook names such as "
                 f"'blocks.3.hook_resid_pre', got {name!r}"
             )
+        if name.endswith(SAE_ACTS_SUFFIX):
+            return self._latents_at(name)
         kind, layer = parse_name(
             name, gated=self.metadata.get("gated", True), parallel=self._parallel()
         )
@@ -324,6 +331,23 @@ class FullCapture(Storable):
             if not ((p, f) == ("mlp", "output") and self.metadata.get("mlp_out_norm"))
         )
         raise UnknownSiteError(f"{name!r} ({kind}) was not captured; capture it with {how}")
+
+    def _latents_at(self, name: str) -> torch.Tensor:
+        """SAELens' name of an SAE's latents: the first SAE of ``saes=`` at that site."""
+        hook = name[: -len(SAE_ACTS_SUFFIX)]
+        kind, layer = parse_name(
+            hook, gated=self.metadata.get("gated", True), parallel=self._parallel()
+        )
+        layer = self._resolve_layer(hook, layer)
+        bound = self.metadata.get("saes") or []
+        for i, sae in enumerate(bound):
+            if (sae["site"], sae["layer"]) == (kind, layer) and self.latents is not None:
+                return self.latents[i]
+        held = [f"{s['site']} of layer {s['layer']}" for s in bound]
+        raise UnknownSiteError(
+            f"{name!r}: no SAE read {kind} of layer {layer} in this capture; "
+            + (f"its SAEs read {', '.join(held)}" if held else "capture_full(saes=[...]) adds them")
+        )
 
     def _parallel(self) -> bool | None:
         """Whether the model's blocks are parallel (``None``: not recorded and possible)."""

@@ -469,8 +469,20 @@ class Adapter:
         attention_mask: torch.Tensor | None = None,
         stream_to: str | os.PathLike | None = None,
         overwrite: bool = True,
+        saes: Any = None,
+        sparse_latents: bool = False,
     ) -> FullCapture:
         """Everything asked for, from one forward pass. Pass ``None`` to skip a part.
+
+        ``saes`` (an :class:`oculi.sae.SAE` or a list) adds each SAE's latent activations,
+        encoded from the site it reads in the same forward: ``full.latents[i]`` is
+        ``[B, T, d_sae]`` (``[T, d_sae]`` for one prompt; sparse COO with
+        ``sparse_latents=True``; zero at padding), also under SAELens' hook names
+        (``full["blocks.6.hook_resid_post.hook_sae_acts_post"]``). The SAE reads the site as
+        recorded: in a config's ``storage_dtype`` where a part records the same site. ::
+
+            full = adapter.capture_full(prompts, attention=None, saes=[sae6, sae12])
+            full.latents[0].shape            # [B, T, d_sae] of sae6
 
         The memory plan (:mod:`oculi.capture.memory`) runs the batch in micro-batches, or
         attention a block of query positions at a time, where the whole does not fit; it
@@ -485,6 +497,18 @@ class Adapter:
         batch = self.prepare(inputs, attention_mask)
         requests, storage = {}, {}
         plan = build_full_capture(self, attention, residual, mlp, logits)
+        bound = None
+        if saes is not None:
+            from oculi.sae.latents import bind_saes
+
+            bound = bind_saes(self, saes, "capture_full(saes=...)")
+            if stream_to is not None:
+                raise InputError(
+                    "capture_full: saes= does not stream (latents of a long context are "
+                    "[T, d_sae] per SAE); harvest them with oculi.harvest(..., saes=...)"
+                )
+            for layer, site, _ in bound[1]:
+                plan.want(site, (layer,), None, None)
         for kind, (layers, dtype, device) in plan.requests.items():
             requests[kind] = layers
             storage[kind] = (dtype, device)
@@ -501,7 +525,17 @@ class Adapter:
                 overwrite=overwrite,
             )
         recorded = record_planned(self, batch, requests, storage=storage)
-        return plan.assemble(self, batch, recorded)
+        full = plan.assemble(self, batch, recorded)
+        if bound is not None:
+            from oculi.sae.latents import encode_recorded
+
+            latents = encode_recorded(*bound, recorded, batch.attention_mask, sparse=sparse_latents)
+            full.latents = [a[0] if batch.single else a for a in latents]
+            full.metadata["saes"] = [
+                {"site": site, "layer": layer, "d_sae": sae.d_sae, "kind": sae.kind}
+                for sae, (layer, site, _) in zip(*bound)
+            ]
+        return full
 
     def __repr__(self) -> str:
         return (

@@ -50,12 +50,7 @@ def capture_latents(
     Raises:
         ValueError: an SAE bound to no site, or whose width does not fit its site.
     """
-    if isinstance(saes, SAE):
-        saes = [saes]
-    saes = list(saes)
-    if not saes or not all(isinstance(s, SAE) for s in saes):
-        raise TypeError("capture_latents takes an SAE or a non-empty list of SAEs")
-    where = [s.check_model(adapter, f"capture_latents (SAE {i})") for i, s in enumerate(saes)]
+    saes, where = bind_saes(adapter, saes, "capture_latents")
     requests: dict[str, list[int]] = {}
     for layer, site, _ in where:
         requests.setdefault(site, [])
@@ -63,7 +58,33 @@ def capture_latents(
             requests[site].append(layer)
     batch = adapter.prepare(inputs, attention_mask)
     recorded = record(adapter, batch, {k: sorted(v) for k, v in requests.items()})
-    mask = batch.attention_mask.bool()
+    return encode_recorded(saes, where, recorded, batch.attention_mask, sparse=sparse)
+
+
+def bind_saes(
+    adapter: Adapter, saes: SAE | Sequence[SAE], what: str
+) -> tuple[list[SAE], list[tuple[int, str, str]]]:
+    """``(saes, [(layer, site, write_site)])``: the ``saes=`` argument as a list, each SAE
+    checked against ``adapter`` (its site, its widths, its layer in range)."""
+    if isinstance(saes, SAE):
+        saes = [saes]
+    saes = list(saes)
+    if not saes or not all(isinstance(s, SAE) for s in saes):
+        raise TypeError(f"{what} takes an SAE or a non-empty list of SAEs (oculi.sae.SAE)")
+    where = [s.check_model(adapter, f"{what} (SAE {i})") for i, s in enumerate(saes)]
+    return saes, where
+
+
+def encode_recorded(
+    saes: Sequence[SAE],
+    where: Sequence[tuple[int, str, str]],
+    recorded: dict[str, tuple[tuple[int, ...], Tensor]],
+    attention_mask: Tensor,
+    *,
+    sparse: bool = False,
+) -> list[Tensor]:
+    """Each SAE's ``[B, T, d_sae]`` latents from the sites a forward recorded (padding: 0)."""
+    mask = attention_mask.bool()
     out = []
     with torch.no_grad():
         for sae, (layer, site, _) in zip(saes, where):

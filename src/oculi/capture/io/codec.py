@@ -68,7 +68,16 @@ def encode(
             if part is not None:
                 parts[name], part_tensors = encode(part, f"{prefix}{name}.", lens_top_k=lens_top_k)
                 tensors.update(part_tensors)
-        return {"structure": "FullCapture", "metadata": capture.metadata, "parts": parts}, tensors
+        full: dict[str, Any] = {
+            "structure": "FullCapture",
+            "metadata": capture.metadata,
+            "parts": parts,
+        }
+        if capture.latents is not None:  # stored dense: safetensors and npz hold no sparse
+            full["latents"] = len(capture.latents)
+            for i, a in enumerate(capture.latents):
+                tensors[f"{prefix}latents.{i}"] = a.to_dense() if a.is_sparse else a
+        return full, tensors
     lazy = isinstance(capture, LogitCapture) and not lens_top_k and capture._topk is None
     structure, values, attrs = _fields_of(capture, lazy)
     present = {name: t for name, t in values.items() if t is not None}
@@ -221,7 +230,21 @@ def _decode_full(
             got = part.get("structure") if isinstance(part, dict) else part
             raise FileProblem(f"FullCapture part {name!r} holds {got!r}, expected {expected}")
         built[name] = _decode(part, tensors, f"{prefix}{name}.", claimed)
-    return FullCapture(**built, metadata=_metadata(node))
+    metadata = _metadata(node)
+    n_latents = node.get("latents")
+    if n_latents is not None:
+        saes = metadata.get("saes")
+        if not isinstance(n_latents, int) or not isinstance(saes, list) or len(saes) != n_latents:
+            raise FileProblem(
+                f"a FullCapture's latents ({n_latents!r}) must match its metadata's saes list"
+            )
+        keys = [f"{prefix}latents.{i}" for i in range(n_latents)]
+        missing = [key for key in keys if key not in tensors]
+        if missing:
+            raise FileProblem(f"the capture's latents are missing: {', '.join(missing)}")
+        claimed.update(keys)
+        built["latents"] = [tensors[key] for key in keys]
+    return FullCapture(**built, metadata=metadata)
 
 
 def _layers(node: dict[str, Any]) -> tuple[int, ...]:
