@@ -17,6 +17,7 @@ import pytest
 import oculi
 from models import tiny_model, tiny_tokenizer
 from oculi.harvest import RayExecutor
+from oculi.sae import SAE
 from test_harvest import SMALL, TESTS, word_prompts
 
 ray = pytest.importorskip("ray")
@@ -45,14 +46,22 @@ def assert_same_store(a, b):
 
 
 def test_ray_two_workers_write_the_local_arrays(cluster, tmp_path):
+    """Sites and an SAE's latents: the SAE travels to the actors with the plan."""
     folder, _ = cluster
     adapter = oculi.load(folder, device="cpu")
     prompts = word_prompts(150)
-    local = oculi.harvest(adapter, prompts, out=tmp_path / "local", **SITES, **SMALL)
+    sae = SAE(adapter.d_model, 48, "topk", k=6, site="resid_post", layer=1).init_weights(0)
+    local = oculi.harvest(
+        adapter, prompts, out=tmp_path / "local", saes={"f": sae}, **SITES, **SMALL
+    )
     dist = oculi.harvest(adapter, prompts, out=tmp_path / "ray", executor=RayExecutor(
-        model=folder, concurrency=2), **SITES, **SMALL)  # fmt: skip
+        model=folder, concurrency=2), saes={"f": sae}, **SITES, **SMALL)  # fmt: skip
     assert dist.units_computed == dist.units == local.units
-    assert_same_store(oculi.open_harvest(tmp_path / "ray"), oculi.open_harvest(tmp_path / "local"))
+    ray_store = oculi.open_harvest(tmp_path / "ray")
+    assert_same_store(ray_store, oculi.open_harvest(tmp_path / "local"))
+    latents = np.asarray(ray_store["sae.f", 1])  # [n_tokens, 48], k = 6 nonzero per row
+    assert latents.shape == (dist.tokens, 48) and ((latents != 0).sum(1) <= 6).all()
+    assert (latents != 0).sum(1).mean() > 5
     records = [json.loads(x) for x in (tmp_path / "ray" / "units.jsonl").read_text().splitlines()]
     workers = {r["worker"] for r in records}
     assert len(workers) == 2 and f"{os.uname().nodename}:{os.getpid()}" not in workers
