@@ -249,3 +249,39 @@ def test_sparse_topk_encoder_gradients_equal_dense_autograd():
     for got, ref in zip(grads, want):
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     assert (values == 0).any()  # the ReLU mask was exercised
+
+
+def test_topk_training_steps_equal_sparsifys_from_the_same_start():
+    """oculi's TopK step (sparse encoder and decoder, decoder-gradient projection, unit-norm
+    decoder, Adam) against EleutherAI sparsify's SparseCoder stepped by hand from the same
+    weights on the same batches: the same SAE after every step."""
+    sparsify = pytest.importorskip("sparsify")
+    n, d, d_sae, k, steps, lr = 512, 16, 64, 4, 6, 1e-3
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g) * torch.linspace(0.5, 3.0, d) + 1.0
+    ours = train(x, d_sae=d_sae, kind="topk", k=k, batch_rows=n, n_tokens=n * steps, lr=lr,
+                 warmup_steps=0, decay_fraction=0.0, b_dec_init="mean", normalize="none",
+                 progress=False)  # fmt: skip
+    start = oculi.sae.SAE(d, d_sae, "topk", k=k).init_weights(0)  # train's start (seed 0)
+    coder = sparsify.SparseCoder(d, sparsify.SparseCoderConfig(num_latents=d_sae, k=k))
+    with torch.no_grad():
+        coder.encoder.weight.copy_(start.W_enc.T)
+        coder.encoder.bias.zero_()
+        coder.W_dec.copy_(start.W_dec)
+        coder.b_dec.copy_(x.double().mean(0).float())
+    opt = torch.optim.Adam(coder.parameters(), lr=lr)
+    for _ in range(steps):
+        coder(x).fvu.backward()
+        coder.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+        coder.set_decoder_norm_to_unit_norm()
+    for mine, theirs in (
+        (ours.W_enc, coder.encoder.weight.T),
+        (ours.b_enc, coder.encoder.bias),
+        (ours.W_dec, coder.W_dec),
+        (ours.b_dec, coder.b_dec),
+    ):
+        torch.testing.assert_close(mine, theirs.detach(), atol=2e-5, rtol=0)
+    moved = (ours.W_dec - start.W_dec).abs().max()
+    assert moved > 1e-3  # six steps of 1e-3 moved the weights: the comparison is not vacuous
