@@ -294,6 +294,24 @@ def test_interrupted_captures_and_generation_inside_contexts(base: Baseline, bod
     interrupt_everywhere(base, run)
 
 
+def test_interrupted_grad_mode_switches_leave_autograd_as_it_was(base: Baseline):
+    """oculi's no_grad / enable_grad (every oculi module uses them): a Ctrl-C at any line
+    of the switch or its undo leaves autograd enabled, as it was."""
+    from oculi.capture.interrupts import enable_grad, no_grad, without_grad
+
+    @without_grad
+    def inner() -> None:
+        with enable_grad():
+            torch.ones(1).requires_grad_().sum().backward()
+
+    def run() -> None:
+        with no_grad():
+            inner()
+
+    counts = interrupt_everywhere(base, run)
+    assert counts["interrupted"] >= 10
+
+
 def test_interrupted_transformerlens_hooks_block(base: Baseline):
     """``adapter.hooks(fwd_hooks=...)`` (oculi.tl) with a module hook, a bridge tap and a site
     write, around a forward."""

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
+from oculi.capture.interrupts import no_grad
 from oculi.errors import InputError, require_extra
 
 if TYPE_CHECKING:
@@ -303,14 +304,14 @@ def _fit_torch(
 
     def accuracy(rows: np.ndarray) -> float:
         right = 0
-        with torch.no_grad():
+        with no_grad():
             for batch in store.shuffled(seed, batch_rows, keys=[key], rows=rows):
                 logits = linear((torch.from_numpy(batch[key]).float() - mean) / scale)
                 pred = (logits[:, 0] > 0).long() if n_out == 1 else logits.argmax(1)
                 right += int((pred.numpy() == y[batch.rows]).sum())
         return right / len(rows)
 
-    with torch.no_grad():
+    with no_grad():
         weights = linear.weight / scale  # back to raw activations: w·(x - m)/s = (w/s)·x + b'
         bias = linear.bias - (weights * mean).sum(1)
     return ProbeResult(

@@ -33,6 +33,7 @@ from oculi.analysis.effects import promoted_tokens
 from oculi.analysis.flow import attention_flow, attention_rollout, value_weighted_attention
 from oculi.analysis.neurons import neuron_attribution
 from oculi.analysis.result import AttributionResult
+from oculi.capture.interrupts import enable_grad, no_grad
 from oculi.capture.structures import ResidualCapture
 from oculi.errors import InputError
 
@@ -197,12 +198,12 @@ class AttributionMethods:
         ids = list(target) if isinstance(target, tuple) else [target]
         _direction(w_u, bias, target)  # validates the ids
         embed = get_path(adapter.model, adapter.anatomy.embed)
-        with torch.no_grad():
+        with no_grad():
             emb = embed(batch.input_ids)
         emb = emb.detach().requires_grad_(True)
         kwargs = batch.model_kwargs()
         del kwargs["input_ids"]
-        with torch.enable_grad():
+        with enable_grad():
             logits = adapter.model(inputs_embeds=emb, **kwargs, use_cache=False).logits
             n_b, n_t = batch.input_ids.shape
             meta = {"attention_mask": batch.attention_mask.cpu()}

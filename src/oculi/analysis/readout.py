@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from oculi.analysis._common import as_positions, real_positions
+from oculi.capture.interrupts import no_grad
 from oculi.capture.structures import FullCapture, ResidualCapture
 from oculi.errors import InputError
 from oculi.models.weights import execution_device, norm_centers, read_bias
@@ -284,7 +285,7 @@ def _model_norm(
         raise InputError(UNKNOWN_NORM)
     param = next(module.parameters(), None)
     dtype = x.dtype if param is None else param.dtype
-    with torch.no_grad():  # where the norm runs (its offloaded weights are loaded there)
+    with no_grad():  # where the norm runs (its offloaded weights are loaded there)
         normed = module(x.to(execution_device(module), dtype))
     bias = read_bias(module)
     return normed.double().to(x.device), bias, center

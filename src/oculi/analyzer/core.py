@@ -34,6 +34,7 @@ from oculi.analyzer.plots import LensPlots
 from oculi.analyzer.projection import Projection, project
 from oculi.analyzer.records import ActivationRecord, load_records, save_records
 from oculi.capture.hooks import HookSet, first_tensor
+from oculi.capture.interrupts import no_grad
 from oculi.errors import InputError
 from oculi.models.anatomy import get_path
 from oculi.models.placement import describe_placement
@@ -259,7 +260,7 @@ class ModelAnalyzer(LensPlots, CausalAnalyses):
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
             batch = self.adapter.prepare(chunk)
-            with torch.no_grad():
+            with no_grad():
                 full = self.adapter.capture_full(
                     chunk, attention=attention, residual=post_only, mlp=None, logits=None
                 )

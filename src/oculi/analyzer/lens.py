@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from oculi.capture.interrupts import no_grad
 from oculi.errors import InputError
 
 
@@ -156,7 +157,7 @@ class LensAnalyses:
         )
         lc = full.logits
         norm = self.adapter.module(self.adapter.anatomy.final_norm)
-        with torch.no_grad():
+        with no_grad():
             embedded = norm(full.residual.pre_attn[0].to(self.adapter.device, self.adapter.dtype))
             log_input = torch.log_softmax(
                 project_logits(embedded, *self.adapter.unembedding()), -1

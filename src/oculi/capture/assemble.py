@@ -14,6 +14,7 @@ import torch
 
 from oculi.capture.configs import CaptureConfig, LogitConfig, MLPConfig, ResidualConfig
 from oculi.capture.inputs import Batch
+from oculi.capture.interrupts import no_grad
 from oculi.capture.lens import LogitCapture
 from oculi.capture.places import ModelParts
 from oculi.capture.structures import (
@@ -198,7 +199,7 @@ def _normalize_final(adapter: ModelParts, recorded: Recorded) -> torch.Tensor:
     from oculi.models.weights import execution_device  # oculi.models imports this module
 
     norm = adapter.module(adapter.anatomy.final_norm)
-    with torch.no_grad():  # on the device the norm runs on (a device_map may put it anywhere)
+    with no_grad():  # on the device the norm runs on (a device_map may put it anywhere)
         return norm(recorded["resid_final"][1][:, 0].to(execution_device(norm), adapter.dtype))
 
 
@@ -233,7 +234,7 @@ def _logit_capture(adapter, batch, recorded, layers, cfg: LogitConfig, meta) -> 
     have, resid = recorded["resid_post"]
     where = execution_device(norm)
     normed: torch.Tensor | None = None
-    with torch.no_grad():  # a layer at a time: a long context's temporaries stay one layer's
+    with no_grad():  # a layer at a time: a long context's temporaries stay one layer's
         for i, layer in enumerate(layers):
             one = norm(resid[:, have.index(layer)].to(where, adapter.dtype))
             if normed is None:

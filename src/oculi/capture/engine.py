@@ -20,6 +20,7 @@ from oculi.capture.bridge import LayerTaps, attention_bridge
 from oculi.capture.heads import head_contributions, rms_gain  # noqa: F401 - importable here
 from oculi.capture.hooks import HookSet, StopForward, forward_ended
 from oculi.capture.inputs import Batch
+from oculi.capture.interrupts import no_grad
 from oculi.capture.places import ModelParts, add_reader, locate
 from oculi.capture.sites import SITE_KINDS
 from oculi.errors import NonFiniteWarning, StorageRangeWarning
@@ -327,7 +328,7 @@ def record(
     taps: dict[int, LayerTaps] = {}
     last = max((max(ls) for ls in plan.values()), default=-1)
     t = batch.input_ids.shape[-1] if rows else None
-    with torch.no_grad(), HookSet() as hooks:
+    with no_grad(), HookSet() as hooks:
         _register(adapter, hooks, plan, rec, taps, t)
         if stop_early and last < adapter.n_layers - 1:
 
@@ -378,7 +379,7 @@ def _finish(adapter: ModelParts, rec: Recorder, requests: Mapping[str, Sequence[
         wanted = tuple(wanted)
         if not wanted or locate(kind, adapter).absent:
             continue
-        with torch.no_grad():  # no autograd graph (and no model weights) kept in a capture
+        with no_grad():  # no autograd graph (and no model weights) kept in a capture
             if kind == "resid_mid" and kind not in bufs:
                 pre, attn = pick("resid_pre", wanted), pick("attn_out", wanted)
                 mid = rec.derived(kind, tuple(pre.shape), pre)

@@ -40,12 +40,15 @@ between two steps. ``tests/test_interrupts.py`` raises SIGINT at every line of e
 
 from __future__ import annotations
 
+import functools
 import signal
 import sys
 import threading
 from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Any, TypeVar
+
+import torch
 
 try:  # the C functions: signal.signal's enum conversions cost ~15 us per call
     from _signal import getsignal as _getsignal
@@ -172,3 +175,72 @@ class Errors:
             if add_note is not None:
                 add_note(f"also raised while closing: {exc!r}")
         raise first
+
+
+class grad_mode:  # noqa: N801 - used like torch.no_grad
+    """``torch.set_grad_enabled(enabled)`` for a ``with`` block, safe against Ctrl-C.
+
+    ``torch.no_grad().__enter__`` switches autograd off and then returns; a Ctrl-C between
+    the two never reaches its ``__exit__``, and the thread goes on without gradients (every
+    later ``backward`` fails). Here the switch and its undo run with interrupts held, so the
+    block either never started or is undone::
+
+        with no_grad():
+            adapter.model(ids)
+    """
+
+    __slots__ = ("enabled", "_prev", "_opened")
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._prev = True
+        self._opened = False
+
+    @protected
+    def __enter__(self) -> grad_mode:
+        self._opened = opened()
+        self._prev = torch.is_grad_enabled()
+        try:
+            torch._C._set_grad_enabled(self.enabled)
+            raise_held()
+        except BaseException:
+            torch._C._set_grad_enabled(self._prev)
+            closed(self._opened)
+            raise
+        return self
+
+    @protected
+    def __exit__(self, *exc: object) -> None:
+        try:
+            torch._C._set_grad_enabled(self._prev)
+        finally:
+            counted, self._opened = self._opened, False
+            closed(counted)
+        raise_held()
+
+
+def no_grad() -> grad_mode:
+    """:class:`grad_mode` ``(False)``: ``torch.no_grad()`` that a Ctrl-C cannot leave on."""
+    return grad_mode(False)
+
+
+def enable_grad() -> grad_mode:
+    """:class:`grad_mode` ``(True)``: ``torch.enable_grad()`` that a Ctrl-C cannot leave on."""
+    return grad_mode(True)
+
+
+def without_grad(fn: F) -> F:
+    """Decorator: ``fn`` runs inside :func:`no_grad` (a fresh one per call).
+
+    ::
+
+        @without_grad
+        def encode(x): ...
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with grad_mode(False):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

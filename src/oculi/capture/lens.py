@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import torch
 
+from oculi.capture.interrupts import no_grad
 from oculi.capture.structures import LayerIndexed, Storable
 from oculi.capture.unembed import project_logits
 from oculi.errors import InputError, NonFiniteWarning
@@ -204,7 +205,7 @@ class LogitCapture(LayerIndexed, Storable):
                 (self._rows(flat), self._topk_whole) if whole else (_MAX_ROWS, self._topk_rows)
             )
             vals, idx, lse = [], [], []
-            with torch.no_grad():
+            with no_grad():
                 for start in range(0, flat.shape[0], step):
                     v, i, z = rows(flat[start : start + step])
                     vals.append(v)
@@ -347,7 +348,7 @@ class LogitCapture(LayerIndexed, Storable):
         flat = self._flat()
         step = self._rows(flat)
         counts = []
-        with torch.no_grad():
+        with no_grad():
             for start in range(0, flat.shape[0], step):
                 logits = self._project(flat[start : start + step])
                 # compare against the token's logit from the same matmul: one computed from its
@@ -362,7 +363,7 @@ class LogitCapture(LayerIndexed, Storable):
         flat = self._flat()
         step = self._rows(flat)
         out = []
-        with torch.no_grad():
+        with no_grad():
             for start in range(0, flat.shape[0], step):
                 logp = torch.log_softmax(self._project(flat[start : start + step]), dim=-1)
                 out.append(-(logp.exp() * logp).sum(-1))
@@ -381,7 +382,7 @@ class LogitCapture(LayerIndexed, Storable):
         b, n_layers, t, d = h.shape
         step = max(1, self._rows(h) // (n_layers + 1))
         out = torch.empty(b, n_layers, t, device=self._w().device)
-        with torch.no_grad():
+        with no_grad():
             for i in range(b):
                 for t0 in range(0, t, step):
                     logp = torch.log_softmax(self._project(ref[i, t0 : t0 + step]), dim=-1)
@@ -407,7 +408,7 @@ class LogitCapture(LayerIndexed, Storable):
             h = h[..., positions, :]
         flat = h.reshape(-1, h.shape[-1])
         step = self._rows(flat)
-        with torch.no_grad():
+        with no_grad():
             parts = [self._project(flat[s : s + step]) for s in range(0, flat.shape[0], step)]
         out = torch.cat(parts).reshape(*h.shape[:-1], -1)
         n_pos = self.normalized.shape[-2]

@@ -28,6 +28,7 @@ import torch
 
 from oculi.capture.bridge import LayerTaps, attention_bridge
 from oculi.capture.hooks import HookSet, first_tensor, replace_first
+from oculi.capture.interrupts import enable_grad, no_grad
 from oculi.discovery.graph import Graph
 from oculi.discovery.patch import EdgePatcher
 from oculi.discovery.scores import CircuitScores
@@ -93,7 +94,7 @@ class _Nodes:
         self.adapter, self.patcher = adapter, patcher
         self.graph = patcher.graph
         self.group = adapter.n_heads // adapter.n_kv_heads
-        with torch.no_grad():
+        with no_grad():
             self.corrupt = self._record(patcher.corrupt_batch)
 
     def _record(self, batch: Any) -> dict[str, torch.Tensor]:
@@ -140,7 +141,7 @@ class _Nodes:
                 q=[swap("q")], k=[swap("k")], pattern=[_keep_layer(seen, layer)]
             )
         batch = self.patcher.copies(len(nodes))
-        with torch.no_grad(), attention_bridge(a.attention_configs, a.attention_layer_ids, taps):
+        with no_grad(), attention_bridge(a.attention_configs, a.attention_layer_ids, taps):
             a.decoder(**batch.model_kwargs(), use_cache=False)
         out = {}
         for (layer, kind, head), i in rows.items():
@@ -174,7 +175,7 @@ class _Nodes:
             for layer in range(a.n_layers)
         }
         # the set closes the bridge with its hooks (no unprotected ExitStack between them)
-        with HookSet() as hooks, torch.enable_grad():
+        with HookSet() as hooks, enable_grad():
             hooks.enter(attention_bridge(a.attention_configs, a.attention_layer_ids, taps))
             for layer in range(a.n_layers):
                 mlp = a.part(layer, a.anatomy.mlp_out_norm or a.anatomy.mlp)
@@ -193,7 +194,7 @@ class _Nodes:
 
     def _combine(self, clean, g, primed) -> dict[str, float]:
         a, out = self.adapter, {}
-        with torch.no_grad():
+        with no_grad():
             for layer in range(a.n_layers):
                 gp, pattern = g[f"A{layer}"], clean[f"A{layer}"]
                 for h in range(a.n_heads):

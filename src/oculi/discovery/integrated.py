@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from oculi.capture.hooks import HookSet, hidden_arg
+from oculi.capture.interrupts import enable_grad, no_grad
 from oculi.errors import InputError
 from oculi.patching._common import (
     check_aligned,
@@ -121,12 +122,12 @@ def integrated_gradients(
         a = alphas[start : start + batch_size]
         points = x0 + a.view(-1, 1, 1) * (x - x0)  # [n, T, d]
         leaf = points.detach().requires_grad_(True)
-        with torch.enable_grad():
+        with enable_grad():
             along = _metric_at(adapter, batch, metric, layer, leaf, read)
             (grad,) = torch.autograd.grad(along.sum(), [leaf])
         grad_sum += grad.sum(0)
     per_dim = ((x - x0) * grad_sum / steps).detach()
-    with torch.no_grad():
+    with no_grad():
         ends = _metric_at(adapter, batch, metric, layer, torch.stack([x, x0]), read)
     value, base = float(ends[0]), float(ends[1])
     total = float(per_dim.sum())
@@ -149,7 +150,7 @@ def _residual(adapter: Adapter, batch: Any, layer: int) -> torch.Tensor:
     def keep(_m: Any, args: tuple, kwargs: dict) -> None:
         seen.append(hidden_arg(args, kwargs)[0].detach())
 
-    with torch.no_grad(), HookSet() as hooks:
+    with no_grad(), HookSet() as hooks:
         hooks.forward_pre_kwargs(adapter.layer_modules[layer], keep)
         adapter.decoder(**batch.model_kwargs(), use_cache=False)
     return seen[0]

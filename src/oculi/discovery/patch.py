@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from oculi.capture.inputs import Batch
+from oculi.capture.interrupts import enable_grad, no_grad
 from oculi.discovery.forward import EdgeForward, Outputs
 from oculi.discovery.graph import Edge, Graph
 from oculi.errors import InputError
@@ -83,7 +84,7 @@ class EdgePatcher:
         self.read = metric.position % t
         self.batch_size = batch_size or max(1, 64 // p)
         plain = EdgeForward(adapter, graph, None)
-        with torch.no_grad():
+        with no_grad():
             h_clean, clean_out, _ = plain.run(self.clean, None, read=self.read)
             h_corrupt, corrupt_out, _ = plain.run(corrupt_batch, None, read=self.read)
         if metric.kind == "kl":
@@ -142,7 +143,7 @@ class EdgePatcher:
         out = []
         bar = progress_bar(weights.shape[0], progress, "edge sets")
         try:
-            with torch.no_grad():
+            with no_grad():
                 for start in range(0, weights.shape[0], self.batch_size):
                     chunk = weights[start : start + self.batch_size]
                     rows = self.rows(chunk)
@@ -196,7 +197,7 @@ class EdgePatcher:
         """
         s = 1 if weights is None else self._check(weights).shape[0]
         rows = None if weights is None else self.rows(weights)
-        with torch.enable_grad():
+        with enable_grad():
             hidden, actual, leaves = self.forward.run(
                 self.copies(s), rows, read=self.read, grad_receivers=True
             )

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from oculi.capture.interrupts import no_grad
 from oculi.discovery.forward import head_deltas, through_post_norm
 from oculi.discovery.graph import Graph
 from oculi.discovery.patch import EdgePatcher, Mode, Outputs
@@ -359,7 +360,7 @@ def _scores(patcher: EdgePatcher, weights: torch.Tensor | None, *, use_rows: boo
         base = actual
     else:
         base = {k: v.repeat(s, *[1] * (v.ndim - 1)) for k, v in patcher.clean_outputs.items()}
-    with torch.no_grad():
+    with no_grad():
         diffs = _sender_diffs(patcher, base, s)
     names = [r.name for r in graph.receivers]
     g = torch.stack([grads[n] for n in names])  # [R, S, P, T, d]

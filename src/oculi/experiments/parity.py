@@ -29,6 +29,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from oculi.capture.interrupts import no_grad
+
 DEFAULT_PROMPTS = (
     "The Eiffel Tower is located in the city of",
     "When Mary and John went to the store, John gave a drink to",
@@ -145,7 +147,7 @@ def _single_checks(adapter: Any, prompt: str, tol: float, label: str) -> list[Ch
 
     batch = adapter.prepare(prompt)
     n = adapter.n_layers
-    with _eager(adapter.model), torch.no_grad():
+    with _eager(adapter.model), no_grad():
         ref = adapter.model(
             **batch.model_kwargs(),
             output_hidden_states=True,
@@ -212,7 +214,7 @@ def _batch_checks(adapter: Any, prompts: Sequence[str], tol: float) -> list[Chec
     )
     batch = adapter.prepare(list(prompts))
     side = getattr(adapter.tokenizer, "padding_side", "right")
-    with torch.no_grad():
+    with no_grad():
         together = adapter.capture_full(list(prompts), **configs)
         alone = [adapter.capture_full(p, **configs) for p in prompts]
     got_r, ref_r, got_p, ref_p, got_l, ref_l = [], [], [], [], [], []

@@ -25,6 +25,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from oculi.capture.interrupts import no_grad
+
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 _HASHES: dict[tuple[str, int, int], str] = {}
 
@@ -149,7 +151,7 @@ def params_sha256(model: Any) -> str:
     entries = _unique_state(model)
 
     def digest(t: Any) -> str:
-        with torch.no_grad():
+        with no_grad():
             data = t.cpu().contiguous().reshape(-1).view(torch.uint8)
         return hashlib.sha256(data.numpy()).hexdigest()
 
@@ -202,7 +204,7 @@ def compare_with_files(adapter: Any, limit: int = 20) -> dict[str, Any]:
     prefix = str(getattr(adapter.model, "base_model_prefix", "") or "")
     compared: set[str] = set()
     differ: list[str] = []
-    with torch.no_grad():
+    with no_grad():
         for path in readable:
             for key, loaded in _file_tensors(path):
                 name = _match_name(key, state, prefix)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from oculi.capture.engine import record
+from oculi.capture.interrupts import no_grad
 from oculi.harvest.plan import LATENT_PREFIX, STORAGE_DTYPES, HarvestPlan, Unit
 
 if TYPE_CHECKING:
@@ -110,7 +111,7 @@ def compute_unit(
         for (name, _), sae in zip(plan.config.saes, plan.sae_modules):
             layers, tensor = recorded[sae.site]
             x = _rows_first(tensor)[layers.index(sae.layer), keep]  # [rows, d_in]
-            with torch.no_grad():
+            with no_grad():
                 a = sae.encode(x.to(sae.device, sae.dtype))
             out[f"{LATENT_PREFIX}{name}/{sae.layer}"][rows] = a.to(dtype).cpu().numpy()
         for site, (layers, tensor) in recorded.items():

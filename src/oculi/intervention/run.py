@@ -23,6 +23,7 @@ import torch
 
 from oculi.capture.engine import record as record_sites
 from oculi.capture.inputs import Batch, Inputs
+from oculi.capture.interrupts import no_grad
 from oculi.capture.sites import check_kind
 from oculi.capture.unembed import soft_cap
 from oculi.intervention.base import Intervention
@@ -90,7 +91,7 @@ def run_with_interventions(
         requests[kind] = adapter.resolve_layers(None if layers is None else list(layers))
     index = _logit_index(logits_at, batch)
     outputs: list[Any] = []
-    with InterventionContext(adapter, interventions, check_effect=check_effect), torch.no_grad():
+    with InterventionContext(adapter, interventions, check_effect=check_effect), no_grad():
         if requests:
             recorded = record_sites(
                 adapter,

@@ -25,6 +25,7 @@ from torch import nn
 from oculi.capture.assemble import build_full_capture
 from oculi.capture.configs import CaptureConfig, LogitConfig, MLPConfig, ResidualConfig
 from oculi.capture.inputs import Batch, Inputs, prepare_batch
+from oculi.capture.interrupts import no_grad
 from oculi.capture.lens import LogitCapture
 from oculi.capture.memory import record_planned
 from oculi.capture.sites import check_kind
@@ -332,7 +333,7 @@ class Adapter:
     ) -> torch.Tensor:
         """The model's logits ``[T, V]`` (``[B, T, V]`` for batches), padding handled."""
         batch = self.prepare(inputs, attention_mask)
-        with torch.no_grad():
+        with no_grad():
             logits = self.model(**batch.model_kwargs(), use_cache=False).logits
         return logits[0] if batch.single else logits
 

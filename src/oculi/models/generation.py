@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from oculi.capture.inputs import REPADDED_SHIFT, Inputs, left_pad, left_pad_shift
+from oculi.capture.interrupts import no_grad
 from oculi.errors import InputError
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ def generate_ids(
     # interventions' positions count columns of the batch as given (intervention/state.py)
     token = REPADDED_SHIFT.set(left_pad_shift(given, batch))
     try:
-        with torch.no_grad():
+        with no_grad():
             # generate comes from transformers' GenerationMixin, not nn.Module
             out = cast(Any, adapter.model).generate(
                 input_ids=batch.input_ids,

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from oculi.capture.interrupts import no_grad
 from oculi.errors import WeightReadError
 
 __all__ = ["execution_device", "norm_centers", "read_bias", "read_weight", "weight_shape"]
@@ -136,7 +137,7 @@ def norm_centers(norm: nn.Module, d_model: int) -> bool:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, d_model, generator=gen)
     x[1] = x[0] + 3.0
-    with torch.no_grad():  # where the norm runs (its offloaded weights are loaded there)
+    with no_grad():  # where the norm runs (its offloaded weights are loaded there)
         y = norm(x.to(execution_device(norm), dtype)).float().cpu()
     # equal up to the dtype's rounding of x + 3 (bf16: ~1%), or as far apart as the outputs
     return float((y[0] - y[1]).norm()) <= 0.05 * float(y[0].norm())
@@ -236,7 +237,7 @@ def _probed(module: nn.Module, dtype: torch.dtype) -> Tensor:
     own inverse of that layout is best-effort and wrong for some shapes)."""
     n_in: int = getattr(module, "in_features")  # noqa: B009 - typed Tensor | Module otherwise
     eye = torch.eye(n_in, dtype=dtype)
-    with torch.no_grad():
+    with no_grad():
         out = type(module).forward(module, eye)  # [in, out] = W^T + bias
     bias = getattr(module, "bias", None)
     if isinstance(bias, Tensor):

@@ -19,6 +19,7 @@ import torch
 from oculi.capture.bridge import LayerTaps, attention_bridge
 from oculi.capture.hooks import HookSet
 from oculi.capture.inputs import Batch
+from oculi.capture.interrupts import enable_grad
 from oculi.capture.places import add_replacer
 from oculi.capture.sites import PER_HEAD, SITE_KINDS
 from oculi.errors import InputError
@@ -156,7 +157,7 @@ def _metric_and_grads(
         return (place.view(x) if place.view else x)[0]
 
     taps: dict[int, LayerTaps] = {}
-    with HookSet() as hooks, torch.enable_grad():
+    with HookSet() as hooks, enable_grad():
         for layer in layers:
             add_replacer(hooks, taps, adapter, layer, place, keeper(layer))
         if taps:

@@ -22,6 +22,7 @@ import torch
 from oculi.capture.bridge import LayerTaps, attention_bridge
 from oculi.capture.hooks import HookSet, StopForward, first_tensor, hidden_arg
 from oculi.capture.inputs import Batch
+from oculi.capture.interrupts import no_grad
 from oculi.capture.unembed import project_logits
 from oculi.models.anatomy import get_path
 
@@ -127,7 +128,7 @@ class ResumableRun:
             resid[n] = first_tensor(output).detach()
             raise StopForward
 
-        with torch.no_grad(), HookSet() as hooks:
+        with no_grad(), HookSet() as hooks:
             for i, layer in enumerate(adapter.layer_modules):
                 hooks.forward_pre_kwargs(layer, pre(i))
             hooks.forward(adapter.layer_modules[-1], last)
@@ -198,7 +199,7 @@ class ResumableRun:
             return h
         if positions is not None:
             h = h[:, [p - start for p in positions]]
-        with torch.no_grad():
+        with no_grad():
             norm = get_path(adapter.model, adapter.anatomy.final_norm)
             return norm(h)
 
@@ -229,7 +230,7 @@ class ResumableRun:
     def _run_layers(self, layer: int, end: int, h: torch.Tensor, calls, patchers) -> torch.Tensor:
         adapter = self.adapter
         n = h.shape[0]
-        with torch.no_grad():
+        with no_grad():
             for i in range(layer, end):
                 args, kwargs = calls[i]
                 call_args, call_kwargs = _expand(args, n), _expand(kwargs, n)
@@ -298,7 +299,7 @@ def run_joined(
     if start:
         taps = {i: _joined_prefix_taps(runs, i, start, row_run) for i in range(first, len(calls))}
         prefix = attention_bridge(adapter.attention_configs, adapter.attention_layer_ids, taps)
-    with prefix, torch.no_grad():
+    with prefix, no_grad():
         h: torch.Tensor | None = None
         pending = list(joins)
         end = adapter.n_layers if stop_after is None else stop_after + 1

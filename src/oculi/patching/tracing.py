@@ -29,6 +29,7 @@ import torch
 
 from oculi.capture.engine import record
 from oculi.capture.inputs import Batch
+from oculi.capture.interrupts import no_grad
 from oculi.capture.memory import plan_sweep
 from oculi.errors import InputError
 from oculi.models.anatomy import get_path
@@ -147,7 +148,7 @@ def embedding_std(adapter: Adapter, n: int = 4096, seed: int = 0) -> float:
     """Standard deviation of the embedding module's output over a seeded sample of tokens."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, adapter.vocab_limit, (1, n), generator=gen).to(adapter.device)
-    with torch.no_grad():
+    with no_grad():
         return float(get_path(adapter.model, adapter.anatomy.embed)(ids).float().std())
 
 

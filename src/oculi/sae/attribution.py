@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from oculi.capture.interrupts import enable_grad
 from oculi.errors import InputError
 from oculi.intervention import InterventionContext
 from oculi.sae.model import SAE
@@ -131,7 +132,7 @@ def feature_attribution(
     pos = position % n
     metric_of = _metric_of(adapter, target)
     leaf = _Leaf(sae)
-    with torch.enable_grad(), InterventionContext(adapter, [leaf]):
+    with enable_grad(), InterventionContext(adapter, [leaf]):
         logits = adapter.model(**batch.model_kwargs(), use_cache=False).logits
         m = metric_of(logits[0, pos])
         (grad,) = torch.autograd.grad(m, leaf.leaves[0])

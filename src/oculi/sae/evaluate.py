@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from oculi.capture.engine import record
+from oculi.capture.interrupts import without_grad
 from oculi.errors import InputError
 from oculi.intervention import ActivationPatch, InterventionContext
 from oculi.sae.model import SAE
@@ -94,7 +95,7 @@ def _next_token_losses(logits: Tensor, batch: Any, reference: Tensor | None):
     return ce, kl
 
 
-@torch.no_grad()
+@without_grad
 def evaluate(
     adapter: Adapter,
     sae: SAE,

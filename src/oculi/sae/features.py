@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from oculi.capture.interrupts import no_grad, without_grad
 from oculi.capture.sites import SITE_KINDS
 from oculi.errors import InputError
 from oculi.sae.model import SAE
@@ -118,14 +119,14 @@ class TopActivations:
             span = np.arange(lo, hi)
             span = span[pid[span] == pid[row]]
             x = torch.from_numpy(self.store[self.sae.site, self.sae.layer].take(span))
-            with torch.no_grad():
+            with no_grad():
                 acts = self.sae.encode(x)[:, latent].double().tolist()
             out.append(Context(latent, float(value), int(row), int(pid[row]), int(pos[row]),
                                tok[span].tolist(), acts, int(row - span[0])))  # fmt: skip
         return out
 
 
-@torch.no_grad()
+@without_grad
 def top_activations(
     store: Any,
     sae: SAE,
@@ -187,7 +188,7 @@ def top_activations(
                           hist.view(d, -1).cpu())  # fmt: skip
 
 
-@torch.no_grad()
+@without_grad
 def logit_effects(
     adapter: Adapter,
     sae: SAE,

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from oculi.capture.interrupts import no_grad
 from oculi.capture.io.files import user_path, write_atomically
 from oculi.errors import OculiError
 from oculi.sae.model import SAE
@@ -141,7 +142,7 @@ def build(
             f"{where}: tensors {sorted(tensors)} do not match a {sae.kind} SAE "
             f"(missing {sorted(missing)}, unexpected {sorted(extra)})"
         )
-    with torch.no_grad():
+    with no_grad():
         for name in want:
             param, value = getattr(sae, name), tensors[name]
             if tuple(value.shape) != tuple(param.shape):

@@ -17,10 +17,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import Tensor
 
 from oculi.capture.engine import record
+from oculi.capture.interrupts import no_grad
 from oculi.sae.model import SAE
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ def encode_recorded(
     """Each SAE's ``[B, T, d_sae]`` latents from the sites a forward recorded (padding: 0)."""
     mask = attention_mask.bool()
     out = []
-    with torch.no_grad():
+    with no_grad():
         for sae, (layer, site, _) in zip(saes, where):
             layers, tensor = recorded[site]
             x = tensor[:, layers.index(layer)]  # [B, T, d_in]

@@ -41,6 +41,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from oculi.capture.interrupts import no_grad, without_grad
 from oculi.capture.sites import SITE_KINDS, check_kind
 
 Kind = Literal["relu", "topk", "batchtopk", "jumprelu"]
@@ -166,7 +167,7 @@ class SAE(nn.Module):
         g = torch.Generator().manual_seed(seed)
         w = torch.randn(self.d_sae, self.d_out, generator=g, dtype=torch.float64)
         w = w / w.norm(dim=1, keepdim=True) * scale
-        with torch.no_grad():
+        with no_grad():
             self.W_dec.copy_(w.to(self.dtype))
             enc = (
                 w.T
@@ -250,7 +251,7 @@ class SAE(nn.Module):
         """``[d_sae]``: each latent's decoder row norm."""
         return self.W_dec.detach().norm(dim=-1)
 
-    @torch.no_grad()
+    @without_grad
     def normalize_decoder_(self) -> SAE:
         """Scale each decoder row to unit norm, compensating the encoder so ``forward`` is kept.
 

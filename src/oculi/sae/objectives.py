@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from oculi.capture.interrupts import no_grad
 from oculi.sae.model import SAE
 
 
@@ -155,7 +156,7 @@ class Objective:
             a = torch.zeros_like(flat).scatter(-1, top.indices, top.values).view_as(pre)
             chosen = top.values[top.values > 0]
             if chosen.numel():
-                with torch.no_grad():
+                with no_grad():
                     low = chosen.min().to(sae.threshold.dtype)
                     sae.threshold.mul_(1 - self.threshold_rate).add_(self.threshold_rate * low)
         else:

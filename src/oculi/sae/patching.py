@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from oculi.capture.interrupts import enable_grad, no_grad
 from oculi.capture.places import add_replacer
 from oculi.capture.sites import SITE_KINDS
 from oculi.errors import InputError
@@ -247,7 +248,7 @@ def sae_activation_patching(
         adapter, cb, kb, metric
     )
     read_pos = corrupt_run.position(metric.position)
-    with torch.no_grad():
+    with no_grad():
         delta = (_latents(adapter, sae, cb) - _latents(adapter, sae, kb)).cpu()  # [T, d_sae]
         cols, rows = _columns(sae, latents), _rows(positions if per_position else None, t)
         mask = torch.zeros_like(delta, dtype=torch.bool)
@@ -343,7 +344,7 @@ def sae_attribution_patching(
     values = {}
     for name, batch in (("clean", cb), ("corrupt", kb)):
         leaf = _Leaf(sae)
-        with torch.enable_grad(), InterventionContext(adapter, [leaf]):
+        with enable_grad(), InterventionContext(adapter, [leaf]):
             hidden = adapter.decoder(**batch.model_kwargs(), use_cache=False).last_hidden_state
             pos = int(batch.attention_mask[0].nonzero()[:, 0][metric.position])
             m = metric(unembed(adapter, hidden[:, pos], metric.columns()))[0]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from oculi.capture.interrupts import no_grad
 from oculi.sae.model import SAE
 
 
@@ -45,7 +46,7 @@ def resample_dead(
     n = int(idx.numel())
     if n == 0:
         return 0
-    with torch.no_grad():
+    with no_grad():
         losses = (y - sae(x)).square().sum(-1).double()  # [N]
         weights = losses.square()
         if not bool(weights.sum() > 0):  # a perfect reconstruction: draw uniformly

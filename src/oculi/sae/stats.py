@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from oculi.capture.interrupts import without_grad
 from oculi.sae.model import SAE
 
 
@@ -78,7 +79,7 @@ def _batches(data: Any, batch_rows: int) -> Iterable[Tensor]:
         yield chunk if isinstance(chunk, Tensor) else torch.from_numpy(np.asarray(chunk))
 
 
-@torch.no_grad()
+@without_grad
 def latent_stats(sae: SAE, data: Any, *, batch_rows: int = 8192) -> LatentStats:
     """Count each latent's activity over ``data``.
 

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from oculi.capture.interrupts import no_grad
 from oculi.capture.io.files import user_path
 from oculi.errors import InputError
 from oculi.sae.checkpoint import load_checkpoint, save_checkpoint
@@ -116,7 +117,7 @@ def _new_sae(cfg: TrainConfig, rows: Rows, device: torch.device, dtype: torch.dt
     )  # fmt: skip
     sae.init_weights(cfg.seed)
     if transcoder:
-        with torch.no_grad():
+        with no_grad():
             sae.W_dec.mul_(0.1)
     return sae
 
@@ -265,7 +266,7 @@ class _Trainer:
             b = y.mean(0)
         else:
             b = torch.zeros(y.shape[1], dtype=torch.float64)
-        with torch.no_grad():
+        with no_grad():
             self.sae.b_dec.copy_(b.to(self.dtype))
 
     def _tensors(self) -> dict[str, Tensor]:
@@ -289,7 +290,7 @@ class _Trainer:
             self.folder / CHECKPOINT, self.opt, self.names, self.device
         )
         _check_same(state["config"], self.cfg, self.folder / CHECKPOINT)
-        with torch.no_grad():
+        with no_grad():
             for n, p in self._params().items():
                 p.copy_(tensors[f"param.{n}"])
             self.sae.threshold.copy_(tensors["threshold"])
@@ -338,7 +339,7 @@ class _Trainer:
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         if self.constrain and sae.W_dec.grad is not None:
-            with torch.no_grad():  # no gradient along each unit decoder row
+            with no_grad():  # no gradient along each unit decoder row
                 w = sae.W_dec
                 sae.W_dec.grad -= (sae.W_dec.grad * w).sum(-1, keepdim=True) * w
         lr = _lr_at(st.step, self.steps, self.lr, self.warmup, cfg.decay_fraction)
@@ -346,7 +347,7 @@ class _Trainer:
             group["lr"] = lr
         self.opt.step()
         if self.constrain:
-            with torch.no_grad():
+            with no_grad():
                 sae.W_dec.div_(sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
         self.since += x.shape[0]
         self.since[out.fired] = 0
@@ -381,7 +382,7 @@ class _Trainer:
     def _finish(self) -> SAE:
         sae, cfg = self.sae, self.cfg
         s_in, s_out = float(self.scale[0]), float(self.scale[1])
-        with torch.no_grad():
+        with no_grad():
             if cfg.kind == "jumprelu":
                 sae.threshold.copy_(self.log_threshold.exp())
             # the SAE was trained on (s_in·x, s_out·y): fold the scales into the weights

@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from oculi.capture.heads import head_contributions
+from oculi.capture.interrupts import no_grad
 from oculi.errors import InputError, did_you_mean
 from oculi.tl.names import get_act_name, hook_specs
 from oculi.tl.readout import FrozenReadout, apply_slice
@@ -261,7 +262,7 @@ class ActivationCache(FrozenReadout):
             o_in = zb.reshape(*zb.shape[:2], -1)[:, None]  # [B, 1, T, H*D]
             o_out = None
             if anat.attn_out_norm is not None:
-                with torch.no_grad():
+                with no_grad():
                     o_proj = adapter.part(layer, f"{anat.attn}.{anat.o_proj}")
                     o_out = o_proj(o_in.to(adapter.dtype))
             heads = head_contributions(adapter, o_in, [layer], o_out)[:, 0]  # [B, H, T, d]

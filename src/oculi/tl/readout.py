@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from oculi.analysis.readout import _frozen_map
+from oculi.capture.interrupts import no_grad
 from oculi.errors import InputError
 from oculi.models.weights import norm_centers, read_bias
 
@@ -124,7 +125,7 @@ class FrozenReadout:
             residual_stack = apply_slice(residual_stack, batch_slice, 1)
         if recompute_ln and layer == self.model.n_layers:
             norm = self.model.module(self.model.anatomy.final_norm)
-            with torch.no_grad():
+            with no_grad():
                 return norm(residual_stack.to(self.model.dtype)).to(residual_stack.dtype)
         a, center, _ = self._frozen(layer, mlp_input)
         if a is None:

@@ -39,6 +39,7 @@ from oculi.capture.bridge import LayerTaps, attention_bridge
 from oculi.capture.engine import record
 from oculi.capture.hooks import HookSet, first_tensor, hidden_arg, replace_first
 from oculi.capture.inputs import Batch
+from oculi.capture.interrupts import no_grad
 from oculi.capture.unembed import soft_cap
 from oculi.errors import InputError
 from oculi.intervention.base import Binding, Intervention
@@ -228,7 +229,7 @@ def forward(
     outputs: list[Any] = []
     # the reads are registered after the writes, so they see what the writes did; each set
     # closes its bridge with its hooks (no unprotected ExitStack between them)
-    with installed(adapter, writes), torch.no_grad(), HookSet() as hooks:
+    with installed(adapter, writes), no_grad(), HookSet() as hooks:
         taps: dict[int, LayerTaps] = {}
         for spec in reads:
             if spec.source != "site":
@@ -275,7 +276,7 @@ def _outputs(adapter: Adapter, hidden: torch.Tensor, batch: Batch, return_type: 
         )
     if return_type is None:
         return None
-    with torch.no_grad():
+    with no_grad():
         logits = get_path(adapter.model, adapter.anatomy.unembed)(hidden)
         logits = soft_cap(logits, adapter.unembedding()[2])
     if return_type == "logits":

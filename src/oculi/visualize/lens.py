@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from oculi.capture.interrupts import no_grad
 from oculi.visualize._common import array, new_axes, pyplot, token_labels
 
 
@@ -90,7 +91,7 @@ def _ranks_and_log_probs(lc: Any, ids: torch.Tensor, log_input: Any = None) -> d
     n_layers, n = lc.normalized.shape[0], lc.normalized.shape[1]
     out = {k: torch.empty(n_layers, n) for k in ("log_probs", "kl")}
     ranks = torch.empty(n_layers, n, dtype=torch.long)
-    with torch.no_grad():
+    with no_grad():
         for sl, logits in _position_blocks(lc):
             here = ids[sl].to(logits.device).expand(n_layers, -1)[..., None]
             own = logits.gather(-1, here)  # from the same matmul: no last-ulp ties
@@ -111,7 +112,7 @@ def final_top(lc: Any, k: int = 1) -> torch.Tensor:
         raise ValueError("reads one sequence with its final-layer residual (a LogitCapture)")
     h = lc.final_normalized
     step = max(1, lc._rows(h))  # positions per block within the capture's memory cap
-    with torch.no_grad():
+    with no_grad():
         blocks = [lc._project(h[t : t + step]).topk(k, -1).indices for t in range(0, len(h), step)]
     return torch.cat(blocks).cpu()
 
