@@ -272,6 +272,43 @@ def test_capture_full_saes_records_latents_beside_the_parts_in_one_forward(tmp_p
         a.capture_full(PROMPT, saes=[])
 
 
+def test_saelens_run_with_saes_and_run_with_cache_with_saes():
+    """SAELens' HookedSAETransformer calls: the splice equals SAEPatch's, the cached latents
+    equal encoding the plain forward's site, and the cache downstream sees the splice."""
+    a = adapter_for("llama_gqa")
+    ids = a.prepare([PROMPT, PROMPT]).input_ids
+    sae = random_sae(a.d_model)
+    plain = a.run_with_hooks(ids)
+    with InterventionContext(a, [SAEPatch(sae)]):
+        spliced = a.run_with_hooks(ids)
+    assert (spliced - plain).abs().max() > 1e-2  # the splice changes the output
+    torch.testing.assert_close(a.run_with_saes(ids, saes=[sae]), spliced, atol=0, rtol=0)
+    with_error = a.run_with_saes(ids, saes=sae, use_error_term=True)
+    torch.testing.assert_close(with_error, plain, atol=1e-5, rtol=0)
+
+    name = f"blocks.{LAYER}.hook_resid_post.hook_sae_acts_post"
+    _, clean = a.run_with_cache(ids, names_filter=f"blocks.{LAYER}.hook_resid_post")
+    x = clean[f"blocks.{LAYER}.hook_resid_post"]
+    logits, cache = a.run_with_cache_with_saes(ids, saes=[sae])
+    torch.testing.assert_close(logits, spliced, atol=1e-5, rtol=0)  # patterns: eager attention
+    torch.testing.assert_close(cache[name], sae.encode(x), atol=1e-5, rtol=1e-5)
+    # the next block reads the reconstruction
+    torch.testing.assert_close(
+        cache[f"blocks.{LAYER + 1}.hook_resid_pre"], sae.decode(sae.encode(x)), atol=1e-5, rtol=0
+    )
+    # filters: the latents alone, by name; a predicate; the batch dimension removed
+    _, only = a.run_with_cache_with_saes(ids[:1], saes=[sae], names_filter=name,
+                                         remove_batch_dim=True)  # fmt: skip
+    assert list(only.cache_dict) == [name] and only[name].shape == (ids.shape[1], 96)
+    _, some = a.run_with_cache_with_saes(ids, saes=[sae], names_filter=lambda n: "resid_pre" in n)
+    assert name not in some.cache_dict and f"blocks.{LAYER}.hook_resid_pre" in some.cache_dict
+    with pytest.raises(oculi.InputError, match="no SAE given reads"):
+        a.run_with_cache_with_saes(ids, saes=[sae], names_filter=[name.replace("1", "0", 1)])
+    with pytest.raises(oculi.InputError, match="two SAEs read the same hook"):
+        a.run_with_saes(ids, saes=[sae, random_sae(a.d_model, seed=4)])
+    assert not oculi_hooks(a.model)
+
+
 def test_model_is_restored_and_bad_patches_are_refused():
     a = adapter_for("llama_gqa")
     before = state_hash(a.model)

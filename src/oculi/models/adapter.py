@@ -316,6 +316,21 @@ class Adapter:
 
         return run_with_hooks(self, input, fwd_hooks, bwd_hooks, **kwargs)
 
+    def run_with_saes(self, input: Any, saes: Any, **kwargs: Any) -> Any:
+        """SAELens' ``run_with_saes``: one forward with each SAE spliced at its hook (without
+        its error term unless ``use_error_term=True``); see :func:`oculi.tl.run_with_saes`."""
+        from oculi.tl.saes import run_with_saes
+
+        return run_with_saes(self, input, saes, **kwargs)
+
+    def run_with_cache_with_saes(self, input: Any, saes: Any, **kwargs: Any) -> Any:
+        """SAELens' ``run_with_cache_with_saes``: ``(logits, cache)`` with the SAEs spliced and
+        their latents cached as ``<hook>.hook_sae_acts_post``; see
+        :func:`oculi.tl.run_with_cache_with_saes`."""
+        from oculi.tl.saes import run_with_cache_with_saes
+
+        return run_with_cache_with_saes(self, input, saes, **kwargs)
+
     def hooks(self, fwd_hooks: Any = (), bwd_hooks: Any = (), **kwargs: Any) -> Any:
         """``with adapter.hooks(fwd_hooks=[(name, fn)]):`` every forward inside runs them
         (generation included); see :func:`oculi.tl.run.hooks`."""
