@@ -36,6 +36,7 @@ import json, os, sys
 import torch
 sys.path.insert(0, sys.argv[3])
 from models import _config
+from procmem import keep_returns, proc_status
 from transformers import AutoModelForCausalLM
 import oculi
 from oculi import CaptureConfig
@@ -50,20 +51,12 @@ model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
 adapter = oculi.attach(model)
 ids = torch.randint(3, 96, (t,), generator=torch.Generator().manual_seed(0))
 config = CaptureConfig(layers=[1], capture_values=False)
-plans = []
-plan_stream = stream.plan_stream
-def spy(*args, **kwargs):
-    plans.append(plan_stream(*args, **kwargs))
-    return plans[-1]
-stream.plan_stream = spy
+plans = keep_returns(stream, "plan_stream")
 adapter.capture(ids[:64], config, stream_to=folder)  # warm up: allocator, lazy imports
-def status(key):
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith(key)) * 1024
-before = status("VmRSS")
+before = proc_status("VmRSS")
 cap = adapter.capture(ids, config, stream_to=folder)
-peak = status("VmHWM")
-after = status("VmRSS")
+peak = proc_status("VmHWM")
+after = proc_status("VmRSS")
 n = 512
 ref = adapter.capture(ids[:n], config)  # in memory
 got = cap.patterns[:, :, :n]

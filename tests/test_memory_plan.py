@@ -32,6 +32,7 @@ import json, os, sys
 import torch
 sys.path.insert(0, sys.argv[4])
 from models import _config
+from procmem import keep_returns, proc_status
 from transformers import AutoModelForCausalLM
 import oculi
 from oculi import CaptureConfig
@@ -44,12 +45,7 @@ torch.manual_seed(0)
 model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation=impl)
 adapter = oculi.attach(model.eval())
 ids = torch.randint(3, 96, (t,), generator=torch.Generator().manual_seed(0))
-plans = []
-plan_capture = memory.plan_capture
-def spy(*args, **kwargs):
-    plans.append(plan_capture(*args, **kwargs))
-    return plans[-1]
-memory.plan_capture = spy
+plans = keep_returns(memory, "plan_capture")
 capture = {
     "residual": adapter.capture_residual,
     "q": lambda x: adapter.capture(x, CaptureConfig(capture_keys=False, capture_values=False,
@@ -58,12 +54,9 @@ capture = {
 capture(ids[:32])  # warm up: allocator, lazy imports
 with open("/proc/self/statm") as f:
     before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-def high_water():  # VmHWM: this process's own peak (ru_maxrss survives exec from a big parent)
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) * 1024
-peak_before = high_water()
+peak_before = proc_status("VmHWM")
 capture(ids)
-peak = high_water()
+peak = proc_status("VmHWM")
 print(json.dumps({"estimate": plans[-1].need["cpu"], "measured": peak - before,
                   "peak_before": peak_before, "before": before}))
 """

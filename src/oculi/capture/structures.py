@@ -225,12 +225,12 @@ class MLPCapture(_Capture):
     output: torch.Tensor | None = None
 
 
-# oculi site kind -> where a FullCapture keeps it, as (part, field) candidates: the first one
-# captured wins (what the MLP adds is ResidualCapture.mlp_out and, unless a norm follows the
-# MLP as in Gemma 2/3 and OLMo 2, also MLPCapture.output).
 # SAELens' HookedSAETransformer names an SAE's latents "<hook name>.hook_sae_acts_post"
 SAE_ACTS_SUFFIX = ".hook_sae_acts_post"
 
+# oculi site kind -> where a FullCapture keeps it, as (part, field) candidates: the first one
+# captured wins (what the MLP adds is ResidualCapture.mlp_out and, unless a norm follows the
+# MLP as in Gemma 2/3 and OLMo 2, also MLPCapture.output).
 _ALIAS_FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
     "resid_pre": (("residual", "pre_attn"),),
     "resid_mid": (("residual", "post_attn"),),
