@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 
 def _patches(adapter: Adapter, saes: Any, use_error_term: bool, record: bool):
+    """``(each SAE's latent name, its SAEPatch)``, one SAE per hook."""
     from oculi.sae.latents import bind_saes
     from oculi.sae.splice import SAEPatch
 
@@ -45,8 +46,7 @@ def _patches(adapter: Adapter, saes: Any, use_error_term: bool, record: bool):
         raise InputError(
             f"two SAEs read the same hook ({sorted(names)}); SAELens splices one SAE per hook"
         )
-    patches = [SAEPatch(sae, error=use_error_term, record=record) for sae in bound]
-    return bound, names, patches
+    return names, [SAEPatch(sae, error=use_error_term, record=record) for sae in bound]
 
 
 def latent_name(site: str, layer: int) -> str:
@@ -87,7 +87,7 @@ def run_with_saes(
         TypeError: ``saes`` holds something that is not an :class:`oculi.sae.SAE`.
         ValueError: an SAE bound to no site, or one made for another model's widths.
     """
-    _, _, patches = _patches(adapter, saes, use_error_term, record=False)
+    _, patches = _patches(adapter, saes, use_error_term, record=False)
     with InterventionContext(adapter, patches):
         return run_with_hooks(adapter, input, **kwargs)
 
@@ -120,7 +120,7 @@ def run_with_cache_with_saes(
         ``(output, cache)`` as :func:`~oculi.tl.run_with_cache` returns them, the cache
         holding the latents too.
     """
-    _, names, patches = _patches(adapter, saes, use_error_term, record=True)
+    names, patches = _patches(adapter, saes, use_error_term, record=True)
     model_filter, wanted = _split_filter(names_filter, set(names))
     with InterventionContext(adapter, patches):
         out, cache = run_with_cache(adapter, input, model_filter, **kwargs)
